@@ -1,0 +1,1 @@
+"""The `medimg` command and the local platform launcher."""

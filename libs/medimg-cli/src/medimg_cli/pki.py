@@ -1,0 +1,327 @@
+"""The local dev PKI: a CA, one SPIFFE X.509 identity per workload, and the JWT signing key."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "Pki",
+    "create_ca",
+    "ensure_pki",
+    "issue_certificate",
+    "jwk_thumbprint",
+    "mint_token",
+    "spiffe_id",
+]
+
+CA_VALIDITY = dt.timedelta(days=3650)
+LEAF_VALIDITY = dt.timedelta(days=365)
+# Backdating absorbs small clock differences between the issuer and a verifier.
+BACKDATE = dt.timedelta(minutes=5)
+# A leaf this close to expiry is re-issued by ensure_pki rather than kept.
+RENEW_BEFORE = dt.timedelta(days=7)
+ORGANIZATION = "medimg dev"
+JWT_ALGORITHM = "ES256"
+
+
+def spiffe_id(trust_domain: str, namespace: str, name: str) -> str:
+    """The SPIFFE id of a workload, e.g. spiffe://medimg.local/ns/medimg/sa/ingest."""
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{name}"
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Where the files of one dev PKI live (all under one directory)."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca-key.pem"
+
+    def cert(self, name: str) -> Path:
+        return self.root / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.root / f"{name}-key.pem"
+
+    @property
+    def jwt_key(self) -> Path:
+        return self.root / "jwt-key.pem"
+
+    @property
+    def jwks(self) -> Path:
+        return self.root / "jwks.json"
+
+
+def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[str]) -> Pki:
+    """Creates whatever of the PKI under root is missing and keeps what is there and valid.
+
+    A restart therefore keeps every identity. A leaf is re-issued only when it is missing,
+    no longer chains to the CA, carries another SPIFFE id, or is about to expire.
+    """
+    pki = Pki(root)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    if not (pki.ca_cert.exists() and pki.ca_key.exists()):
+        create_ca(pki.ca_cert, pki.ca_key, "medimg dev CA")
+    ca = _load_cert(pki.ca_cert)
+    for name in names:
+        spiffe = spiffe_id(trust_domain, namespace, name)
+        if not _leaf_is_current(pki.cert(name), pki.key(name), ca, spiffe):
+            issue_certificate(
+                pki.ca_cert, pki.ca_key, pki.cert(name), pki.key(name), spiffe, name
+            )
+    if not (pki.jwt_key.exists() and pki.jwks.exists()):
+        _create_jwt_key(pki.jwt_key, pki.jwks)
+    return pki
+
+
+def create_ca(cert_path: Path, key_path: Path, common_name: str) -> None:
+    """Writes a new self-signed EC P-256 root CA (10 years) and its private key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+    now = _now()
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + CA_VALIDITY)
+        # path_length=0: this CA signs workload leaves only, never another CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private_key(key_path, key)
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue_certificate(
+    ca_cert: Path,
+    ca_key: Path,
+    cert_path: Path,
+    key_path: Path,
+    spiffe: str,
+    common_name: str,
+) -> None:
+    """Writes a new EC P-256 workload certificate (1 year) for spiffe, signed by the CA.
+
+    The certificate serves both ends of mTLS (serverAuth and clientAuth) and also names
+    localhost and 127.0.0.1, so local clients verify a sidecar without a name override.
+    """
+    issuer = _load_cert(ca_cert)
+    issuer_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    if not isinstance(issuer_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_key}: the CA key must be an EC private key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    not_after = min(now + LEAF_VALIDITY, issuer.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                ]
+            )
+        )
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(spiffe),
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+    # Key first: a reader that finds the certificate then also finds its key.
+    _write_private_key(key_path, key)
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def mint_token(
+    pki: Pki,
+    *,
+    issuer: str,
+    audience: str,
+    subject: str,
+    roles: Sequence[str],
+    ttl_seconds: int = 3600,
+) -> str:
+    """An ES256 JWT signed with the PKI's JWT key, verifiable against its jwks.json."""
+    key = serialization.load_pem_private_key(pki.jwt_key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{pki.jwt_key}: the JWT key must be an EC P-256 private key")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": subject,
+        "roles": list(roles),
+        "iat": now,
+        "exp": now + ttl_seconds,
+    }
+    kid = jwk_thumbprint(_public_jwk(key.public_key()))
+    return jwt.encode(claims, key, algorithm=JWT_ALGORITHM, headers={"kid": kid})
+
+
+def jwk_thumbprint(jwk: dict[str, str]) -> str:
+    """The RFC 7638 thumbprint of an EC public JWK (used as its kid)."""
+    canonical = json.dumps(
+        {name: jwk[name] for name in ("crv", "kty", "x", "y")},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    return _b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+def _create_jwt_key(key_path: Path, jwks_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = _public_jwk(key.public_key())
+    jwks = {"keys": [{**jwk, "kid": jwk_thumbprint(jwk), "use": "sig", "alg": JWT_ALGORITHM}]}
+    _write_private_key(key_path, key)
+    _write_public(jwks_path, (json.dumps(jwks, indent=2) + "\n").encode())
+
+
+def _public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    numbers = public_key.public_numbers()
+    size = (public_key.curve.key_size + 7) // 8
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64url(numbers.x.to_bytes(size, "big")),
+        "y": _b64url(numbers.y.to_bytes(size, "big")),
+    }
+
+
+def _leaf_is_current(cert_path: Path, key_path: Path, ca: x509.Certificate, spiffe: str) -> bool:
+    if not (cert_path.exists() and key_path.exists()):
+        return False
+    try:
+        cert = _load_cert(cert_path)
+        cert.verify_directly_issued_by(ca)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris == [spiffe] and cert.not_valid_after_utc - _now() > RENEW_BEFORE
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_atomically(path, pem, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    _write_atomically(path, data, 0o644)
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    # The file is created with its final mode (a key is never readable by others, even
+    # briefly) and renamed into place, so a reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

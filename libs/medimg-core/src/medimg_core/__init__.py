@@ -1,0 +1,1 @@
+"""The medimg platform library: what every service stands on, written once."""

@@ -1,0 +1,27 @@
+"""What the current RPC is and who made it, for code far from the servicer (the audit client)."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from medimg_core.identity import Principal
+
+
+@dataclass(frozen=True)
+class Call:
+    """The RPC being handled: its full method name and its verified caller."""
+
+    method: str
+    principal: Principal
+
+
+_current: contextvars.ContextVar[Call | None] = contextvars.ContextVar("call", default=None)
+
+
+def enter(call: Call) -> None:
+    _current.set(call)
+
+
+def current() -> Call | None:
+    return _current.get()

@@ -1,0 +1,168 @@
+"""The one server interceptor of every service: identity, authorization, deadlines, metrics, errors.
+
+Every RPC of a medimg service passes through `CallInterceptor`, which
+1. reads the verified caller (workload from XFCC, user from the gateway's header),
+2. checks the user's roles against the service's method policy, before the servicer
+   runs (so a caller without permission learns nothing about what exists),
+3. records the caller's deadline for outgoing calls,
+4. turns domain errors into `google.rpc.Status` with `ErrorInfo` (the only place this
+   happens), and anything unexpected into INTERNAL without leaking its message,
+5. counts the call and its latency by method and code.
+Health and reflection pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from medimg_core import calls, deadlines
+from medimg_core.errors import ERROR_DOMAIN, MedimgError, PermissionDenied, Unimplemented
+from medimg_core.identity import Principal, Role, SpiffeId, principal_from_metadata
+from medimg_core.telemetry import RPC_HANDLED, RPC_SECONDS
+
+log = logging.getLogger(__name__)
+
+#: Method name -> roles a user (through the gateway) needs for it. Workloads are
+#: allowed per method by their sidecar's RBAC, from deploy/mesh.toml.
+RolePolicy = Mapping[str, frozenset[Role]]
+
+_PASS_THROUGH = ("/grpc.health.", "/grpc.reflection.")
+
+
+def rich_status(error: MedimgError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail])
+    return rpc_status.to_status(status)
+
+
+def authorize(principal: Principal, method: str, policy: RolePolicy) -> None:
+    if principal.user is None:
+        return
+    allowed = policy.get(method.rsplit("/", 1)[-1], frozenset())
+    if not principal.has_any_role(allowed):
+        raise PermissionDenied(
+            "ROLE_NOT_ALLOWED",
+            f"{method} needs one of the roles {sorted(allowed)}",
+            method=method,
+        )
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, *, gateway: SpiffeId, policy: RolePolicy) -> None:
+        self._gateway = gateway
+        self._policy = policy
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(_PASS_THROUGH):
+            return handler
+        return _wrap(handler, method, self)
+
+    def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        deadlines.set_from_remaining(context.time_remaining())
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        principal = principal_from_metadata(metadata, self._gateway)
+        authorize(principal, method, self._policy)
+        calls.enter(calls.Call(method, principal))
+
+    async def fail(
+        self, method: str, context: grpc.aio.ServicerContext, error: BaseException
+    ) -> None:
+        if isinstance(error, NotImplementedError):
+            # The generated base servicer's answer for a method a service does not offer yet.
+            error = Unimplemented("NOT_IMPLEMENTED", f"{method} is not implemented yet")
+        if isinstance(error, MedimgError):
+            status = rich_status(error)
+        else:
+            log.error("unexpected error in %s", method, exc_info=error)
+            status = rich_status(MedimgError("INTERNAL", "internal error; see the service log"))
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _labels(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, outer: CallInterceptor) -> Any:
+    service, name = _labels(method)
+
+    def done(started: float, code: grpc.StatusCode) -> None:
+        RPC_HANDLED.labels(service, name, code.name).inc()
+        RPC_SECONDS.labels(service, name).observe(time.perf_counter() - started)
+
+    def code_of(error: BaseException) -> grpc.StatusCode:
+        if isinstance(error, NotImplementedError):
+            return grpc.StatusCode.UNIMPLEMENTED
+        return error.code if isinstance(error, MedimgError) else grpc.StatusCode.INTERNAL
+
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                outer.enter(method, context)
+                response = await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001 - mapped to a status right here
+                done(started, code_of(error))
+                await outer.fail(method, context, error)
+                raise  # unreachable: abort raises
+            done(started, grpc.StatusCode.OK)
+            return response
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary_response,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        try:
+            outer.enter(method, context)
+            async for response in inner_stream(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped to a status right here
+            done(started, code_of(error))
+            await outer.fail(method, context, error)
+        done(started, grpc.StatusCode.OK)
+
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(
+        stream_response,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -1,0 +1,65 @@
+"""Typed settings: one object per service, read once from `MEDIMG_<SERVICE>_*` at start-up."""
+
+from __future__ import annotations
+
+import sys
+from typing import TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from medimg_core.identity import SpiffeId, spiffe_id
+
+
+class ServiceSettings(BaseSettings):
+    """What every service needs. Subclasses set `env_prefix` and add their own fields.
+
+    Fields without a default are required: a missing one stops the process at start-up.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    #: The port the service listens on, plaintext, on 127.0.0.1 only (its sidecar calls it).
+    port: int
+    #: The port of the Prometheus `/metrics` endpoint on 127.0.0.1; 0 turns it off.
+    metrics_port: int = 0
+    #: The largest gRPC message in either direction, in bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
+    #: Seconds in-flight calls get to finish after SIGTERM.
+    grace_seconds: float = 10.0
+    #: Seconds a call to another service may take when the caller set no deadline.
+    default_deadline_seconds: float = 10.0
+    trust_domain: str = "medimg.local"
+    namespace: str = "medimg"
+    log_level: str = "INFO"
+    #: Print finished spans as JSON to stderr (there is no collector in the local run).
+    trace_to_console: bool = False
+
+    def spiffe(self, name: str) -> SpiffeId:
+        return spiffe_id(self.trust_domain, self.namespace, name)
+
+    @property
+    def gateway(self) -> SpiffeId:
+        return self.spiffe("gateway")
+
+
+class AuditedServiceSettings(ServiceSettings):
+    """Settings of a service that reports PHI access to audit through its sidecar."""
+
+    #: host:port of the sidecar's outbound listener for the audit service.
+    audit_target: str
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S]) -> S:
+    """Reads the settings or exits naming every missing or invalid variable."""
+    try:
+        return cls()
+    except ValidationError as error:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        problems = [
+            f"  {prefix}{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors()
+        ]
+        sys.exit(f"{cls.__name__}: bad or missing settings:\n" + "\n".join(problems))

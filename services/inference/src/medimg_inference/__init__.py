@@ -1,0 +1,1 @@
+"""The medimg inference service."""

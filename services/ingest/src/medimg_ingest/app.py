@@ -1,0 +1,39 @@
+"""Assembles the ingest service from its settings: index, object store, events, audit."""
+
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from importlib.resources import files
+
+from medimg.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+
+from medimg_core import channels, db
+from medimg_core import redis as medimg_redis
+from medimg_core.audit import AuditClient
+from medimg_core.server import ServiceDefinition
+from medimg_ingest.objects import ObjectStore
+from medimg_ingest.servicer import POLICY, IngestServicer
+from medimg_ingest.settings import IngestSettings
+from medimg_ingest.uploads import Uploads
+
+
+async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceDefinition:
+    pool = await db.connect(settings.database_url)
+    resources.push_async_callback(pool.close)
+    await db.migrate(pool, files("medimg_ingest.migrations"))
+    events = medimg_redis.connect(settings.redis_url)
+    resources.push_async_callback(events.aclose)
+    executor = resources.enter_context(ThreadPoolExecutor(settings.worker_threads, "ingest"))
+    audit_channel = channels.outbound(settings.audit_target, settings)
+    resources.push_async_callback(audit_channel.close)
+    audit = AuditClient(
+        audit_channel, service="ingest", default_deadline=settings.default_deadline_seconds
+    )
+    uploads = Uploads(pool, ObjectStore(settings.object_dir), events, executor)
+    servicer = IngestServicer(pool, uploads, audit, settings.max_instance_bytes)
+    return ServiceDefinition(
+        names=[ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
+        add_to_server=lambda server: ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
+            servicer, server
+        ),
+        policy=POLICY,
+    )

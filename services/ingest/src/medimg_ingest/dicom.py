@@ -1,0 +1,73 @@
+"""Reading and validating one DICOM Part 10 file: what the index needs, or a precise reason why not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from medimg_core.errors import InvalidArgument
+
+#: (keyword, reason when missing or malformed) of the UIDs every stored instance needs.
+_REQUIRED_UIDS = (
+    ("SOPClassUID", "MISSING_SOP_CLASS_UID"),
+    ("SOPInstanceUID", "MISSING_SOP_INSTANCE_UID"),
+    ("StudyInstanceUID", "MISSING_STUDY_INSTANCE_UID"),
+    ("SeriesInstanceUID", "MISSING_SERIES_INSTANCE_UID"),
+)
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    transfer_syntax: str
+
+
+def read_header(data: bytes, index: int) -> InstanceHeader:
+    """Parses the file (pixel data not decoded) or raises InvalidArgument naming the problem.
+
+    `index` is the file's position in the upload, reported back in the error.
+    """
+    if not data:
+        raise InvalidArgument("EMPTY_FILE", f"file {index} is empty", index=index)
+    try:
+        dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    except InvalidDicomError as error:
+        raise InvalidArgument(
+            "NOT_DICOM",
+            f"file {index} is not a DICOM Part 10 file (no 'DICM' preamble)",
+            index=index,
+        ) from error
+    except Exception as error:  # noqa: BLE001 - any parse failure means a damaged file
+        raise InvalidArgument(
+            "MALFORMED_DICOM", f"file {index} could not be parsed as DICOM (truncated or damaged)",
+            index=index,
+        ) from error
+    uids = {}
+    for keyword, reason in _REQUIRED_UIDS:
+        value = str(dataset.get(keyword, "") or "")
+        if not value or not UID(value).is_valid:
+            raise InvalidArgument(
+                reason, f"file {index} has no valid {keyword}", index=index, keyword=keyword
+            )
+        uids[keyword] = value
+    transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "")
+    if not transfer_syntax:
+        raise InvalidArgument(
+            "MISSING_TRANSFER_SYNTAX", f"file {index} has no Transfer Syntax UID", index=index
+        )
+    return InstanceHeader(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        modality=str(dataset.get("Modality", "") or "OT"),
+        transfer_syntax=transfer_syntax,
+    )

@@ -1,0 +1,112 @@
+"""The gRPC face of ingest: thin, over `uploads` and `index`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+from medimg.ingest.v1 import ingest_service_pb2 as pb
+from medimg.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+
+from medimg_core import pagination
+from medimg_core.audit import Access, Action, AuditClient
+from medimg_core.errors import InvalidArgument, NotFound
+from medimg_core.identity import Role
+from medimg_ingest import index
+from medimg_ingest.uploads import Uploads, collect_files
+
+_READERS = frozenset({Role("clinician"), Role("researcher"), Role("ml-engineer"), Role("admin")})
+POLICY = {
+    "UploadInstances": frozenset({Role("clinician"), Role("admin")}),
+    "ListStudies": _READERS,
+    "GetStudy": _READERS,
+}
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _study(summary: index.StudySummary) -> pb.Study:
+    return pb.Study(
+        name=f"studies/{summary.study_uid}",
+        study_instance_uid=summary.study_uid,
+        modalities=summary.modalities,
+        series_count=summary.series_count,
+        instance_count=summary.instance_count,
+        create_time=_timestamp(summary.create_time),
+        update_time=_timestamp(summary.update_time),
+    )
+
+
+class IngestServicer(pb_grpc.IngestServiceServicer):
+    def __init__(
+        self, pool: asyncpg.Pool, uploads: Uploads, audit: AuditClient, max_instance_bytes: int
+    ) -> None:
+        self._pool = pool
+        self._uploads = uploads
+        self._audit = audit
+        self._max_instance_bytes = max_instance_bytes
+
+    async def UploadInstances(
+        self,
+        request_iterator: AsyncIterator[pb.UploadInstancesRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.UploadInstancesResponse:
+        async def chunks() -> AsyncIterator[tuple[bytes, bool]]:
+            async for request in request_iterator:
+                yield request.chunk, request.last_chunk
+
+        files = await collect_files(chunks(), self._max_instance_bytes)
+        outcomes = await self._uploads.store(files)
+        await self._audit.report([Access(Action.ACTION_CREATE, o.instance) for o in outcomes])
+        return pb.UploadInstancesResponse(
+            results=[
+                pb.InstanceResult(
+                    index=i,
+                    instance=o.instance,
+                    outcome=(
+                        pb.InstanceResult.OUTCOME_STORED
+                        if o.created
+                        else pb.InstanceResult.OUTCOME_DUPLICATE
+                    ),
+                )
+                for i, o in enumerate(outcomes)
+            ]
+        )
+
+    async def ListStudies(
+        self, request: pb.ListStudiesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListStudiesResponse:
+        size = pagination.page_size(request.page_size, default=50)
+        position = pagination.decode_token(request.page_token, "t", "s")
+        after = None
+        if position is not None:
+            try:
+                after = (datetime.fromisoformat(position["t"]), str(position["s"]))
+            except (TypeError, ValueError) as error:
+                raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one this API gave") from error
+        studies, more = await index.list_studies(self._pool, after=after, limit=size)
+        await self._audit.report([Access(Action.ACTION_READ, "studies")])
+        token = ""
+        if more:
+            last = studies[-1]
+            token = pagination.encode_token({"t": last.update_time.isoformat(), "s": last.study_uid})
+        return pb.ListStudiesResponse(studies=[_study(s) for s in studies], next_page_token=token)
+
+    async def GetStudy(
+        self, request: pb.GetStudyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Study:
+        prefix, _, uid = request.name.partition("/")
+        if prefix != "studies" or not uid or "/" in uid:
+            raise InvalidArgument("INVALID_NAME", "name must look like studies/{study}")
+        summary = await index.get_study(self._pool, uid)
+        await self._audit.report([Access(Action.ACTION_READ, request.name)])
+        if summary is None:
+            raise NotFound("STUDY_NOT_FOUND", f"{request.name} is not in the index")
+        return _study(summary)
