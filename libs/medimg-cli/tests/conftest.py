@@ -17,6 +17,7 @@ from medimg_cli.pki import Pki, ensure_pki
 
 REPO = Path(__file__).resolve().parents[3]
 DESCRIPTOR_SET = REPO / "libs" / "medimg-protos" / "src" / "medimg_protos" / "descriptor_set.binpb"
+MESH_TOML = REPO / "deploy" / "mesh.toml"
 
 
 def _all_free(ports: list[int]) -> bool:
@@ -31,7 +32,7 @@ def _all_free(ports: list[int]) -> bool:
 
 @pytest.fixture(scope="session")
 def base_mesh() -> meshlib.Mesh:
-    return meshlib.load_mesh(REPO / "deploy" / "mesh.toml")
+    return meshlib.load_mesh(MESH_TOML)
 
 
 @pytest.fixture(scope="session")
@@ -115,12 +116,21 @@ class Envoys:
 
 
 @pytest.fixture(scope="module")
-def envoys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoys]:
-    started = Envoys(tmp_path_factory.mktemp("envoy-logs"))
+def start_envoy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Path, int], None]]:
+    """start_envoy(config, admin_port) starts an Envoy and waits until it is ready; every
+    Envoy started is stopped when the module's tests are done."""
+    envoys = Envoys(tmp_path_factory.mktemp("envoy-logs"))
     try:
-        yield started
+        yield envoys.start
     finally:
-        started.stop_all()
+        envoys.stop_all()
 
 
-StartEnvoy = Callable[[str], None]
+@pytest.fixture(scope="session")
+def mesh_toml() -> Path:
+    return MESH_TOML
+
+
+@pytest.fixture(scope="session")
+def descriptor_set() -> Path:
+    return DESCRIPTOR_SET

@@ -17,7 +17,9 @@ from medimg_cli.platform import Platform, default_state_dir, read_status
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medimg", description=__doc__)
-    parser.add_argument("--state", type=Path, default=None, help="state directory (default .medimg)")
+    parser.add_argument(
+        "--state", type=Path, default=None, help="state directory (default .medimg)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run the platform until Ctrl-C or `medimg down`")
@@ -37,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     state = (args.state or default_state_dir()).resolve()
     handler = {
-        "up": _up, "down": _down, "status": _status, "token": _token, "certs": _certs,
+        "up": _up,
+        "down": _down,
+        "status": _status,
+        "token": _token,
+        "certs": _certs,
         "mesh": _mesh,
     }[args.command]
     return handler(args, state)
@@ -60,7 +66,9 @@ def _up(args: argparse.Namespace, state: Path) -> int:
         print("\nmedimg is up. Ctrl-C or `medimg down` stops it.", flush=True)
         while not platform.dead():
             time.sleep(1)
-        print(f"stopping: {', '.join(platform.dead())} exited; see {state / 'logs'}", file=sys.stderr)
+        print(
+            f"stopping: {', '.join(platform.dead())} exited; see {state / 'logs'}", file=sys.stderr
+        )
         return 1
     except KeyboardInterrupt:
         return 0
@@ -107,8 +115,12 @@ def _token(args: argparse.Namespace, state: Path) -> int:
     pki = ensure_pki(state / "pki", mesh.trust_domain, mesh.namespace, mesh.all_identities())
     print(
         mint_token(
-            pki, issuer=mesh.gateway.jwt_issuer, audience=mesh.gateway.jwt_audience,
-            subject=args.user, roles=args.roles, ttl_seconds=args.ttl,
+            pki,
+            issuer=mesh.gateway.jwt_issuer,
+            audience=mesh.gateway.jwt_audience,
+            subject=args.user,
+            roles=args.roles,
+            ttl_seconds=args.ttl,
         )
     )
     return 0

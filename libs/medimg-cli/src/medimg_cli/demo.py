@@ -8,10 +8,10 @@ from pathlib import Path
 
 import grpc
 import httpx
-from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
-from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from pydicom.data import get_testdata_file
 
+from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
+from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli.pki import mint_token
 from medimg_cli.platform import Platform
 
@@ -36,14 +36,19 @@ def token(platform: Platform, user: str, *roles: str) -> str:
     assert platform.pki is not None
     gateway = platform.mesh.gateway
     return mint_token(
-        platform.pki, issuer=gateway.jwt_issuer, audience=gateway.jwt_audience,
-        subject=user, roles=list(roles),
+        platform.pki,
+        issuer=gateway.jwt_issuer,
+        audience=gateway.jwt_audience,
+        subject=user,
+        roles=list(roles),
     )
 
 
 def run(platform: Platform) -> None:
     data = sample_file().read_bytes()
-    print(f"\n1. gRPC: upload {sample_file().name} ({len(data)} bytes) to ingest through its sidecar")
+    print(
+        f"\n1. gRPC: upload {sample_file().name} ({len(data)} bytes) to ingest through its sidecar"
+    )
     with grpc.secure_channel(platform.sidecar("ingest"), platform.credentials("ops")) as channel:
         answer = ingest_grpc.IngestServiceStub(channel).UploadInstances(chunks(data), timeout=30)
     for result in answer.results:

@@ -479,6 +479,7 @@ def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec) -> dict[str, Any]:
         "node": {"id": f"sidecar-{spec.name}", "cluster": spec.name},
         "admin": {"address": _address(spec.admin_port)},
         "stats_config": _STATS_CONFIG,
+        "overload_manager": _OVERLOAD_MANAGER,
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
@@ -641,6 +642,7 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
         "node": {"id": "gateway", "cluster": "gateway"},
         "admin": {"address": _address(gw.admin_port)},
         "stats_config": _STATS_CONFIG,
+        "overload_manager": _OVERLOAD_MANAGER,
         "static_resources": {"listeners": [listener], "clusters": clusters},
     }
 
@@ -764,6 +766,22 @@ def _grpc_stats() -> dict[str, Any]:
 _ROUTER: dict[str, Any] = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+# Without a cap Envoy warns at every start, and a flood of connections could exhaust the
+# file descriptors the service's sidecar also needs for its upstreams.
+MAX_DOWNSTREAM_CONNECTIONS = 10_000
+_OVERLOAD_MANAGER: dict[str, Any] = {
+    "resource_monitors": [
+        {
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                "downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+            },
+        }
+    ]
 }
 
 # Envoy's default gRPC tag rules take the first dot-separated word after "grpc." as the

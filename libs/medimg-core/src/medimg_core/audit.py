@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import timestamp_pb2
+
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
-
 from medimg_core import calls, deadlines, telemetry
 from medimg_core.errors import Unavailable
 
@@ -32,9 +32,9 @@ Outcome = pb.Outcome
 class Access:
     """One access to report: what was done to which resource, and how it ended."""
 
-    action: pb.Action.ValueType
+    action: pb.Action
     resource: str
-    outcome: pb.Outcome.ValueType = pb.OUTCOME_SUCCESS
+    outcome: pb.Outcome = pb.OUTCOME_SUCCESS
     patient_pseudonym: str = ""
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
 
 from medimg_core.identity import Principal
+
+#: The servicer context of any RPC, as servicer methods take it.
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass(frozen=True)

@@ -20,5 +20,5 @@ def outbound(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ],
-        interceptors=aio_client_interceptors(),
+        interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]
     )

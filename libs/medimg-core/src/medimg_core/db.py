@@ -67,7 +67,9 @@ async def migrate(pool: asyncpg.Pool, package: Traversable) -> list[str]:
                     await conn.execute(sql)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name, sha256) VALUES ($1, $2, $3)",
-                        version, name, digest,
+                        version,
+                        name,
+                        digest,
                     )
                 log.info("applied migration", extra={"fields": {"migration": name}})
                 applied.append(name)

@@ -60,7 +60,7 @@ def workload_from_xfcc(value: str) -> SpiffeId:
     Envoy with SANITIZE_SET sends exactly one element, e.g.
     `By=spiffe://…/sa/ingest;Hash=…;URI=spiffe://…/sa/ops`.
     """
-    element = value.split(",")[-1]
+    element = value.rsplit(",", maxsplit=1)[-1]
     for pair in _split_pairs(element):
         key, _, raw = pair.partition("=")
         if key.strip().lower() == "uri":
@@ -72,7 +72,9 @@ def workload_from_xfcc(value: str) -> SpiffeId:
 
 def _split_pairs(element: str) -> list[str]:
     # Values may be quoted and contain ';' (Subject DNs); split only outside quotes.
-    pairs, current, quoted = [], [], False
+    pairs: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in element:
         if char == '"':
             quoted = not quoted
@@ -93,9 +95,13 @@ def user_from_payload(value: str) -> tuple[str, frozenset[Role]]:
         subject = claims["sub"]
         roles = claims.get("roles", [])
     except (binascii.Error, ValueError, KeyError, TypeError) as error:
-        raise Unauthenticated("MALFORMED_USER_CLAIMS", "the user's token claims are unreadable") from error
+        raise Unauthenticated(
+            "MALFORMED_USER_CLAIMS", "the user's token claims are unreadable"
+        ) from error
     if not isinstance(subject, str) or not subject or not isinstance(roles, list):
-        raise Unauthenticated("MALFORMED_USER_CLAIMS", "the user's token needs `sub` and a `roles` list")
+        raise Unauthenticated(
+            "MALFORMED_USER_CLAIMS", "the user's token needs `sub` and a `roles` list"
+        )
     return subject, frozenset(Role(r) for r in roles if r in ROLES)
 
 

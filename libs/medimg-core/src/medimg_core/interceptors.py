@@ -24,6 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from medimg_core import calls, deadlines
+from medimg_core.calls import Context
 from medimg_core.errors import ERROR_DOMAIN, MedimgError, PermissionDenied, Unimplemented
 from medimg_core.identity import Principal, Role, SpiffeId, principal_from_metadata
 from medimg_core.telemetry import RPC_HANDLED, RPC_SECONDS
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 #: Method name -> roles a user (through the gateway) needs for it. Workloads are
 #: allowed per method by their sidecar's RBAC, from deploy/mesh.toml.
 RolePolicy = Mapping[str, frozenset[Role]]
+
+#: grpc-stubs types handlers loosely; the wrappers below treat them as Any.
+Handler = Any
 
 _PASS_THROUGH = ("/grpc.health.", "/grpc.reflection.")
 
@@ -59,32 +63,30 @@ def authorize(principal: Principal, method: str, policy: RolePolicy) -> None:
         )
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # not generic at runtime
     def __init__(self, *, gateway: SpiffeId, policy: RolePolicy) -> None:
         self._gateway = gateway
         self._policy = policy
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or method.startswith(_PASS_THROUGH):
             return handler
         return _wrap(handler, method, self)
 
-    def enter(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def enter(self, method: str, context: Context) -> None:
         deadlines.set_from_remaining(context.time_remaining())
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         principal = principal_from_metadata(metadata, self._gateway)
         authorize(principal, method, self._policy)
         calls.enter(calls.Call(method, principal))
 
-    async def fail(
-        self, method: str, context: grpc.aio.ServicerContext, error: BaseException
-    ) -> None:
+    async def fail(self, method: str, context: Context, error: BaseException) -> None:
         if isinstance(error, NotImplementedError):
             # The generated base servicer's answer for a method a service does not offer yet.
             error = Unimplemented("NOT_IMPLEMENTED", f"{method} is not implemented yet")
@@ -101,7 +103,7 @@ def _labels(method: str) -> tuple[str, str]:
     return service, name
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, outer: CallInterceptor) -> Any:
+def _wrap(handler: Handler, method: str, outer: CallInterceptor) -> Any:
     service, name = _labels(method)
 
     def done(started: float, code: grpc.StatusCode) -> None:
@@ -116,14 +118,14 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, outer: CallInterceptor) -
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
-        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_response(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
                 outer.enter(method, context)
                 response = await inner(request, context)
             except grpc.aio.AbortError:
                 raise
-            except Exception as error:  # noqa: BLE001 - mapped to a status right here
+            except Exception as error:
                 done(started, code_of(error))
                 await outer.fail(method, context, error)
                 raise  # unreachable: abort raises
@@ -143,7 +145,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, outer: CallInterceptor) -
 
     inner_stream = handler.unary_stream or handler.stream_stream
 
-    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
         started = time.perf_counter()
         try:
             outer.enter(method, context)

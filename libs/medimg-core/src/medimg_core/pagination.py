@@ -27,7 +27,9 @@ def decode_token(token: str, *keys: str) -> dict[str, Any] | None:
     try:
         position = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (binascii.Error, ValueError) as error:
-        raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one this API gave") from error
+        raise InvalidArgument(
+            "INVALID_PAGE_TOKEN", "page_token is not one this API gave"
+        ) from error
     if not isinstance(position, dict) or set(position) != set(keys):
         raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one this API gave")
     return position

@@ -18,5 +18,5 @@ async def publish(
     client: aioredis.Redis, stream: str, fields: Mapping[str, str], *, max_length: int = 100_000
 ) -> str:
     """Appends an event to a stream, trimming it to about `max_length` entries."""
-    entry_id: str = await client.xadd(stream, dict(fields), maxlen=max_length, approximate=True)
-    return entry_id
+    entry_id = await client.xadd(stream, dict(fields), maxlen=max_length, approximate=True)  # type: ignore[arg-type]
+    return str(entry_id)

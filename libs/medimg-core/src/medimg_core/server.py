@@ -54,7 +54,7 @@ class Server:
         limit = settings.max_message_bytes
         self.grpc = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(),
+                aio_server_interceptor(),  # type: ignore[no-untyped-call]
                 CallInterceptor(gateway=settings.gateway, policy=definition.policy),
             ],
             options=[
@@ -66,8 +66,11 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         definition.add_to_server(self.grpc)
         reflection.enable_server_reflection(
-            [*definition.names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME],
+            [
+                *definition.names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
             self.grpc,
         )
         self.port = 0

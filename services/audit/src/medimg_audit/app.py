@@ -4,7 +4,6 @@ from contextlib import AsyncExitStack
 from importlib.resources import files
 
 from medimg.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
-
 from medimg_audit.servicer import POLICY, AuditServicer
 from medimg_audit.settings import AuditSettings
 from medimg_core import db

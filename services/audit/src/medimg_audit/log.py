@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 from google.protobuf import timestamp_pb2
-from medimg.audit.v1 import audit_service_pb2 as pb
 
+from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg_core.errors import InvalidArgument
 
 MAX_BATCH = 1000
@@ -52,7 +52,10 @@ def _problem(event: pb.AuditEvent, reporter: str) -> tuple[str, str] | None:
     if event.outcome == pb.OUTCOME_UNSPECIFIED or event.outcome not in pb.Outcome.values():
         return "INVALID_OUTCOME", "outcome must be set to a known value"
     if event.service != reporter:
-        return "SERVICE_MISMATCH", f"a workload may only report its own events (service={reporter!r})"
+        return (
+            "SERVICE_MISMATCH",
+            f"a workload may only report its own events (service={reporter!r})",
+        )
     return None
 
 
@@ -86,12 +89,25 @@ async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: 
     return indexes
 
 
-def _row(index: int, event_id: uuid.UUID, event: pb.AuditEvent, reporter: str) -> tuple[object, ...]:
+def _row(
+    index: int, event_id: uuid.UUID, event: pb.AuditEvent, reporter: str
+) -> tuple[object, ...]:
     return (
-        index, event_id, event.event_time.ToDatetime(tzinfo=UTC), reporter,
-        event.actor.workload, event.actor.user, list(event.actor.roles), event.action,
-        event.outcome, event.resource, event.patient_pseudonym, event.service, event.method,
-        event.trace_id, event.break_glass_reason,
+        index,
+        event_id,
+        event.event_time.ToDatetime(tzinfo=UTC),
+        reporter,
+        event.actor.workload,
+        event.actor.user,
+        list(event.actor.roles),
+        event.action,
+        event.outcome,
+        event.resource,
+        event.patient_pseudonym,
+        event.service,
+        event.method,
+        event.trace_id,
+        event.break_glass_reason,
     )
 
 

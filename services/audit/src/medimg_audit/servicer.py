@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 
 import asyncpg
-import grpc
 from google.protobuf import timestamp_pb2
+
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
-
 from medimg_audit import log
 from medimg_core import calls, pagination, telemetry
 from medimg_core.identity import Role
@@ -25,7 +24,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         self._pool = pool
 
     async def AppendEvents(
-        self, request: pb.AppendEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AppendEventsRequest, context: calls.Context
     ) -> pb.AppendEventsResponse:
         call = calls.current()
         assert call is not None
@@ -33,7 +32,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         return pb.AppendEventsResponse(log_indexes=indexes)
 
     async def ListAuditEvents(
-        self, request: pb.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListAuditEventsRequest, context: calls.Context
     ) -> pb.ListAuditEventsResponse:
         size = pagination.page_size(request.page_size, default=100)
         position = pagination.decode_token(request.page_token, "after")

@@ -3,7 +3,6 @@
 from contextlib import AsyncExitStack
 
 from medimg.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
-
 from medimg_core.server import ServiceDefinition
 from medimg_inference.servicer import POLICY, InferenceServicer
 from medimg_inference.settings import InferenceSettings

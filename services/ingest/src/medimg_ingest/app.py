@@ -5,7 +5,6 @@ from contextlib import AsyncExitStack
 from importlib.resources import files
 
 from medimg.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
-
 from medimg_core import channels, db
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
@@ -24,7 +23,7 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
     resources.push_async_callback(events.aclose)
     executor = resources.enter_context(ThreadPoolExecutor(settings.worker_threads, "ingest"))
     audit_channel = channels.outbound(settings.audit_target, settings)
-    resources.push_async_callback(audit_channel.close)
+    resources.push_async_callback(audit_channel.close, None)
     audit = AuditClient(
         audit_channel, service="ingest", default_deadline=settings.default_deadline_seconds
     )

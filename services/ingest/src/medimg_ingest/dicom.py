@@ -1,4 +1,4 @@
-"""Reading and validating one DICOM Part 10 file: what the index needs, or a precise reason why not."""
+"""Reads and validates one DICOM Part 10 file: what the index needs, or exactly why not."""
 
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ def read_header(data: bytes, index: int) -> InstanceHeader:
             f"file {index} is not a DICOM Part 10 file (no 'DICM' preamble)",
             index=index,
         ) from error
-    except Exception as error:  # noqa: BLE001 - any parse failure means a damaged file
+    except Exception as error:
         raise InvalidArgument(
-            "MALFORMED_DICOM", f"file {index} could not be parsed as DICOM (truncated or damaged)",
+            "MALFORMED_DICOM",
+            f"file {index} could not be parsed as DICOM (truncated or damaged)",
             index=index,
         ) from error
     uids = {}

@@ -43,15 +43,23 @@ async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> 
             await conn.execute(
                 "INSERT INTO series (series_uid, study_uid, modality) VALUES ($1, $2, $3) "
                 "ON CONFLICT (series_uid) DO NOTHING",
-                h.series_uid, h.study_uid, h.modality,
+                h.series_uid,
+                h.study_uid,
+                h.modality,
             )
             inserted = await conn.fetchval(
                 "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, "
                 "transfer_syntax, size_bytes, sha256, object_key) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
                 "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING true",
-                h.sop_instance_uid, h.series_uid, h.study_uid, h.sop_class_uid,
-                h.transfer_syntax, obj.size_bytes, obj.sha256, obj.object_key,
+                h.sop_instance_uid,
+                h.series_uid,
+                h.study_uid,
+                h.sop_class_uid,
+                h.transfer_syntax,
+                obj.size_bytes,
+                obj.sha256,
+                obj.object_key,
             )
             created.append(bool(inserted))
     return created
@@ -81,8 +89,9 @@ def _summary(row: asyncpg.Record) -> StudySummary:
 async def list_studies(
     pool: asyncpg.Pool, *, after: tuple[datetime, str] | None, limit: int
 ) -> tuple[list[StudySummary], bool]:
-    """A page of studies, most recently updated first, strictly after `after`; and whether more follow."""
-    where, args = "", [limit + 1]
+    """Studies updated most recently first, strictly after `after`; and whether more follow."""
+    where = ""
+    args: list[object] = [limit + 1]
     if after is not None:
         where = "WHERE (s.update_time, s.study_uid) < ($2, $3)"
         args += [after[0], after[1]]

@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
-import grpc
 from google.protobuf import timestamp_pb2
+
 from medimg.ingest.v1 import ingest_service_pb2 as pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-
 from medimg_core import pagination
 from medimg_core.audit import Access, Action, AuditClient
+from medimg_core.calls import Context
 from medimg_core.errors import InvalidArgument, NotFound
 from medimg_core.identity import Role
 from medimg_ingest import index
@@ -56,7 +56,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def UploadInstances(
         self,
         request_iterator: AsyncIterator[pb.UploadInstancesRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> pb.UploadInstancesResponse:
         async def chunks() -> AsyncIterator[tuple[bytes, bool]]:
             async for request in request_iterator:
@@ -81,7 +81,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         )
 
     async def ListStudies(
-        self, request: pb.ListStudiesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListStudiesRequest, context: Context
     ) -> pb.ListStudiesResponse:
         size = pagination.page_size(request.page_size, default=50)
         position = pagination.decode_token(request.page_token, "t", "s")
@@ -90,18 +90,20 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             try:
                 after = (datetime.fromisoformat(position["t"]), str(position["s"]))
             except (TypeError, ValueError) as error:
-                raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one this API gave") from error
+                raise InvalidArgument(
+                    "INVALID_PAGE_TOKEN", "page_token is not one this API gave"
+                ) from error
         studies, more = await index.list_studies(self._pool, after=after, limit=size)
         await self._audit.report([Access(Action.ACTION_READ, "studies")])
         token = ""
         if more:
             last = studies[-1]
-            token = pagination.encode_token({"t": last.update_time.isoformat(), "s": last.study_uid})
+            token = pagination.encode_token(
+                {"t": last.update_time.isoformat(), "s": last.study_uid}
+            )
         return pb.ListStudiesResponse(studies=[_study(s) for s in studies], next_page_token=token)
 
-    async def GetStudy(
-        self, request: pb.GetStudyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Study:
+    async def GetStudy(self, request: pb.GetStudyRequest, context: Context) -> pb.Study:
         prefix, _, uid = request.name.partition("/")
         if prefix != "studies" or not uid or "/" in uid:
             raise InvalidArgument("INVALID_NAME", "name must look like studies/{study}")

@@ -36,8 +36,7 @@ class Outcome:
 
 def instance_name(header: dicom.InstanceHeader) -> str:
     return (
-        f"studies/{header.study_uid}/series/{header.series_uid}"
-        f"/instances/{header.sop_instance_uid}"
+        f"studies/{header.study_uid}/series/{header.series_uid}/instances/{header.sop_instance_uid}"
     )
 
 
@@ -50,7 +49,8 @@ async def collect_files(chunks: AsyncIterable[tuple[bytes, bool]], max_bytes: in
             raise InvalidArgument(
                 "INSTANCE_TOO_LARGE",
                 f"file {len(files)} is larger than the limit of {max_bytes} bytes",
-                index=len(files), limit=max_bytes,
+                index=len(files),
+                limit=max_bytes,
             )
         current += chunk
         if last:
@@ -79,17 +79,19 @@ class Uploads:
     async def store(self, files: Sequence[bytes]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         headers = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, dicom.read_header, data, i)
-              for i, data in enumerate(files))
+            *(
+                loop.run_in_executor(self._executor, dicom.read_header, data, i)
+                for i, data in enumerate(files)
+            )
         )
         stored = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, self._put, header, data)
-              for header, data in zip(headers, files, strict=True))
+            *(
+                loop.run_in_executor(self._executor, self._put, header, data)
+                for header, data in zip(headers, files, strict=True)
+            )
         )
         created = await index.add_instances(self._pool, stored)
-        outcomes = [
-            Outcome(instance_name(h), new) for h, new in zip(headers, created, strict=True)
-        ]
+        outcomes = [Outcome(instance_name(h), new) for h, new in zip(headers, created, strict=True)]
         await self._announce([o.instance for o in outcomes if o.created])
         return outcomes
 
@@ -105,4 +107,6 @@ class Uploads:
             for name in instances:
                 await medimg_redis.publish(self._events, INSTANCE_STORED_STREAM, {"instance": name})
         except redis.exceptions.RedisError as error:
-            log.warning("instance events not published", extra={"fields": {"error": type(error).__name__}})
+            log.warning(
+                "instance events not published", extra={"fields": {"error": type(error).__name__}}
+            )

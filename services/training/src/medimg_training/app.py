@@ -3,7 +3,6 @@
 from contextlib import AsyncExitStack
 
 from medimg.training.v1 import training_service_pb2, training_service_pb2_grpc
-
 from medimg_core.server import ServiceDefinition
 from medimg_training.servicer import POLICY, TrainingServicer
 from medimg_training.settings import TrainingSettings

@@ -1,0 +1,99 @@
+"""Pytest fixtures over real servers: PostgreSQL, Redis, and the whole platform with its mesh.
+
+Loaded for every test run (`-p medimg_cli.testing` in the root pyproject.toml). Nothing
+here is a mock: the fixtures start the same embedded PostgreSQL, Redis, Envoy and
+service processes as `medimg up`, on ports shifted clear of a running `medimg up`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medimg_cli import mesh as meshlib
+from medimg_cli.platform import (
+    REDIS_PORT,
+    EmbeddedPostgres,
+    Platform,
+    create_databases,
+    redis_server,
+    with_database,
+)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_offset(mesh: meshlib.Mesh, start: int = 20000, step: int = 700) -> int:
+    """The first offset at which every port of the mesh (and Redis) is free."""
+    ports = [mesh.gateway.port, mesh.gateway.admin_port, REDIS_PORT]
+    for spec in mesh.services.values():
+        ports += [spec.sidecar_port, spec.service_port, spec.admin_port, spec.metrics_port]
+        ports += list(spec.upstreams.values())
+    for offset in range(start, 65535 - max(ports), step):
+        if all(_free(port + offset) for port in ports):
+            return offset
+    raise RuntimeError("no free range of ports for a test platform")
+
+
+@pytest.fixture(scope="session")
+def medimg_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("medimg")
+
+
+@pytest.fixture(scope="session")
+def port_offset() -> int:
+    return free_port_offset(meshlib.load_mesh())
+
+
+@pytest.fixture(scope="session")
+def postgres_url(medimg_state: Path) -> Iterator[str]:
+    """The URL of a real PostgreSQL server (embedded), shared by the session."""
+    server = EmbeddedPostgres(medimg_state / "postgres")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def database_url(postgres_url: str) -> str:
+    """A new, empty database of its own for one test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(create_databases(postgres_url, [name]))
+    return with_database(postgres_url, name)
+
+
+@pytest.fixture(scope="session")
+def redis_url(medimg_state: Path, port_offset: int) -> Iterator[str]:
+    """The URL of a real Redis server, shared by the session."""
+    port = REDIS_PORT + port_offset
+    server = redis_server(medimg_state / "redis", port)
+    server.start()
+    yield f"redis://127.0.0.1:{port}/0"
+    server.stop(grace=5)
+
+
+@pytest.fixture(scope="session")
+def platform(
+    medimg_state: Path, port_offset: int, postgres_url: str, redis_url: str
+) -> Iterator[Platform]:
+    """The whole platform, started once per session: services, sidecars and gateway."""
+    running = Platform(
+        medimg_state / "platform",
+        port_offset=port_offset,
+        database_url=postgres_url,
+        redis_url=redis_url,
+    )
+    running.start()
+    yield running
+    running.stop()

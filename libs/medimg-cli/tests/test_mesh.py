@@ -1,0 +1,439 @@
+"""Tests of the mesh description and of the rendered Envoy configs, run in real Envoys."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb2
+from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+
+from medimg_cli import mesh as meshlib
+from medimg_cli.pki import Pki, create_ca, issue_certificate, mint_token
+
+INGEST = "medimg.ingest.v1.IngestService"
+USER_HEADER = "x-medimg-jwt-payload"
+XFCC = "x-forwarded-client-cert"
+
+
+# --- the description ----------------------------------------------------------------------
+
+
+def test_load_mesh_reads_the_repository_description(base_mesh: meshlib.Mesh) -> None:
+    assert base_mesh.trust_domain == "medimg.local"
+    assert base_mesh.identities == ("gateway", "ops")
+    assert base_mesh.all_identities() == ["ingest", "inference", "training", "audit", "gateway", "ops"]
+    ingest = base_mesh.services["ingest"]
+    assert ingest.grpc_service == INGEST
+    assert ingest.sidecar_port == 7001
+    assert dict(ingest.upstreams) == {"audit": 7211}
+    assert ingest.allowed("UploadInstances") == ("gateway", "ops")
+    assert base_mesh.spiffe("ingest") == "spiffe://medimg.local/ns/medimg/sa/ingest"
+    assert base_mesh.gateway.user_header == USER_HEADER
+
+
+def test_load_mesh_finds_the_description_by_itself(
+    monkeypatch: pytest.MonkeyPatch, mesh_toml: Path, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("MEDIMG_MESH", raising=False)
+    assert meshlib.load_mesh() == meshlib.load_mesh(mesh_toml)
+    moved = tmp_path / "elsewhere.toml"
+    moved.write_text(mesh_toml.read_text().replace('namespace = "medimg"', 'namespace = "dev"'))
+    monkeypatch.setenv("MEDIMG_MESH", str(moved))
+    assert meshlib.load_mesh().namespace == "dev"
+
+
+def test_with_offset_moves_every_port(base_mesh: meshlib.Mesh) -> None:
+    moved = base_mesh.with_offset(40000)
+    assert moved.gateway.port == base_mesh.gateway.port + 40000
+    pairs = zip(base_mesh.ports(), moved.ports(), strict=True)
+    assert all(new == (owner, old + 40000) for (owner, old), new in pairs)
+    assert meshlib.port(7001, 40000) == 47001
+    with pytest.raises(ValueError, match="outside 1..65535"):
+        base_mesh.with_offset(60000)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            'UploadInstances = ["gateway"]',
+            'UploadInstances = ["gatewy"]',
+            r"services\.ingest\.callers\.UploadInstances: unknown caller identity 'gatewy'",
+        ),
+        (
+            "service_port = 7102",
+            "service_port = 7101",
+            r"duplicate port 7101: services\.ingest\.service_port and "
+            r"services\.inference\.service_port",
+        ),
+        (
+            "upstreams = { audit = 7211 }",
+            "upstreams = { audti = 7211 }",
+            r"services\.ingest\.upstreams: unknown upstream service 'audti'",
+        ),
+        (
+            "sidecar_port = 7001",
+            "sidecarport = 7001",
+            r"unknown key services\.ingest\.sidecarport; missing key services\.ingest\.sidecar_port",
+        ),
+        ("admin_port = 7300", 'admin_port = "7300"', r"gateway\.admin_port: must be a port"),
+        ('identities = ["gateway", "ops"]', 'identities = ["ops"]', r"must include 'gateway'"),
+    ],
+)
+def test_load_mesh_rejects_a_bad_description(
+    tmp_path: Path, mesh_toml: Path, old: str, new: str, message: str
+) -> None:
+    text = mesh_toml.read_text()
+    assert old in text
+    bad = tmp_path / "mesh.toml"
+    bad.write_text(text.replace(old, new, 1))
+    with pytest.raises(ValueError, match=message):
+        meshlib.load_mesh(bad)
+
+
+def test_render_rejects_a_method_the_service_does_not_have(
+    tmp_path: Path, mesh_toml: Path, pki: Pki, descriptor_set: Path
+) -> None:
+    bad = tmp_path / "mesh.toml"
+    bad.write_text(mesh_toml.read_text().replace("GetStudy = ", "GetStudies = ", 1))
+    with pytest.raises(ValueError, match=r"IngestService has no method 'GetStudies'"):
+        meshlib.render(meshlib.load_mesh(bad), pki, descriptor_set)
+
+
+def test_every_rendered_config_passes_envoy_validation(config_paths: dict[str, Path]) -> None:
+    assert sorted(config_paths) == [
+        "gateway",
+        "sidecar-audit",
+        "sidecar-inference",
+        "sidecar-ingest",
+        "sidecar-training",
+    ]
+    for path in config_paths.values():
+        result = subprocess.run(
+            [*meshlib.envoy_command(path), "--mode", "validate"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- a test double of the services, behind real Envoys ---------------------------------------
+
+
+class RecordingIngest(ingest_grpc.IngestServiceServicer):
+    """Answers ListStudies with one study and records what metadata each call arrived with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+
+    def _record(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        self.calls.append((method, metadata))
+        return metadata
+
+    async def ListStudies(
+        self,
+        request: ingest_pb2.ListStudiesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_pb2.ListStudiesResponse:
+        metadata = self._record("ListStudies", context)
+        # Echoed so a gRPC caller can see what the sidecar passed on.
+        context.set_trailing_metadata(((XFCC, metadata.get(XFCC, "")),))
+        study = ingest_pb2.Study(
+            name="studies/1.2.3", study_instance_uid="1.2.3", modalities=["CT"], series_count=1
+        )
+        return ingest_pb2.ListStudiesResponse(studies=[study])
+
+    async def UploadInstances(
+        self,
+        request_iterator: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_pb2.UploadInstancesResponse:
+        self._record("UploadInstances", context)
+        async for _ in request_iterator:
+            pass
+        return ingest_pb2.UploadInstancesResponse()
+
+
+class Services:
+    """grpc.aio servers on one event loop in a background thread, so the tests stay sync."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servers: list[grpc.aio.Server] = []
+
+    def serve(self, port: int, ingest: RecordingIngest | None = None) -> None:
+        async def start() -> None:
+            server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+            names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+            if ingest is not None:
+                ingest_grpc.add_IngestServiceServicer_to_server(ingest, server)
+                names.append(INGEST)
+            reflection.enable_server_reflection(names, server)
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            self.servers.append(server)
+
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            await asyncio.gather(*(server.stop(0) for server in self.servers))
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def ingest_servicer() -> RecordingIngest:
+    return RecordingIngest()
+
+
+@pytest.fixture(scope="module")
+def live(
+    mesh: meshlib.Mesh,
+    config_paths: dict[str, Path],
+    start_envoy: Callable[[Path, int], None],
+    ingest_servicer: RecordingIngest,
+) -> Iterator[meshlib.Mesh]:
+    """The ingest and audit services with their sidecars, and the gateway, all running."""
+    services = Services()
+    try:
+        services.serve(mesh.services["ingest"].service_port, ingest_servicer)
+        services.serve(mesh.services["audit"].service_port)
+        start_envoy(config_paths["sidecar-ingest"], mesh.services["ingest"].admin_port)
+        start_envoy(config_paths["sidecar-audit"], mesh.services["audit"].admin_port)
+        start_envoy(config_paths["gateway"], mesh.gateway.admin_port)
+        yield mesh
+    finally:
+        services.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_calls(ingest_servicer: RecordingIngest) -> None:
+    ingest_servicer.calls.clear()
+
+
+def credentials(pki: Pki, identity: str | None) -> grpc.ChannelCredentials:
+    if identity is None:
+        return grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes())
+    return grpc.ssl_channel_credentials(
+        root_certificates=pki.ca_cert.read_bytes(),
+        private_key=pki.key(identity).read_bytes(),
+        certificate_chain=pki.cert(identity).read_bytes(),
+    )
+
+
+def sidecar_channel(mesh: meshlib.Mesh, service: str, creds: grpc.ChannelCredentials) -> grpc.Channel:
+    return grpc.secure_channel(f"127.0.0.1:{mesh.services[service].sidecar_port}", creds)
+
+
+def list_studies(channel: grpc.Channel, **kwargs: Any) -> tuple[Any, Any]:
+    stub = ingest_grpc.IngestServiceStub(channel)
+    return stub.ListStudies.with_call(ingest_pb2.ListStudiesRequest(), timeout=5, **kwargs)
+
+
+def health_check(channel: grpc.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def decode_payload(header: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    return value
+
+
+# --- the sidecar ----------------------------------------------------------------------------
+
+
+def test_ops_calls_health_reflection_and_methods(live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest) -> None:
+    with sidecar_channel(live, "ingest", credentials(pki, "ops")) as channel:
+        assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = list(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+        )
+        listed = {s.name for s in answers[0].list_services_response.service}
+        assert INGEST in listed
+        response, call = list_studies(channel)
+    assert [s.name for s in response.studies] == ["studies/1.2.3"]
+    (method, metadata), = ingest_servicer.calls
+    assert method == "ListStudies"
+    assert f"URI={live.spiffe('ops')}" in metadata[XFCC].split(";")
+    assert dict(call.trailing_metadata())[XFCC] == metadata[XFCC]
+
+
+def test_every_identity_of_the_mesh_may_check_health(live: meshlib.Mesh, pki: Pki) -> None:
+    with sidecar_channel(live, "ingest", credentials(pki, "audit")) as channel:
+        assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_caller_without_a_client_certificate_is_refused(live: meshlib.Mesh, pki: Pki) -> None:
+    with sidecar_channel(live, "ingest", credentials(pki, None)) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            health_check(channel)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_certificate_of_another_ca_is_refused(live: meshlib.Mesh, pki: Pki, tmp_path: Path) -> None:
+    ca, ca_key, cert, key = (tmp_path / n for n in ("ca.pem", "ca-key.pem", "c.pem", "k.pem"))
+    create_ca(ca, ca_key, "another CA")
+    # The same SPIFFE id as the real ops identity: only the issuer differs.
+    issue_certificate(ca, ca_key, cert, key, live.spiffe("ops"), "ops")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca_cert.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    with sidecar_channel(live, "ingest", creds) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            health_check(channel)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_method_the_caller_may_not_call_is_denied_by_envoy(
+    live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest
+) -> None:
+    with sidecar_channel(live, "ingest", credentials(pki, "inference")) as channel:
+        stub = ingest_grpc.IngestServiceStub(channel)
+        request = ingest_pb2.UploadInstancesRequest(chunk=b"DICM", last_chunk=True)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.UploadInstances(iter([request]), timeout=5)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Reflection follows callers["*"], which inference is not in.
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            list(
+                reflect.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+                )
+            )
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # The same identity may call what callers grants it.
+        list_studies(channel)
+    assert [method for method, _ in ingest_servicer.calls] == ["ListStudies"]
+
+
+def test_a_client_sent_xfcc_is_replaced(live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest) -> None:
+    forged = f"URI={live.spiffe('gateway')}"
+    with sidecar_channel(live, "ingest", credentials(pki, "training")) as channel:
+        list_studies(channel, metadata=((XFCC, forged),))
+    (_, metadata), = ingest_servicer.calls
+    assert forged not in metadata[XFCC]
+    assert f"URI={live.spiffe('training')}" in metadata[XFCC].split(";")
+
+
+def test_grpc_stats_carry_the_dotted_service_name(live: meshlib.Mesh, pki: Pki) -> None:
+    with sidecar_channel(live, "ingest", credentials(pki, "ops")) as channel:
+        list_studies(channel)
+    admin = live.services["ingest"].admin_port
+    text = httpx.get(f"http://127.0.0.1:{admin}/stats/prometheus").text
+    success = [line for line in text.splitlines() if line.startswith("envoy_cluster_grpc_success{")]
+    assert any(
+        f'envoy_grpc_bridge_service="{INGEST}"' in line
+        and 'envoy_grpc_bridge_method="ListStudies"' in line
+        for line in success
+    ), success
+
+
+def test_the_outbound_listener_originates_mtls_to_the_upstream(live: meshlib.Mesh) -> None:
+    outbound = live.services["ingest"].upstreams["audit"]
+    with grpc.insecure_channel(f"127.0.0.1:{outbound}") as channel:
+        assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+# --- the gateway -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gateway(live: meshlib.Mesh) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"http://127.0.0.1:{live.gateway.port}", timeout=5) as client:
+        yield client
+
+
+@pytest.fixture
+def token(live: meshlib.Mesh, pki: Pki) -> str:
+    return mint_token(
+        pki,
+        issuer=live.gateway.jwt_issuer,
+        audience=live.gateway.jwt_audience,
+        subject="alice",
+        roles=["clinician"],
+    )
+
+
+def assert_json_error(response: httpx.Response, status: int) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["code"] == status
+    assert body["message"]
+
+
+def test_gateway_requires_a_jwt(gateway: httpx.Client, ingest_servicer: RecordingIngest) -> None:
+    assert_json_error(gateway.get("/v1/studies"), 401)
+    assert_json_error(gateway.get("/v1/studies", headers={"authorization": "Bearer x.y.z"}), 401)
+    assert ingest_servicer.calls == []
+
+
+def test_gateway_rejects_a_token_of_another_issuer(live: meshlib.Mesh, gateway: httpx.Client, pki: Pki) -> None:
+    bad = mint_token(pki, issuer="https://evil", audience=live.gateway.jwt_audience, subject="a", roles=[])
+    assert_json_error(gateway.get("/v1/studies", headers={"authorization": f"Bearer {bad}"}), 401)
+
+
+def test_gateway_transcodes_and_forwards_the_verified_user(
+    live: meshlib.Mesh, gateway: httpx.Client, token: str, ingest_servicer: RecordingIngest
+) -> None:
+    forged = base64.urlsafe_b64encode(b'{"sub":"mallory","roles":["admin"]}').decode()
+    response = gateway.get(
+        "/v1/studies",
+        headers={"authorization": f"Bearer {token}", USER_HEADER: forged, XFCC: "URI=forged"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    study = response.json()["studies"][0]
+    assert study["name"] == "studies/1.2.3"
+    assert study["studyInstanceUid"] == "1.2.3"
+    # always_print_primitive_fields: zero values are present, not omitted.
+    assert study["instanceCount"] == 0
+    (method, metadata), = ingest_servicer.calls
+    assert method == "ListStudies"
+    payload = decode_payload(metadata[USER_HEADER])
+    assert payload["sub"] == "alice"
+    assert payload["roles"] == ["clinician"]
+    assert "forged" not in metadata[XFCC]
+    assert f"URI={live.spiffe('gateway')}" in metadata[XFCC].split(";")
+    # The bearer token itself stays at the gateway.
+    assert "authorization" not in metadata
+
+
+def test_gateway_answers_unknown_paths_with_json_404(gateway: httpx.Client, token: str) -> None:
+    assert_json_error(gateway.get("/v1/nope", headers={"authorization": f"Bearer {token}"}), 404)
+
+
+def test_gateway_rejects_unknown_query_parameters(
+    gateway: httpx.Client, token: str, ingest_servicer: RecordingIngest
+) -> None:
+    response = gateway.get("/v1/studies?bogus=1", headers={"authorization": f"Bearer {token}"})
+    assert_json_error(response, 400)
+    assert ingest_servicer.calls == []
