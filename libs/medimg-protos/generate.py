@@ -19,6 +19,9 @@ PROTOS = ROOT / "protos"
 GOOGLEAPIS = ROOT / "third_party" / "googleapis"
 OUT = HERE / "src"
 DESCRIPTOR_SET = OUT / "medimg_protos" / "descriptor_set.binpb"
+#: Not generated (googleapis-common-protos has them) but in the descriptor set, so the
+#: gateway can render error details (google.rpc.ErrorInfo) of a failed call as JSON.
+ERROR_PROTOS = ["google/rpc/status.proto", "google/rpc/error_details.proto"]
 
 
 def main() -> int:
@@ -28,22 +31,27 @@ def main() -> int:
         shutil.rmtree(generated)
     plugin = Path(sysconfig.get_path("scripts")) / "protoc-gen-mypy_grpc"
     well_known = Path(protoc.__file__).parent / "_proto"
-    args = [
+    includes = [f"-I{PROTOS}", f"-I{GOOGLEAPIS}", f"-I{well_known}"]
+    stubs = [
         "protoc",
-        f"-I{PROTOS}",
-        f"-I{GOOGLEAPIS}",
-        f"-I{well_known}",
+        *includes,
         f"--python_out={OUT}",
         f"--pyi_out={OUT}",
         f"--grpc_python_out={OUT}",
         f"--plugin=protoc-gen-mypy_grpc={plugin}",
         f"--mypy_grpc_out={OUT}",
+        *sources,
+    ]
+    descriptors = [
+        "protoc",
+        *includes,
         "--include_imports",
         "--include_source_info",
         f"--descriptor_set_out={DESCRIPTOR_SET}",
         *sources,
+        *ERROR_PROTOS,
     ]
-    if protoc.main(args) != 0:
+    if protoc.main(stubs) != 0 or protoc.main(descriptors) != 0:
         return 1
     for package in generated.rglob("*"):
         if package.is_dir():

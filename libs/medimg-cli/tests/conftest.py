@@ -36,7 +36,7 @@ def base_mesh() -> meshlib.Mesh:
 
 
 @pytest.fixture(scope="session")
-def port_offset(base_mesh: meshlib.Mesh) -> int:
+def mesh_port_offset(base_mesh: meshlib.Mesh) -> int:
     # Far above the launcher's ports, so the tests run beside a `medimg up`; random, so two
     # test runs on one machine rarely meet; checked, since this lies in the ephemeral range.
     top = max(value for _, value in base_mesh.ports())
@@ -48,9 +48,9 @@ def port_offset(base_mesh: meshlib.Mesh) -> int:
 
 
 @pytest.fixture(scope="session")
-def mesh(base_mesh: meshlib.Mesh, port_offset: int) -> meshlib.Mesh:
-    """The mesh as the rendered configs see it: every port moved by port_offset."""
-    return base_mesh.with_offset(port_offset)
+def mesh(base_mesh: meshlib.Mesh, mesh_port_offset: int) -> meshlib.Mesh:
+    """The mesh as the rendered configs see it: every port moved by mesh_port_offset."""
+    return base_mesh.with_offset(mesh_port_offset)
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +65,12 @@ def pki(base_mesh: meshlib.Mesh, tmp_path_factory: pytest.TempPathFactory) -> Pk
 
 @pytest.fixture(scope="session")
 def config_paths(
-    base_mesh: meshlib.Mesh, pki: Pki, port_offset: int, tmp_path_factory: pytest.TempPathFactory
+    base_mesh: meshlib.Mesh,
+    pki: Pki,
+    mesh_port_offset: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Path]:
-    configs = meshlib.render(base_mesh, pki, DESCRIPTOR_SET, port_offset=port_offset)
+    configs = meshlib.render(base_mesh, pki, DESCRIPTOR_SET, port_offset=mesh_port_offset)
     return meshlib.write_configs(configs, tmp_path_factory.mktemp("envoy"))
 
 

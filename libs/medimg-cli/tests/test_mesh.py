@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -14,11 +16,16 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+# The asyncio servicer, as medimg_core.server imports it (the stubs lack health.aio).
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb2
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import Pki, create_ca, issue_certificate, mint_token
 
@@ -27,13 +34,14 @@ USER_HEADER = "x-medimg-jwt-payload"
 XFCC = "x-forwarded-client-cert"
 
 
-# --- the description ----------------------------------------------------------------------
+# --- the description ------------------------------------------------------------------------
 
 
 def test_load_mesh_reads_the_repository_description(base_mesh: meshlib.Mesh) -> None:
     assert base_mesh.trust_domain == "medimg.local"
     assert base_mesh.identities == ("gateway", "ops")
-    assert base_mesh.all_identities() == ["ingest", "inference", "training", "audit", "gateway", "ops"]
+    services = ["ingest", "inference", "training", "audit"]
+    assert base_mesh.all_identities() == [*services, "gateway", "ops"]
     ingest = base_mesh.services["ingest"]
     assert ingest.grpc_service == INGEST
     assert ingest.sidecar_port == 7001
@@ -60,7 +68,7 @@ def test_with_offset_moves_every_port(base_mesh: meshlib.Mesh) -> None:
     pairs = zip(base_mesh.ports(), moved.ports(), strict=True)
     assert all(new == (owner, old + 40000) for (owner, old), new in pairs)
     assert meshlib.port(7001, 40000) == 47001
-    with pytest.raises(ValueError, match="outside 1..65535"):
+    with pytest.raises(ValueError, match=r"outside 1\.\.65535"):
         base_mesh.with_offset(60000)
 
 
@@ -86,7 +94,8 @@ def test_with_offset_moves_every_port(base_mesh: meshlib.Mesh) -> None:
         (
             "sidecar_port = 7001",
             "sidecarport = 7001",
-            r"unknown key services\.ingest\.sidecarport; missing key services\.ingest\.sidecar_port",
+            r"unknown key services\.ingest\.sidecarport; "
+            r"missing key services\.ingest\.sidecar_port",
         ),
         ("admin_port = 7300", 'admin_port = "7300"', r"gateway\.admin_port: must be a port"),
         ('identities = ["gateway", "ops"]', 'identities = ["ops"]', r"must include 'gateway'"),
@@ -123,6 +132,7 @@ def test_every_rendered_config_passes_envoy_validation(config_paths: dict[str, P
     for path in config_paths.values():
         result = subprocess.run(
             [*meshlib.envoy_command(path), "--mode", "validate"],
+            check=False,
             capture_output=True,
             text=True,
             timeout=60,
@@ -130,18 +140,20 @@ def test_every_rendered_config_passes_envoy_validation(config_paths: dict[str, P
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-# --- a test double of the services, behind real Envoys ---------------------------------------
+# --- a test double of the services, behind real Envoys --------------------------------------
 
 
 class RecordingIngest(ingest_grpc.IngestServiceServicer):
-    """Answers ListStudies with one study and records what metadata each call arrived with."""
+    """Answers with canned data and records the metadata and deadline each call arrived with."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, str]]] = []
+        self.time_remaining: list[float | None] = []
 
     def _record(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         self.calls.append((method, metadata))
+        self.time_remaining.append(context.time_remaining())
         return metadata
 
     async def ListStudies(
@@ -150,12 +162,27 @@ class RecordingIngest(ingest_grpc.IngestServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> ingest_pb2.ListStudiesResponse:
         metadata = self._record("ListStudies", context)
-        # Echoed so a gRPC caller can see what the sidecar passed on.
+        # Echoed so that a gRPC caller sees what the sidecar passed on.
         context.set_trailing_metadata(((XFCC, metadata.get(XFCC, "")),))
         study = ingest_pb2.Study(
             name="studies/1.2.3", study_instance_uid="1.2.3", modalities=["CT"], series_count=1
         )
         return ingest_pb2.ListStudiesResponse(studies=[study])
+
+    async def GetStudy(
+        self,
+        request: ingest_pb2.GetStudyRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_pb2.Study:
+        self._record("GetStudy", context)
+        trailing: tuple[tuple[str, bytes], ...] = ()
+        if request.name == "studies/detailed":
+            # What the platform's error interceptor sends: google.rpc.Status with ErrorInfo.
+            info = any_pb2.Any()
+            info.Pack(error_details_pb2.ErrorInfo(reason="STUDY_NOT_FOUND", domain="ingest"))
+            status = status_pb2.Status(code=code_pb2.NOT_FOUND, message="no study", details=[info])
+            trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no study", trailing_metadata=trailing)
 
     async def UploadInstances(
         self,
@@ -180,7 +207,7 @@ class Services:
     def serve(self, port: int, ingest: RecordingIngest | None = None) -> None:
         async def start() -> None:
             server = grpc.aio.server()
-            health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+            health_pb2_grpc.add_HealthServicer_to_server(AsyncHealthServicer(), server)
             names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
             if ingest is not None:
                 ingest_grpc.add_IngestServiceServicer_to_server(ingest, server)
@@ -230,6 +257,7 @@ def live(
 @pytest.fixture(autouse=True)
 def _fresh_calls(ingest_servicer: RecordingIngest) -> None:
     ingest_servicer.calls.clear()
+    ingest_servicer.time_remaining.clear()
 
 
 def credentials(pki: Pki, identity: str | None) -> grpc.ChannelCredentials:
@@ -242,7 +270,7 @@ def credentials(pki: Pki, identity: str | None) -> grpc.ChannelCredentials:
     )
 
 
-def sidecar_channel(mesh: meshlib.Mesh, service: str, creds: grpc.ChannelCredentials) -> grpc.Channel:
+def sidecar(mesh: meshlib.Mesh, service: str, creds: grpc.ChannelCredentials) -> grpc.Channel:
     return grpc.secure_channel(f"127.0.0.1:{mesh.services[service].sidecar_port}", creds)
 
 
@@ -253,7 +281,14 @@ def list_studies(channel: grpc.Channel, **kwargs: Any) -> tuple[Any, Any]:
 
 def health_check(channel: grpc.Channel) -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+
+def list_services(channel: grpc.Channel) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    answers = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    return {service.name for service in answers[0].list_services_response.service}
 
 
 def decode_payload(header: str) -> dict[str, Any]:
@@ -261,90 +296,116 @@ def decode_payload(header: str) -> dict[str, Any]:
     return value
 
 
-# --- the sidecar ----------------------------------------------------------------------------
+# --- the sidecar ------------------------------------------------------------------------------
 
 
-def test_ops_calls_health_reflection_and_methods(live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest) -> None:
-    with sidecar_channel(live, "ingest", credentials(pki, "ops")) as channel:
+def test_ops_calls_health_reflection_and_methods(
+    live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest
+) -> None:
+    with sidecar(live, "ingest", credentials(pki, "ops")) as channel:
         assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = list(
-            stub.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
-            )
-        )
-        listed = {s.name for s in answers[0].list_services_response.service}
-        assert INGEST in listed
+        assert INGEST in list_services(channel)
         response, call = list_studies(channel)
     assert [s.name for s in response.studies] == ["studies/1.2.3"]
-    (method, metadata), = ingest_servicer.calls
+    ((method, metadata),) = ingest_servicer.calls
     assert method == "ListStudies"
     assert f"URI={live.spiffe('ops')}" in metadata[XFCC].split(";")
     assert dict(call.trailing_metadata())[XFCC] == metadata[XFCC]
 
 
+def test_the_client_deadline_reaches_the_service(
+    live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest
+) -> None:
+    with sidecar(live, "ingest", credentials(pki, "ops")) as channel:
+        list_studies(channel)
+    (remaining,) = ingest_servicer.time_remaining
+    assert remaining is not None
+    assert 0 < remaining <= 5
+
+
 def test_every_identity_of_the_mesh_may_check_health(live: meshlib.Mesh, pki: Pki) -> None:
-    with sidecar_channel(live, "ingest", credentials(pki, "audit")) as channel:
+    with sidecar(live, "ingest", credentials(pki, "audit")) as channel:
         assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_caller_without_a_client_certificate_is_refused(live: meshlib.Mesh, pki: Pki) -> None:
-    with sidecar_channel(live, "ingest", credentials(pki, None)) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            health_check(channel)
+    with (
+        sidecar(live, "ingest", credentials(pki, None)) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        health_check(channel)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_a_certificate_of_another_ca_is_refused(live: meshlib.Mesh, pki: Pki, tmp_path: Path) -> None:
+def test_a_certificate_of_another_ca_is_refused(
+    live: meshlib.Mesh, pki: Pki, tmp_path: Path
+) -> None:
     ca, ca_key, cert, key = (tmp_path / n for n in ("ca.pem", "ca-key.pem", "c.pem", "k.pem"))
     create_ca(ca, ca_key, "another CA")
-    # The same SPIFFE id as the real ops identity: only the issuer differs.
+    # The SPIFFE id of the real ops identity: only the issuer differs.
     issue_certificate(ca, ca_key, cert, key, live.spiffe("ops"), "ops")
     creds = grpc.ssl_channel_credentials(
         root_certificates=pki.ca_cert.read_bytes(),
         private_key=key.read_bytes(),
         certificate_chain=cert.read_bytes(),
     )
-    with sidecar_channel(live, "ingest", creds) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            health_check(channel)
+    with sidecar(live, "ingest", creds) as channel, pytest.raises(grpc.RpcError) as error:
+        health_check(channel)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_sidecar_speaks_tls_1_3_with_alpn_h2_only(live: meshlib.Mesh, pki: Pki) -> None:
+    address = ("127.0.0.1", live.services["ingest"].sidecar_port)
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.load_cert_chain(pki.cert("ops"), pki.key("ops"))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    # server_hostname="localhost" also checks the DNS SAN of the sidecar's certificate.
+    with (
+        socket.create_connection(address, timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.version() == "TLSv1.3"
+        assert tls.selected_alpn_protocol() == "h2"
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (
+        socket.create_connection(address, timeout=5) as raw,
+        pytest.raises(ssl.SSLError),
+        context.wrap_socket(raw, server_hostname="localhost"),
+    ):
+        pass
 
 
 def test_a_method_the_caller_may_not_call_is_denied_by_envoy(
     live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest
 ) -> None:
-    with sidecar_channel(live, "ingest", credentials(pki, "inference")) as channel:
+    with sidecar(live, "ingest", credentials(pki, "inference")) as channel:
         stub = ingest_grpc.IngestServiceStub(channel)
         request = ingest_pb2.UploadInstancesRequest(chunk=b"DICM", last_chunk=True)
         with pytest.raises(grpc.RpcError) as error:
             stub.UploadInstances(iter([request]), timeout=5)
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # Reflection follows callers["*"], which inference is not in.
-        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         with pytest.raises(grpc.RpcError) as error:
-            list(
-                reflect.ServerReflectionInfo(
-                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
-                )
-            )
+            list_services(channel)
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        # The same identity may call what callers grants it.
+        # What callers does grant the same identity goes through.
         list_studies(channel)
     assert [method for method, _ in ingest_servicer.calls] == ["ListStudies"]
 
 
-def test_a_client_sent_xfcc_is_replaced(live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest) -> None:
+def test_a_client_sent_xfcc_is_replaced(
+    live: meshlib.Mesh, pki: Pki, ingest_servicer: RecordingIngest
+) -> None:
     forged = f"URI={live.spiffe('gateway')}"
-    with sidecar_channel(live, "ingest", credentials(pki, "training")) as channel:
+    with sidecar(live, "ingest", credentials(pki, "training")) as channel:
         list_studies(channel, metadata=((XFCC, forged),))
-    (_, metadata), = ingest_servicer.calls
-    assert forged not in metadata[XFCC]
+    ((_, metadata),) = ingest_servicer.calls
+    assert forged not in metadata[XFCC].split(";")
     assert f"URI={live.spiffe('training')}" in metadata[XFCC].split(";")
 
 
 def test_grpc_stats_carry_the_dotted_service_name(live: meshlib.Mesh, pki: Pki) -> None:
-    with sidecar_channel(live, "ingest", credentials(pki, "ops")) as channel:
+    with sidecar(live, "ingest", credentials(pki, "ops")) as channel:
         list_studies(channel)
     admin = live.services["ingest"].admin_port
     text = httpx.get(f"http://127.0.0.1:{admin}/stats/prometheus").text
@@ -362,7 +423,7 @@ def test_the_outbound_listener_originates_mtls_to_the_upstream(live: meshlib.Mes
         assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
-# --- the gateway -----------------------------------------------------------------------------
+# --- the gateway ------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -372,42 +433,51 @@ def gateway(live: meshlib.Mesh) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def token(live: meshlib.Mesh, pki: Pki) -> str:
-    return mint_token(
+def bearer(live: meshlib.Mesh, pki: Pki) -> dict[str, str]:
+    token = mint_token(
         pki,
         issuer=live.gateway.jwt_issuer,
         audience=live.gateway.jwt_audience,
         subject="alice",
         roles=["clinician"],
     )
+    return {"authorization": f"Bearer {token}"}
 
 
-def assert_json_error(response: httpx.Response, status: int) -> None:
+def assert_json_error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert body["code"] == status
+    body: dict[str, Any] = response.json()
     assert body["message"]
+    return body
 
 
 def test_gateway_requires_a_jwt(gateway: httpx.Client, ingest_servicer: RecordingIngest) -> None:
-    assert_json_error(gateway.get("/v1/studies"), 401)
-    assert_json_error(gateway.get("/v1/studies", headers={"authorization": "Bearer x.y.z"}), 401)
+    for headers in ({}, {"authorization": "Bearer x.y.z"}):
+        body = assert_json_error(gateway.get("/v1/studies", headers=headers), 401)
+        assert body["code"] == 401
     assert ingest_servicer.calls == []
 
 
-def test_gateway_rejects_a_token_of_another_issuer(live: meshlib.Mesh, gateway: httpx.Client, pki: Pki) -> None:
-    bad = mint_token(pki, issuer="https://evil", audience=live.gateway.jwt_audience, subject="a", roles=[])
-    assert_json_error(gateway.get("/v1/studies", headers={"authorization": f"Bearer {bad}"}), 401)
+def test_gateway_rejects_a_token_of_another_issuer(
+    live: meshlib.Mesh, gateway: httpx.Client, pki: Pki
+) -> None:
+    token = mint_token(
+        pki, issuer="https://elsewhere", audience=live.gateway.jwt_audience, subject="a", roles=[]
+    )
+    response = gateway.get("/v1/studies", headers={"authorization": f"Bearer {token}"})
+    assert assert_json_error(response, 401)["code"] == 401
 
 
 def test_gateway_transcodes_and_forwards_the_verified_user(
-    live: meshlib.Mesh, gateway: httpx.Client, token: str, ingest_servicer: RecordingIngest
+    live: meshlib.Mesh,
+    gateway: httpx.Client,
+    bearer: dict[str, str],
+    ingest_servicer: RecordingIngest,
 ) -> None:
     forged = base64.urlsafe_b64encode(b'{"sub":"mallory","roles":["admin"]}').decode()
     response = gateway.get(
-        "/v1/studies",
-        headers={"authorization": f"Bearer {token}", USER_HEADER: forged, XFCC: "URI=forged"},
+        "/v1/studies", headers={**bearer, USER_HEADER: forged, XFCC: "URI=forged"}
     )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json"
@@ -416,7 +486,7 @@ def test_gateway_transcodes_and_forwards_the_verified_user(
     assert study["studyInstanceUid"] == "1.2.3"
     # always_print_primitive_fields: zero values are present, not omitted.
     assert study["instanceCount"] == 0
-    (method, metadata), = ingest_servicer.calls
+    ((method, metadata),) = ingest_servicer.calls
     assert method == "ListStudies"
     payload = decode_payload(metadata[USER_HEADER])
     assert payload["sub"] == "alice"
@@ -427,13 +497,32 @@ def test_gateway_transcodes_and_forwards_the_verified_user(
     assert "authorization" not in metadata
 
 
-def test_gateway_answers_unknown_paths_with_json_404(gateway: httpx.Client, token: str) -> None:
-    assert_json_error(gateway.get("/v1/nope", headers={"authorization": f"Bearer {token}"}), 404)
+def test_gateway_answers_unknown_paths_with_json_404(
+    gateway: httpx.Client, bearer: dict[str, str]
+) -> None:
+    body = assert_json_error(gateway.get("/v1/nope", headers=bearer), 404)
+    assert body["code"] == 404
 
 
 def test_gateway_rejects_unknown_query_parameters(
-    gateway: httpx.Client, token: str, ingest_servicer: RecordingIngest
+    gateway: httpx.Client, bearer: dict[str, str], ingest_servicer: RecordingIngest
 ) -> None:
-    response = gateway.get("/v1/studies?bogus=1", headers={"authorization": f"Bearer {token}"})
-    assert_json_error(response, 400)
+    body = assert_json_error(gateway.get("/v1/studies?bogus=1", headers=bearer), 400)
+    assert body["code"] == 400
     assert ingest_servicer.calls == []
+
+
+def test_gateway_turns_a_grpc_error_into_http_and_json(
+    gateway: httpx.Client, bearer: dict[str, str]
+) -> None:
+    body = assert_json_error(gateway.get("/v1/studies/gone", headers=bearer), 404)
+    # The transcoder's body is the google.rpc.Status: its code is the gRPC code.
+    assert body["code"] == code_pb2.NOT_FOUND
+
+
+def test_gateway_renders_error_details(gateway: httpx.Client, bearer: dict[str, str]) -> None:
+    # Needs google/rpc/error_details.proto in the descriptor set: without it the transcoder
+    # answers an error that carries ErrorInfo with an empty, application/grpc body.
+    body = assert_json_error(gateway.get("/v1/studies/detailed", headers=bearer), 404)
+    assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert body["details"][0]["reason"] == "STUDY_NOT_FOUND"

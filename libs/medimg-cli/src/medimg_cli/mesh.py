@@ -1,4 +1,4 @@
-"""Loads the mesh description (deploy/mesh.toml) and renders the Envoy sidecar and gateway configs."""
+"""Reads deploy/mesh.toml and renders the Envoy sidecar and gateway configs."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ __all__ = [
     "GatewaySpec",
     "Mesh",
     "ServiceSpec",
+    "default_mesh_path",
     "envoy_binary",
     "envoy_command",
     "load_mesh",
@@ -493,11 +494,7 @@ def _rbac(mesh: Mesh, spec: ServiceSpec) -> dict[str, Any]:
         "health": {
             "permissions": [{"url_path": {"path": {"prefix": HEALTH_PREFIX}}}],
             "principals": [
-                {
-                    "authenticated": {
-                        "principal_name": {"prefix": f"spiffe://{mesh.trust_domain}/"}
-                    }
-                }
+                {"authenticated": {"principal_name": {"prefix": f"spiffe://{mesh.trust_domain}/"}}}
             ],
         }
     }
@@ -794,18 +791,52 @@ _OVERLOAD_MANAGER: dict[str, Any] = {
 # rule fails at start-up, so `envoy --mode validate` checks this list).
 _DEFAULT_TAGS = tuple(
     f"envoy.{name}"
-    for name in """
-        cluster_name listener_address http_conn_manager_prefix http_user_agent ssl_cipher
-        ssl_curve ssl_sigalg ssl_version clientssl_prefix mongo_prefix mongo_cmd
-        mongo_collection mongo_callsite ratelimit_prefix local_http_ratelimit_prefix
-        local_network_ratelimit_prefix local_listener_ratelimit_prefix dns_filter_prefix
-        connection_limit_prefix rbac_prefix rbac_http_prefix rbac_policy_name tcp_prefix
-        udp_prefix fault_downstream_cluster dynamo_operation dynamo_table dynamo_partition_id
-        virtual_host virtual_cluster response_code response_code_class rds_route_config
-        scoped_rds_config route ext_authz_prefix worker_id thrift_prefix redis_prefix
-        proxy_protocol_version proxy_protocol_prefix google_grpc_client_prefix tls_certificate
-        xds_resource_name
-    """.split()
+    for name in (
+        "cluster_name",
+        "listener_address",
+        "http_conn_manager_prefix",
+        "http_user_agent",
+        "ssl_cipher",
+        "ssl_curve",
+        "ssl_sigalg",
+        "ssl_version",
+        "clientssl_prefix",
+        "mongo_prefix",
+        "mongo_cmd",
+        "mongo_collection",
+        "mongo_callsite",
+        "ratelimit_prefix",
+        "local_http_ratelimit_prefix",
+        "local_network_ratelimit_prefix",
+        "local_listener_ratelimit_prefix",
+        "dns_filter_prefix",
+        "connection_limit_prefix",
+        "rbac_prefix",
+        "rbac_http_prefix",
+        "rbac_policy_name",
+        "tcp_prefix",
+        "udp_prefix",
+        "fault_downstream_cluster",
+        "dynamo_operation",
+        "dynamo_table",
+        "dynamo_partition_id",
+        "virtual_host",
+        "virtual_cluster",
+        "response_code",
+        "response_code_class",
+        "rds_route_config",
+        "scoped_rds_config",
+        "route",
+        "ext_authz_prefix",
+        "worker_id",
+        "thrift_prefix",
+        "redis_prefix",
+        "proxy_protocol_version",
+        "proxy_protocol_prefix",
+        "google_grpc_client_prefix",
+        "tls_certificate",
+        "xds_resource_name",
+    )
 )
 _STATS_CONFIG: dict[str, Any] = {
     "use_all_default_tags": False,

@@ -91,9 +91,7 @@ def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[st
     for name in names:
         spiffe = spiffe_id(trust_domain, namespace, name)
         if not _leaf_is_current(pki.cert(name), pki.key(name), ca, spiffe):
-            issue_certificate(
-                pki.ca_cert, pki.ca_key, pki.cert(name), pki.key(name), spiffe, name
-            )
+            issue_certificate(pki.ca_cert, pki.ca_key, pki.cert(name), pki.key(name), spiffe, name)
     if not (pki.jwt_key.exists() and pki.jwks.exists()):
         _create_jwt_key(pki.jwt_key, pki.jwks)
     return pki
@@ -141,7 +139,7 @@ def create_ca(cert_path: Path, key_path: Path, common_name: str) -> None:
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
 
 
-def issue_certificate(
+def issue_certificate(  # noqa: PLR0917 - the signature the launcher and tests call
     ca_cert: Path,
     ca_key: Path,
     cert_path: Path,

@@ -58,6 +58,7 @@ class Process:
     env: dict[str, str]
     log: Path
     popen: subprocess.Popen[bytes] | None = None
+    terminated: bool = False
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -78,12 +79,19 @@ class Process:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def terminate(self) -> None:
+        # Once only: a second SIGTERM can land after the service's event loop has closed
+        # (and its handler with it), killing a process that was exiting cleanly.
+        if self.popen is not None and self.popen.poll() is None and not self.terminated:
+            self.terminated = True
+            self.popen.send_signal(signal.SIGTERM)
+
     def stop(self, grace: float) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
         if self.popen is None:
             return None
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(grace)
             except subprocess.TimeoutExpired:
@@ -304,9 +312,10 @@ class Platform:
     def stop(self) -> dict[str, int | None]:
         """Stops services (they drain), then the mesh, Redis and PostgreSQL; returns exit codes."""
         codes = {}
-        for service in reversed(SERVICES):
-            if service in self.services:
-                codes[service] = self.services.pop(service).stop(grace=30)
+        for process in self.services.values():
+            process.terminate()  # all drain at once
+        for service in list(self.services):
+            codes[service] = self.services.pop(service).stop(grace=30)
         for name in list(self.envoys):
             codes[name] = self.envoys.pop(name).stop(grace=5)
         if self._redis is not None:

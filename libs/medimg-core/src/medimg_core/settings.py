@@ -25,7 +25,10 @@ class ServiceSettings(BaseSettings):
     metrics_port: int = 0
     #: The largest gRPC message in either direction, in bytes.
     max_message_bytes: int = 64 * 1024 * 1024
-    #: Seconds in-flight calls get to finish after SIGTERM.
+    #: Seconds health reports NOT_SERVING after SIGTERM while calls are still taken, so
+    #: load balancers and sidecars stop routing here before the server stops listening.
+    drain_delay_seconds: float = 1.0
+    #: Seconds in-flight calls get to finish once the server stops taking new ones.
     grace_seconds: float = 10.0
     #: Seconds a call to another service may take when the caller set no deadline.
     default_deadline_seconds: float = 10.0

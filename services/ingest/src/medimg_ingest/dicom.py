@@ -38,19 +38,25 @@ def read_header(data: bytes, index: int) -> InstanceHeader:
     if not data:
         raise InvalidArgument("EMPTY_FILE", f"file {index} is empty", index=index)
     try:
-        dataset = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        # Large values stay raw (unread), so the check below sees their declared lengths.
+        dataset = pydicom.dcmread(BytesIO(data), defer_size=1024)
     except InvalidDicomError as error:
         raise InvalidArgument(
             "NOT_DICOM",
             f"file {index} is not a DICOM Part 10 file (no 'DICM' preamble)",
             index=index,
         ) from error
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any parse failure means a damaged file
         raise InvalidArgument(
             "MALFORMED_DICOM",
             f"file {index} could not be parsed as DICOM (truncated or damaged)",
             index=index,
         ) from error
+    if not len(dataset):
+        raise InvalidArgument(
+            "MALFORMED_DICOM", f"file {index} has a header but no data elements", index=index
+        )
+    _refuse_truncated(dataset, len(data), index)
     uids = {}
     for keyword, reason in _REQUIRED_UIDS:
         value = str(dataset.get(keyword, "") or "")
@@ -72,3 +78,16 @@ def read_header(data: bytes, index: int) -> InstanceHeader:
         modality=str(dataset.get("Modality", "") or "OT"),
         transfer_syntax=transfer_syntax,
     )
+
+
+def _refuse_truncated(dataset: pydicom.Dataset, size: int, index: int) -> None:
+    """pydicom reads a cut file without complaint; its last element then claims more bytes
+    than the file has left."""
+    last = dataset.get_item(list(dataset.keys())[-1])
+    start, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if start is not None and length is not None and length != 0xFFFFFFFF and start + length > size:
+        raise InvalidArgument(
+            "TRUNCATED_FILE",
+            f"file {index} ends {start + length - size} bytes before its last element does",
+            index=index,
+        )
