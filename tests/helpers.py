@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from io import BytesIO
 from pathlib import Path
 
 import grpc
@@ -10,24 +11,25 @@ import httpx
 import pydicom
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
-from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
+from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli import demo
 from medimg_cli.platform import Platform
 
 
-def pydicom_file(name: str) -> bytes:
+def pydicom_file(name: str) -> BytesIO:
+    """One of the real DICOM files that ship with pydicom."""
     path = get_testdata_file(name, download=False)
     assert path is not None, name
-    return Path(str(path)).read_bytes()
+    return BytesIO(Path(str(path)).read_bytes())
 
 
 def fresh_instance(name: str = "CT_small.dcm", **changes: object) -> bytes:
     """A real pydicom test file with new study/series/instance UIDs (so tests do not collide)."""
-    dataset = pydicom.dcmread(get_testdata_file(name, download=False))
+    dataset = pydicom.dcmread(pydicom_file(name))
     dataset.StudyInstanceUID = generate_uid()
     dataset.SeriesInstanceUID = generate_uid()
     dataset.SOPInstanceUID = generate_uid()
@@ -59,7 +61,9 @@ def channel(platform: Platform, service: str, identity: str = "ops") -> grpc.Cha
     return grpc.secure_channel(platform.sidecar(service), platform.credentials(identity))
 
 
-def upload(platform: Platform, *files: bytes, identity: str = "ops") -> ingest_pb.UploadInstancesResponse:
+def upload(
+    platform: Platform, *files: bytes, identity: str = "ops"
+) -> ingest_pb.UploadInstancesResponse:
     with channel(platform, "ingest", identity) as ch:
         stub = ingest_grpc.IngestServiceStub(ch)
         response: ingest_pb.UploadInstancesResponse = stub.UploadInstances(

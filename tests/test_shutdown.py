@@ -9,9 +9,9 @@ import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-
 from medimg_cli import demo
 from medimg_cli.platform import Platform
 from medimg_cli.testing import free_port_offset
@@ -26,8 +26,12 @@ async def test_sigterm_drains_in_flight_calls(platform: Platform) -> None:
         "ingest", PORT=str(port), METRICS_PORT="0", DRAIN_DELAY_SECONDS="2", GRACE_SECONDS="20"
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "medimg_ingest", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "medimg_ingest",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     # The service trusts its sidecar's XFCC header; called directly, the test sets it.
     caller = [("x-forwarded-client-cert", f"URI={platform.mesh.spiffe('ops')}")]
@@ -50,7 +54,8 @@ async def test_sigterm_drains_in_flight_calls(platform: Platform) -> None:
             await asyncio.sleep(0.1)
 
         requests = list(demo.chunks(fresh_instance(), size=4096))
-        call = ingest_grpc.IngestServiceStub(channel).UploadInstances(metadata=caller, timeout=30)
+        upload = ingest_grpc.IngestServiceStub(channel).UploadInstances
+        call = upload(metadata=caller, timeout=30)  # type: ignore[call-arg]  # write() style
         await call.write(requests[0])  # the call is now in flight
 
         process.send_signal(signal.SIGTERM)

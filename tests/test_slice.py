@@ -8,13 +8,13 @@ import random
 import grpc
 import httpx
 import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
 from medimg.audit.v1 import audit_service_pb2 as audit_pb
 from medimg.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
 from medimg_cli.platform import Platform
 from tests.helpers import bearer, channel, fresh_instance, study_of, upload
 
@@ -27,7 +27,9 @@ def audit_events(rest: httpx.Client, platform: Platform) -> list[dict[str, objec
     token = ""
     headers = bearer(platform, "auditor-1", "auditor")
     while True:
-        page = rest.get("/v1/auditEvents", params={"pageSize": 1000, "pageToken": token}, headers=headers)
+        page = rest.get(
+            "/v1/auditEvents", params={"pageSize": 1000, "pageToken": token}, headers=headers
+        )
         assert page.status_code == 200, page.text
         body = page.json()
         events += body.get("auditEvents", [])
@@ -59,18 +61,23 @@ def test_upload_through_sidecar_then_list_through_gateway(
     assert one.json()["studyInstanceUid"] == study_of(ct)
 
     events = audit_events(rest, platform)
-    created = [e for e in events if e["action"] == "ACTION_CREATE" and study_of(ct) in str(e["resource"])]
+    created = [
+        e for e in events if e["action"] == "ACTION_CREATE" and study_of(ct) in str(e["resource"])
+    ]
     assert len(created) == 1
     assert created[0]["actor"] == {"workload": platform.mesh.spiffe("ops"), "user": "", "roles": []}
     assert created[0]["service"] == "ingest"
     assert created[0]["method"] == "/medimg.ingest.v1.IngestService/UploadInstances"
     assert len(str(created[0]["traceId"])) == 32
     reads = [
-        e for e in events
+        e
+        for e in events
         if e["action"] == "ACTION_READ" and e["resource"] == f"studies/{study_of(ct)}"
     ]
     assert reads and reads[-1]["actor"] == {
-        "workload": platform.mesh.spiffe("gateway"), "user": "dr-house", "roles": ["clinician"],
+        "workload": platform.mesh.spiffe("gateway"),
+        "user": "dr-house",
+        "roles": ["clinician"],
     }
     # Reading the audit log is itself in the audit log.
     assert any(e["resource"] == "auditEvents" and e["service"] == "audit" for e in events)
@@ -78,7 +85,9 @@ def test_upload_through_sidecar_then_list_through_gateway(
     assert indexes == list(range(len(indexes)))
 
 
-def test_second_upload_is_a_duplicate_and_changes_nothing(platform: Platform, rest: httpx.Client) -> None:
+def test_second_upload_is_a_duplicate_and_changes_nothing(
+    platform: Platform, rest: httpx.Client
+) -> None:
     ct = fresh_instance()
     assert upload(platform, ct).results[0].outcome == STORED
     assert upload(platform, ct).results[0].outcome == DUPLICATE
@@ -108,7 +117,9 @@ def test_pagination_walks_every_study_once(platform: Platform, rest: httpx.Clien
     for _ in range(3):
         upload(platform, fresh_instance())
     headers = bearer(platform, "dr-house", "clinician")
-    everything = rest.get("/v1/studies", params={"pageSize": 1000}, headers=headers).json()["studies"]
+    everything = rest.get("/v1/studies", params={"pageSize": 1000}, headers=headers).json()[
+        "studies"
+    ]
     seen, token = [], ""
     while True:
         page = rest.get("/v1/studies", params={"pageSize": 2, "pageToken": token}, headers=headers)
@@ -122,9 +133,11 @@ def test_pagination_walks_every_study_once(platform: Platform, rest: httpx.Clien
     assert len(seen) == len(set(seen)) >= 3
 
 
-def test_a_file_far_larger_than_4_mib_streams_in_chunks(platform: Platform, rest: httpx.Client) -> None:
+def test_a_file_far_larger_than_4_mib_streams_in_chunks(
+    platform: Platform, rest: httpx.Client
+) -> None:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dataset = FileDataset("big.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
@@ -151,7 +164,9 @@ def test_a_file_far_larger_than_4_mib_streams_in_chunks(platform: Platform, rest
     assert any(p.stat().st_size == len(data) for p in stored)
 
 
-def test_inference_and_training_answer_unimplemented(platform: Platform, rest: httpx.Client) -> None:
+def test_inference_and_training_answer_unimplemented(
+    platform: Platform, rest: httpx.Client
+) -> None:
     from medimg.inference.v1 import inference_service_pb2 as inf_pb
     from medimg.inference.v1 import inference_service_pb2_grpc as inf_grpc
 

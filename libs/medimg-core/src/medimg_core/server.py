@@ -86,7 +86,7 @@ class Server:
         await self._set_health(SERVING)
 
     async def drain(self) -> None:
-        """NOT_SERVING first, so callers stop sending; then refuse new calls, let old ones finish."""
+        """NOT_SERVING first, so callers stop sending; then refuse new calls; old ones finish."""
         await self._set_health(NOT_SERVING)
         await asyncio.sleep(self.settings.drain_delay_seconds)
         await self.grpc.stop(self.settings.grace_seconds)

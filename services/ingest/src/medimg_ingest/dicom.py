@@ -46,7 +46,7 @@ def read_header(data: bytes, index: int) -> InstanceHeader:
             f"file {index} is not a DICOM Part 10 file (no 'DICM' preamble)",
             index=index,
         ) from error
-    except Exception as error:  # noqa: BLE001 - any parse failure means a damaged file
+    except Exception as error:
         raise InvalidArgument(
             "MALFORMED_DICOM",
             f"file {index} could not be parsed as DICOM (truncated or damaged)",

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up everything medimg needs, idempotently: a virtualenv with every package pinned by
+# constraints.txt, buf from npm, and the generated proto stubs. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "medimg needs Python 3.11"'
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+
+# The generator's own tools first, then the stubs, then every package (editable).
+"${pip[@]}" install --quiet -c constraints.txt grpcio-tools mypy-protobuf googleapis-common-protos
+.venv/bin/python libs/medimg-protos/generate.py >/dev/null
+"${pip[@]}" install --quiet -c constraints.txt \
+  -e libs/medimg-protos -e libs/medimg-core -e libs/medimg-cli \
+  -e services/audit -e services/ingest -e services/inference -e services/training \
+  pytest pytest-asyncio ruff mypy grpc-stubs types-protobuf
+
+# buf (lint and breaking-change checks of the protos) comes from npm.
+[ -x node_modules/.bin/buf ] || npm ci --no-audit --no-fund --loglevel=error
+echo "medimg is set up: .venv, node_modules/.bin/buf, generated stubs"
