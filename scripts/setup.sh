@@ -9,15 +9,18 @@ PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # this machine's pip config warns per package
 
 # The generator's own tools first, then the stubs, then every package (editable).
-"${pip[@]}" install --quiet -c constraints.txt grpcio-tools mypy-protobuf googleapis-common-protos
-.venv/bin/python libs/medimg-protos/generate.py >/dev/null
-"${pip[@]}" install --quiet -c constraints.txt \
+quiet "${pip[@]}" install --quiet -c constraints.txt grpcio-tools mypy-protobuf googleapis-common-protos
+out=$(.venv/bin/python libs/medimg-protos/generate.py 2>&1) || { echo "$out"; exit 1; }
+quiet "${pip[@]}" install --quiet -c constraints.txt \
   -e libs/medimg-protos -e libs/medimg-core -e libs/medimg-cli \
   -e services/audit -e services/ingest -e services/inference -e services/training \
   pytest pytest-asyncio ruff mypy grpc-stubs types-protobuf
 
 # buf (lint and breaking-change checks of the protos) comes from npm.
-[ -x node_modules/.bin/buf ] || npm ci --no-audit --no-fund --loglevel=error
+# `npm ci` refuses a lock whose optional per-platform binaries the registry lacks; buf is
+# pinned exactly in package.json, so a plain install is as reproducible.
+[ -x node_modules/.bin/buf ] || npm install --no-audit --no-fund --no-save --loglevel=error
 echo "medimg is set up: .venv, node_modules/.bin/buf, generated stubs"
