@@ -4,6 +4,7 @@ REST, every access in the audit log."""
 from __future__ import annotations
 
 import random
+import uuid
 
 import grpc
 import httpx
@@ -180,3 +181,21 @@ def test_inference_and_training_answer_unimplemented(
     answer = rest.get("/v1/trainingJobs", headers=bearer(platform, "ml-1", "ml-engineer"))
     assert answer.status_code == 501
     assert answer.json()["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+
+
+def test_trace_context_crosses_the_gateway_and_the_mesh(
+    platform: Platform, rest: httpx.Client
+) -> None:
+    """A caller's W3C trace id reaches ingest through gateway and sidecar, and the audit
+    event ingest reports through the mesh carries it."""
+    ct = fresh_instance()
+    upload(platform, ct)
+    trace_id = uuid.uuid4().hex
+    headers = {
+        **bearer(platform, "dr-house", "clinician"),
+        "traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01",
+    }
+    assert rest.get(f"/v1/studies/{study_of(ct)}", headers=headers).status_code == 200
+    events = audit_events(rest, platform)
+    read = [e for e in events if e["resource"] == f"studies/{study_of(ct)}"]
+    assert read[-1]["traceId"] == trace_id
