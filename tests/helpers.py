@@ -14,6 +14,8 @@ from grpc_status import rpc_status
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from medimg.audit.v1 import audit_service_pb2 as audit_pb
+from medimg.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli import demo
@@ -70,6 +72,22 @@ def upload(
             demo.chunks(*files, size=16 * 1024), timeout=30
         )
         return response
+
+
+def audit_log(platform: Platform) -> list[audit_pb.AuditEvent]:
+    """The whole audit log, read page by page through audit's sidecar as `ops`."""
+    events: list[audit_pb.AuditEvent] = []
+    token = ""
+    with channel(platform, "audit") as ch:
+        stub = audit_grpc.AuditServiceStub(ch)
+        while True:
+            page = stub.ListAuditEvents(
+                audit_pb.ListAuditEventsRequest(page_size=1000, page_token=token), timeout=10
+            )
+            events += page.audit_events
+            token = page.next_page_token
+            if not token:
+                return events
 
 
 def bearer(platform: Platform, user: str, *roles: str) -> dict[str, str]:

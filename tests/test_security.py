@@ -25,7 +25,7 @@ from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli import demo
 from medimg_cli.pki import create_ca, issue_certificate
 from medimg_cli.platform import Platform
-from tests.helpers import bearer, channel, fresh_instance, metric, study_of, upload
+from tests.helpers import audit_log, bearer, channel, fresh_instance, metric, study_of, upload
 
 
 def handled(platform: Platform, method: str, service: str = "ingest") -> float:
@@ -131,11 +131,7 @@ def test_identity_headers_sent_by_a_client_are_replaced(platform: Platform) -> N
                 "x-medimg-jwt-payload": forged_user.decode(),
             },
         )
-    with channel(platform, "audit") as ch:
-        log = audit_grpc.AuditServiceStub(ch).ListAuditEvents(
-            audit_pb.ListAuditEventsRequest(page_size=1000), timeout=5
-        )
-    last = [e for e in log.audit_events if e.method.endswith("/ListStudies")][-1]
+    last = [e for e in audit_log(platform) if e.method.endswith("/ListStudies")][-1]
     assert last.actor.workload == platform.mesh.spiffe("training")
     assert last.actor.user == ""
 

@@ -12,12 +12,10 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from medimg.audit.v1 import audit_service_pb2 as audit_pb
-from medimg.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli.platform import Platform
-from tests.helpers import bearer, channel, fresh_instance, study_of, upload
+from tests.helpers import audit_log, bearer, channel, fresh_instance, study_of, upload
 
 STORED = ingest_pb.InstanceResult.OUTCOME_STORED
 DUPLICATE = ingest_pb.InstanceResult.OUTCOME_DUPLICATE
@@ -105,11 +103,7 @@ def test_workload_lists_studies_through_its_certificate(platform: Platform) -> N
             ingest_pb.ListStudiesRequest(page_size=1000), timeout=10
         )
     assert f"studies/{study_of(ct)}" in {s.name for s in page.studies}
-    with channel(platform, "audit") as ch:
-        log = audit_grpc.AuditServiceStub(ch).ListAuditEvents(
-            audit_pb.ListAuditEventsRequest(page_size=1000), timeout=10
-        )
-    last_list = [e for e in log.audit_events if e.method.endswith("/ListStudies")][-1]
+    last_list = [e for e in audit_log(platform) if e.method.endswith("/ListStudies")][-1]
     assert last_list.actor.workload == platform.mesh.spiffe("training")
     assert last_list.actor.user == ""
 

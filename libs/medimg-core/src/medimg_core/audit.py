@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
-from medimg_core import calls, deadlines, telemetry
+from medimg_core import calls, deadlines, telemetry, timestamps
 from medimg_core.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,27 @@ class Access:
     patient_pseudonym: str = ""
 
 
+def event_for(access: Access, service: str) -> pb.AuditEvent:
+    """The audit event of an access made in the current RPC, reported by `service`."""
+    call = calls.current()
+    event = pb.AuditEvent(
+        event_id=str(uuid.uuid4()),
+        event_time=timestamps.now(),
+        action=access.action,
+        outcome=access.outcome,
+        resource=access.resource,
+        patient_pseudonym=access.patient_pseudonym,
+        service=service,
+        trace_id=telemetry.current_trace_id(),
+    )
+    if call is not None:
+        event.method = call.method
+        event.actor.workload = call.principal.workload
+        event.actor.user = call.principal.user or ""
+        event.actor.roles.extend(sorted(call.principal.roles))
+    return event
+
+
 class AuditClient:
     def __init__(
         self, channel: grpc.aio.Channel, *, service: str, default_deadline: float, attempts: int = 3
@@ -47,33 +67,12 @@ class AuditClient:
         self._default_deadline = default_deadline
         self._attempts = attempts
 
-    def event(self, access: Access) -> pb.AuditEvent:
-        call = calls.current()
-        now = timestamp_pb2.Timestamp()
-        now.GetCurrentTime()
-        event = pb.AuditEvent(
-            event_id=str(uuid.uuid4()),
-            event_time=now,
-            action=access.action,
-            outcome=access.outcome,
-            resource=access.resource,
-            patient_pseudonym=access.patient_pseudonym,
-            service=self._service,
-            trace_id=telemetry.current_trace_id(),
-        )
-        if call is not None:
-            event.method = call.method
-            event.actor.workload = call.principal.workload
-            event.actor.user = call.principal.user or ""
-            event.actor.roles.extend(sorted(call.principal.roles))
-        return event
-
     async def report(self, accesses: Sequence[Access]) -> list[int]:
         """Appends the events and returns their log indexes; UNAVAILABLE if audit cannot be reached.
 
         The caller's deadline bounds the whole exchange, retries included.
         """
-        request = pb.AppendEventsRequest(events=[self.event(a) for a in accesses])
+        request = pb.AppendEventsRequest(events=[event_for(a, self._service) for a in accesses])
         for attempt in range(1, self._attempts + 1):
             try:
                 response = await self._stub.AppendEvents(

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC
 
 import asyncpg
-from google.protobuf import timestamp_pb2
 
 from medimg.audit.v1 import audit_service_pb2 as pb
+from medimg_core import timestamps
 from medimg_core.errors import InvalidArgument
 
 MAX_BATCH = 1000
@@ -125,18 +125,12 @@ async def list_events(
     return events, (events[-1].log_index if more else None)
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _event(row: asyncpg.Record) -> pb.AuditEvent:
     return pb.AuditEvent(
         name=f"auditEvents/{row['log_index']}",
         event_id=str(row["event_id"]),
-        event_time=_timestamp(row["event_time"]),
-        record_time=_timestamp(row["record_time"]),
+        event_time=timestamps.to_proto(row["event_time"]),
+        record_time=timestamps.to_proto(row["record_time"]),
         actor=pb.Actor(
             workload=row["actor_workload"], user=row["actor_user"], roles=row["actor_roles"]
         ),

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
-from google.protobuf import timestamp_pb2
 
 from medimg.ingest.v1 import ingest_service_pb2 as pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from medimg_core import pagination
+from medimg_core import pagination, timestamps
 from medimg_core.audit import Access, Action, AuditClient
 from medimg_core.calls import Context
 from medimg_core.errors import InvalidArgument, NotFound
@@ -26,12 +25,6 @@ POLICY = {
 }
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def _study(summary: index.StudySummary) -> pb.Study:
     return pb.Study(
         name=f"studies/{summary.study_uid}",
@@ -39,8 +32,8 @@ def _study(summary: index.StudySummary) -> pb.Study:
         modalities=summary.modalities,
         series_count=summary.series_count,
         instance_count=summary.instance_count,
-        create_time=_timestamp(summary.create_time),
-        update_time=_timestamp(summary.update_time),
+        create_time=timestamps.to_proto(summary.create_time),
+        update_time=timestamps.to_proto(summary.update_time),
     )
 
 
