@@ -11,4 +11,4 @@ else
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy libs services
+.venv/bin/mypy libs services tests bench

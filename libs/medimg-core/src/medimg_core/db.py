@@ -30,9 +30,12 @@ async def connect(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg
 def _migrations(package: Traversable) -> list[tuple[int, str, str]]:
     found = []
     for entry in package.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
         match = _NAME.match(entry.name)
-        if match:
-            found.append((int(match[1]), entry.name, entry.read_text(encoding="utf-8")))
+        if not match:
+            raise RuntimeError(f"migration {entry.name} is not named NNNN_lower_snake.sql")
+        found.append((int(match[1]), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     versions = [version for version, _, _ in found]
     if versions != list(range(1, len(found) + 1)):

@@ -60,8 +60,8 @@ def workload_from_xfcc(value: str) -> SpiffeId:
     Envoy with SANITIZE_SET sends exactly one element, e.g.
     `By=spiffe://…/sa/ingest;Hash=…;URI=spiffe://…/sa/ops`.
     """
-    element = value.rsplit(",", maxsplit=1)[-1]
-    for pair in _split_pairs(element):
+    element = _split_outside_quotes(value, ",")[-1]
+    for pair in _split_outside_quotes(element, ";"):
         key, _, raw = pair.partition("=")
         if key.strip().lower() == "uri":
             uri = raw.strip().strip('"')
@@ -70,21 +70,21 @@ def workload_from_xfcc(value: str) -> SpiffeId:
     raise Unauthenticated("MISSING_CALLER_IDENTITY", "the caller's certificate has no SPIFFE ID")
 
 
-def _split_pairs(element: str) -> list[str]:
-    # Values may be quoted and contain ';' (Subject DNs); split only outside quotes.
-    pairs: list[str] = []
+def _split_outside_quotes(text: str, separator: str) -> list[str]:
+    # XFCC values may be quoted and hold ',' and ';' (Subject DNs): split only outside quotes.
+    parts: list[str] = []
     current: list[str] = []
     quoted = False
-    for char in element:
+    for char in text:
         if char == '"':
             quoted = not quoted
-        if char == ";" and not quoted:
-            pairs.append("".join(current))
+        if char == separator and not quoted:
+            parts.append("".join(current))
             current = []
         else:
             current.append(char)
-    pairs.append("".join(current))
-    return pairs
+    parts.append("".join(current))
+    return parts
 
 
 def user_from_payload(value: str) -> tuple[str, frozenset[Role]]:
@@ -98,7 +98,12 @@ def user_from_payload(value: str) -> tuple[str, frozenset[Role]]:
         raise Unauthenticated(
             "MALFORMED_USER_CLAIMS", "the user's token claims are unreadable"
         ) from error
-    if not isinstance(subject, str) or not subject or not isinstance(roles, list):
+    if (
+        not isinstance(subject, str)
+        or not subject
+        or not isinstance(roles, list)
+        or not all(isinstance(r, str) for r in roles)
+    ):
         raise Unauthenticated(
             "MALFORMED_USER_CLAIMS", "the user's token needs `sub` and a `roles` list"
         )

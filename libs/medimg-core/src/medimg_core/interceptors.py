@@ -13,9 +13,11 @@ Health and reflection pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -98,39 +100,39 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # 
         await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _labels(method: str) -> tuple[str, str]:
+@asynccontextmanager
+async def _observed(outer: CallInterceptor, method: str, context: Context) -> AsyncIterator[None]:
+    """Runs one call: enters it, maps its errors to a status, and counts it with its code."""
     service, _, name = method.lstrip("/").partition("/")
-    return service, name
-
-
-def _wrap(handler: Handler, method: str, outer: CallInterceptor) -> Any:
-    service, name = _labels(method)
-
-    def done(started: float, code: grpc.StatusCode) -> None:
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        outer.enter(method, context)
+        yield
+    except grpc.aio.AbortError:
+        code = context.code() or grpc.StatusCode.UNKNOWN  # the servicer aborted by itself
+        raise
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED  # the client went away or its deadline passed
+        raise
+    except Exception as error:  # noqa: BLE001 - mapped to a status right here
+        if isinstance(error, NotImplementedError):
+            code = grpc.StatusCode.UNIMPLEMENTED
+        else:
+            code = error.code if isinstance(error, MedimgError) else grpc.StatusCode.INTERNAL
+        await outer.fail(method, context, error)
+    finally:
         RPC_HANDLED.labels(service, name, code.name).inc()
         RPC_SECONDS.labels(service, name).observe(time.perf_counter() - started)
 
-    def code_of(error: BaseException) -> grpc.StatusCode:
-        if isinstance(error, NotImplementedError):
-            return grpc.StatusCode.UNIMPLEMENTED
-        return error.code if isinstance(error, MedimgError) else grpc.StatusCode.INTERNAL
 
+def _wrap(handler: Handler, method: str, outer: CallInterceptor) -> Any:
     if handler.unary_unary or handler.stream_unary:
         inner = handler.unary_unary or handler.stream_unary
 
         async def unary_response(request: Any, context: Context) -> Any:
-            started = time.perf_counter()
-            try:
-                outer.enter(method, context)
-                response = await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:
-                done(started, code_of(error))
-                await outer.fail(method, context, error)
-                raise  # unreachable: abort raises
-            done(started, grpc.StatusCode.OK)
-            return response
+            async with _observed(outer, method, context):
+                return await inner(request, context)
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -143,20 +145,13 @@ def _wrap(handler: Handler, method: str, outer: CallInterceptor) -> Any:
             response_serializer=handler.response_serializer,
         )
 
+    # Streaming servicers here are async generators: they yield, never context.write().
     inner_stream = handler.unary_stream or handler.stream_stream
 
     async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        try:
-            outer.enter(method, context)
+        async with _observed(outer, method, context):
             async for response in inner_stream(request, context):
                 yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:  # noqa: BLE001 - mapped to a status right here
-            done(started, code_of(error))
-            await outer.fail(method, context, error)
-        done(started, grpc.StatusCode.OK)
 
     factory = (
         grpc.unary_stream_rpc_method_handler

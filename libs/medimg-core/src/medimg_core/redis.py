@@ -11,7 +11,14 @@ import redis.asyncio as aioredis
 
 
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    # Short socket timeouts: an unreachable Redis must fail fast, not eat the caller's deadline.
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_connect_timeout=2,
+        socket_timeout=2,
+    )
 
 
 async def publish(

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from medimg_core import telemetry
 from medimg_core.interceptors import CallInterceptor, RolePolicy
@@ -54,7 +54,11 @@ class Server:
         limit = settings.max_message_bytes
         self.grpc = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(),  # type: ignore[no-untyped-call]
+                # Not on health: its Watch streams with context.write(), which the tracing
+                # wrapper (an `async for` over the handler) would break.
+                aio_server_interceptor(  # type: ignore[no-untyped-call]
+                    filter_=filters.negate(filters.health_check())
+                ),
                 CallInterceptor(gateway=settings.gateway, policy=definition.policy),
             ],
             options=[

@@ -56,7 +56,7 @@ class JsonFormatter(logging.Formatter):
                 tb = tb.tb_next
             if tb is not None:
                 entry["error_at"] = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def configure_logging(service: str, level: str) -> None:

@@ -9,6 +9,7 @@ from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medimg_audit import log
 from medimg_core import calls, pagination
 from medimg_core.audit import Access, event_for
+from medimg_core.errors import InvalidArgument
 from medimg_core.identity import Role
 
 POLICY = {
@@ -34,7 +35,9 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
     ) -> pb.ListAuditEventsResponse:
         size = pagination.page_size(request.page_size, default=100)
         position = pagination.decode_token(request.page_token, "after")
-        after = None if position is None else int(position["after"])
+        after = None if position is None else position["after"]
+        if after is not None and (not isinstance(after, int) or after < 0):
+            raise InvalidArgument("INVALID_PAGE_TOKEN", "page_token is not one this API gave")
         # Reading the log is an access to the log: it is recorded before it is served.
         own = event_for(Access(pb.ACTION_READ, "auditEvents"), "audit")
         await log.append(self._pool, [own], "audit")

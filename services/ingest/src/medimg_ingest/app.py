@@ -28,7 +28,7 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
         audit_channel, service="ingest", default_deadline=settings.default_deadline_seconds
     )
     uploads = Uploads(pool, ObjectStore(settings.object_dir), events, executor)
-    servicer = IngestServicer(pool, uploads, audit, settings.max_instance_bytes)
+    servicer = IngestServicer(pool, uploads, audit, settings)
     return ServiceDefinition(
         names=[ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
         add_to_server=lambda server: ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(

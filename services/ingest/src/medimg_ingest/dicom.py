@@ -6,10 +6,15 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+import pydicom.config
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from medimg_core.errors import InvalidArgument
+
+# Ingest validates what it needs itself. pydicom's own reading checks would log the
+# offending values (possibly PHI) and, under warnings-as-errors, fail good files.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 #: (keyword, reason when missing or malformed) of the UIDs every stored instance needs.
 _REQUIRED_UIDS = (
@@ -81,13 +86,21 @@ def read_header(data: bytes, index: int) -> InstanceHeader:
 
 
 def _refuse_truncated(dataset: pydicom.Dataset, size: int, index: int) -> None:
-    """pydicom reads a cut file without complaint; its last element then claims more bytes
-    than the file has left."""
-    last = dataset.get_item(list(dataset.keys())[-1])
+    """pydicom reads a cut file without complaint: its last element then claims more bytes
+    than the file has left, or a partial element header is dropped, leaving bytes after it."""
+    last = dataset.get_item(list(dataset.keys())[-1], keep_deferred=True)
     start, length = getattr(last, "value_tell", None), getattr(last, "length", None)
-    if start is not None and length is not None and length != 0xFFFFFFFF and start + length > size:
+    if start is None or length is None or length == 0xFFFFFFFF:
+        return  # a sequence or encapsulated data of undefined length: parsed to its end
+    if start + length > size:
         raise InvalidArgument(
             "TRUNCATED_FILE",
             f"file {index} ends {start + length - size} bytes before its last element does",
+            index=index,
+        )
+    if start + length < size:
+        raise InvalidArgument(
+            "TRUNCATED_FILE",
+            f"file {index} ends inside an element header ({size - start - length} bytes left)",
             index=index,
         )

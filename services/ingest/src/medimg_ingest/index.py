@@ -31,9 +31,20 @@ class StudySummary:
 
 async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> list[bool]:
     """Indexes the instances in one transaction; True for each one that was new."""
-    created = []
+    # Rows are locked in one global order (study, series, instance), so two uploads that
+    # share studies cannot deadlock whatever order their files came in.
+    order = sorted(
+        range(len(objects)),
+        key=lambda i: (
+            objects[i].header.study_uid,
+            objects[i].header.series_uid,
+            objects[i].header.sop_instance_uid,
+        ),
+    )
+    created = [False] * len(objects)
     async with pool.acquire() as conn, conn.transaction():
-        for obj in objects:
+        for i in order:
+            obj = objects[i]
             h = obj.header
             await conn.execute(
                 "INSERT INTO studies (study_uid) VALUES ($1) "
@@ -61,7 +72,7 @@ async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> 
                 obj.sha256,
                 obj.object_key,
             )
-            created.append(bool(inserted))
+            created[i] = bool(inserted)
     return created
 
 
@@ -89,15 +100,18 @@ def _summary(row: asyncpg.Record) -> StudySummary:
 async def list_studies(
     pool: asyncpg.Pool, *, after: tuple[datetime, str] | None, limit: int
 ) -> tuple[list[StudySummary], bool]:
-    """Studies updated most recently first, strictly after `after`; and whether more follow."""
+    """Newest studies first, strictly after `after`; and whether more follow.
+
+    Ordered by when a study was first stored, which never changes, so pages stay stable
+    while uploads go on."""
     where = ""
     args: list[object] = [limit + 1]
     if after is not None:
-        where = "WHERE (s.update_time, s.study_uid) < ($2, $3)"
+        where = "WHERE (s.create_time, s.study_uid) < ($2, $3)"
         args += [after[0], after[1]]
     rows = await pool.fetch(
         f"{_STUDY_SUMMARY} {where} GROUP BY s.study_uid "
-        "ORDER BY s.update_time DESC, s.study_uid DESC LIMIT $1",
+        "ORDER BY s.create_time DESC, s.study_uid DESC LIMIT $1",
         *args,
     )
     return [_summary(r) for r in rows[:limit]], len(rows) > limit

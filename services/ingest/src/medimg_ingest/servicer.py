@@ -10,11 +10,12 @@ import asyncpg
 from medimg.ingest.v1 import ingest_service_pb2 as pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from medimg_core import pagination, timestamps
-from medimg_core.audit import Access, Action, AuditClient
+from medimg_core.audit import Access, Action, AuditClient, Outcome
 from medimg_core.calls import Context
 from medimg_core.errors import InvalidArgument, NotFound
 from medimg_core.identity import Role
 from medimg_ingest import index
+from medimg_ingest.settings import IngestSettings
 from medimg_ingest.uploads import Uploads, collect_files
 
 _READERS = frozenset({Role("clinician"), Role("researcher"), Role("ml-engineer"), Role("admin")})
@@ -39,12 +40,12 @@ def _study(summary: index.StudySummary) -> pb.Study:
 
 class IngestServicer(pb_grpc.IngestServiceServicer):
     def __init__(
-        self, pool: asyncpg.Pool, uploads: Uploads, audit: AuditClient, max_instance_bytes: int
+        self, pool: asyncpg.Pool, uploads: Uploads, audit: AuditClient, settings: IngestSettings
     ) -> None:
         self._pool = pool
         self._uploads = uploads
         self._audit = audit
-        self._max_instance_bytes = max_instance_bytes
+        self._settings = settings
 
     async def UploadInstances(
         self,
@@ -55,7 +56,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             async for request in request_iterator:
                 yield request.chunk, request.last_chunk
 
-        files = await collect_files(chunks(), self._max_instance_bytes)
+        files = await collect_files(
+            chunks(),
+            self._settings.max_instance_bytes,
+            max_total_bytes=self._settings.max_upload_bytes,
+        )
         outcomes = await self._uploads.store(files)
         await self._audit.report([Access(Action.ACTION_CREATE, o.instance) for o in outcomes])
         return pb.UploadInstancesResponse(
@@ -92,7 +97,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if more:
             last = studies[-1]
             token = pagination.encode_token(
-                {"t": last.update_time.isoformat(), "s": last.study_uid}
+                {"t": last.create_time.isoformat(), "s": last.study_uid}
             )
         return pb.ListStudiesResponse(studies=[_study(s) for s in studies], next_page_token=token)
 
@@ -101,7 +106,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if prefix != "studies" or not uid or "/" in uid:
             raise InvalidArgument("INVALID_NAME", "name must look like studies/{study}")
         summary = await index.get_study(self._pool, uid)
-        await self._audit.report([Access(Action.ACTION_READ, request.name)])
+        outcome = Outcome.OUTCOME_SUCCESS if summary else Outcome.OUTCOME_FAILURE
+        await self._audit.report([Access(Action.ACTION_READ, request.name, outcome)])
         if summary is None:
             raise NotFound("STUDY_NOT_FOUND", f"{request.name} is not in the index")
         return _study(summary)

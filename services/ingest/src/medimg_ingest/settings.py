@@ -19,5 +19,7 @@ class IngestSettings(AuditedServiceSettings):
     object_dir: Path
     #: The largest DICOM file accepted, in bytes.
     max_instance_bytes: int = 1024 * 1024 * 1024
+    #: The most bytes one upload stream may carry (it is held in memory until validated).
+    max_upload_bytes: int = 2 * 1024 * 1024 * 1024
     #: Threads that parse DICOM and write objects, off the event loop.
     worker_threads: int = 4

@@ -40,11 +40,24 @@ def instance_name(header: dicom.InstanceHeader) -> str:
     )
 
 
-async def collect_files(chunks: AsyncIterable[tuple[bytes, bool]], max_bytes: int) -> list[bytes]:
-    """Joins (chunk, last_chunk) pairs into whole files; the stream's end also ends a file."""
+async def collect_files(
+    chunks: AsyncIterable[tuple[bytes, bool]], max_bytes: int, *, max_total_bytes: int | None = None
+) -> list[bytes]:
+    """Joins (chunk, last_chunk) pairs into whole files; the stream's end also ends a file.
+
+    `max_bytes` bounds each file, `max_total_bytes` the whole upload (held in memory)."""
     files: list[bytes] = []
     current = bytearray()
+    total = 0
     async for chunk, last in chunks:
+        total += len(chunk)
+        if max_total_bytes is not None and total > max_total_bytes:
+            raise InvalidArgument(
+                "UPLOAD_TOO_LARGE",
+                f"the upload is larger than the limit of {max_total_bytes} bytes: send fewer "
+                "files per stream",
+                limit=max_total_bytes,
+            )
         if len(current) + len(chunk) > max_bytes:
             raise InvalidArgument(
                 "INSTANCE_TOO_LARGE",

