@@ -2,18 +2,26 @@
 
 Starts a whole local platform (embedded PostgreSQL and Redis, the four services, their
 Envoy sidecars and the gateway) in a temporary directory, uploads one CT file so that a
-study exists, then times ingest `GetStudy(name=studies/<uid>)` on these paths, in one run:
+study exists, then times two calls on each of these paths, all in one run:
 
-    direct        client -> ingest service port (plaintext, XFCC header set by the client)
-    sidecar       client -> ingest sidecar (mTLS, ops identity) -> service
-    gateway       client -> gateway (gRPC, plaintext, clinician JWT) -> ingest sidecar -> service
-    gateway-rest  client -> gateway (REST GET /v1/studies/<uid>, HTTP/1.1 keep-alive) -> ...
+    GetStudy      ingest GetStudy(name=studies/<uid>): a real read, which also reports the
+                  access to audit through ingest's sidecar (the same on every path)
+    ListModels    inference ListModels, which answers UNIMPLEMENTED today: nothing but the
+                  transport and the service's interceptors (identity, roles, error mapping),
+                  so the hop cost shows with less noise
+
+
+    direct        client -> service port (plaintext, XFCC header set by the client)
+    sidecar       client -> the service's sidecar (mTLS, ops identity) -> service
+    gateway       client -> gateway (gRPC, plaintext, clinician JWT) -> sidecar -> service
+    gateway-rest  client -> gateway (REST, HTTP/1.1 keep-alive, JSON transcoding) -> ...
 
 The paths are interleaved call by call (the order rotates every round) so that machine
 noise hits each alike; calls are sequential (concurrency 1) on warmed channels and timed
-with time.perf_counter_ns. "Added per hop" is sidecar - direct and gateway - sidecar, at
-p50 and p99; the goal is at most 0.5 ms per Envoy hop at p50. gateway-rest is reported
-beside them (transcoding cost), not counted as a hop.
+with time.perf_counter_ns. The goal, at most 0.5 ms per Envoy hop at p50, is checked on
+(gateway - direct) / 2: both paths have a plaintext client and differ by two Envoy hops.
+sidecar - direct (which also holds the Python client's TLS) and gateway - sidecar are
+shown beside it, and gateway-rest - gateway is the cost of JSON transcoding.
 
 Run from the repository root:
 
@@ -39,6 +47,8 @@ from typing import Any
 import grpc
 import httpx
 
+from medimg.inference.v1 import inference_service_pb2 as inference_pb
+from medimg.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli import mesh as meshlib
@@ -48,7 +58,6 @@ from medimg_cli.testing import free_port_offset
 
 GOAL_MS = 0.5
 TIMEOUT_S = 10.0
-HOPS = (("sidecar", "direct"), ("gateway", "sidecar"))
 
 Call = Callable[[], None]
 
@@ -83,7 +92,7 @@ def upload_study(platform: Platform) -> str:
     return studies[0].name
 
 
-def grpc_call(channel: grpc.Channel, name: str, metadata: tuple[tuple[str, str], ...]) -> Call:
+def get_study(channel: grpc.Channel, name: str, metadata: tuple[tuple[str, str], ...]) -> Call:
     stub = ingest_grpc.IngestServiceStub(channel)
     request = ingest_pb.GetStudyRequest(name=name)
 
@@ -94,11 +103,25 @@ def grpc_call(channel: grpc.Channel, name: str, metadata: tuple[tuple[str, str],
     return call
 
 
-def rest_call(client: httpx.Client, url: str, name: str) -> Call:
+def list_models(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> Call:
+    stub = inference_grpc.InferenceServiceStub(channel)
+    request = inference_pb.ListModelsRequest()
+
+    def call() -> None:
+        try:
+            stub.ListModels(request, metadata=metadata, timeout=TIMEOUT_S)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED, error
+        else:
+            raise AssertionError("ListModels is expected to answer UNIMPLEMENTED")
+
+    return call
+
+
+def rest_call(client: httpx.Client, url: str, status: int) -> Call:
     def call() -> None:
         response = client.get(url)
-        response.raise_for_status()
-        assert response.json()["name"] == name
+        assert response.status_code == status, response.text
 
     return call
 
@@ -132,12 +155,24 @@ def summarize(samples: dict[str, list[int]]) -> dict[str, dict[str, float]]:
 
 
 def hops(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float | bool]]:
-    added: dict[str, dict[str, float | bool]] = {}
-    for outer, inner in HOPS:
-        p50 = table[outer]["p50_ms"] - table[inner]["p50_ms"]
-        p99 = table[outer]["p99_ms"] - table[inner]["p99_ms"]
-        added[f"{outer} - {inner}"] = {"p50_ms": p50, "p99_ms": p99, "pass": p50 <= GOAL_MS}
-    return added
+    """Added latency per Envoy hop.
+
+    `direct` and `gateway` both have a plaintext client, and differ by exactly two Envoy
+    hops (gateway, then the service's sidecar, with mTLS between them): half the difference
+    is the cost of one hop, and it is what the goal is checked on. `sidecar - direct` also
+    holds the Python client's own TLS, so it is shown as information only.
+    """
+    direct, sidecar, gateway = table["direct"], table["sidecar"], table["gateway"]
+    per_hop = {q: (gateway[q] - direct[q]) / 2 for q in ("p50_ms", "p99_ms")}
+    return {
+        "per hop = (gateway - direct) / 2": {**per_hop, "pass": per_hop["p50_ms"] <= GOAL_MS},
+        "sidecar - direct (+ client TLS)": {
+            q: sidecar[q] - direct[q] for q in ("p50_ms", "p99_ms")
+        },
+        "gateway - sidecar (- client TLS)": {
+            q: gateway[q] - sidecar[q] for q in ("p50_ms", "p99_ms")
+        },
+    }
 
 
 def report(result: dict[str, Any]) -> str:
@@ -146,24 +181,29 @@ def report(result: dict[str, Any]) -> str:
         f"machine: {m['nproc']} cpus, {m['cpu']}, Linux {m['kernel']}, "
         f"load before {' '.join(f'{x:.2f}' for x in m['loadavg_before'])}",
         f"python {m['python']}, envoy {m['envoy']}",
-        f"ingest GetStudy, {result['calls']} calls per path after {result['warmup']} warm-up, "
+        f"{result['calls']} calls per path and call after {result['warmup']} warm-up, "
         "interleaved, concurrency 1",
-        "",
-        f"{'path':<14}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}",
     ]
-    for path, row in result["paths"].items():
-        lines.append(
-            f"{path:<14}{row['calls']:>7}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
-            f"{row['mean_ms']:>9.3f}"
-        )
-    lines += ["", f"added per Envoy hop (goal: p50 <= {GOAL_MS} ms)"]
-    for hop, row in result["added_per_hop"].items():
-        verdict = "PASS" if row["pass"] else "FAIL"
-        lines.append(
-            f"{hop:<24} p50 {row['p50_ms']:+.3f} ms  p99 {row['p99_ms']:+.3f} ms  {verdict}"
-        )
-    rest = result["paths"]["gateway-rest"]["p50_ms"] - result["paths"]["gateway"]["p50_ms"]
-    lines.append(f"{'gateway-rest - gateway':<24} p50 {rest:+.3f} ms  (transcoding; not a hop)")
+    for call, measured in result["calls_measured"].items():
+        lines += [
+            "",
+            f"{call}",
+            f"{'path':<14}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}",
+        ]
+        for path, row in measured["paths"].items():
+            lines.append(
+                f"{path:<14}{row['calls']:>7}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
+                f"{row['mean_ms']:>9.3f}"
+            )
+        lines.append(f"added per Envoy hop (goal: p50 <= {GOAL_MS} ms)")
+        for hop, row in measured["added_per_hop"].items():
+            verdict = ("PASS" if row["pass"] else "FAIL") if "pass" in row else ""
+            lines.append(
+                f"  {hop:<34} p50 {row['p50_ms']:+.3f} ms  p99 {row['p99_ms']:+.3f} ms  {verdict}"
+            )
+        paths = measured["paths"]
+        rest = paths["gateway-rest"]["p50_ms"] - paths["gateway"]["p50_ms"]
+        lines.append(f"  {'gateway-rest - gateway':<34} p50 {rest:+.3f} ms  (JSON transcoding)")
     return "\n".join(lines)
 
 
@@ -184,6 +224,10 @@ def run(calls: int, warmup: int) -> dict[str, Any]:
             grpc.insecure_channel(platform.service_address("ingest")) as direct,
             grpc.secure_channel(platform.sidecar("ingest"), platform.credentials()) as sidecar,
             grpc.insecure_channel(gateway) as via_gateway,
+            grpc.insecure_channel(platform.service_address("inference")) as inference_direct,
+            grpc.secure_channel(
+                platform.sidecar("inference"), platform.credentials()
+            ) as inference_sidecar,
             httpx.Client(
                 base_url=platform.gateway_url,
                 headers={"authorization": f"Bearer {jwt}"},
@@ -192,23 +236,29 @@ def run(calls: int, warmup: int) -> dict[str, Any]:
         ):
             # What ingest's sidecar would send for a caller with the ops certificate.
             xfcc = f"By={mesh.spiffe('ingest')};URI={mesh.spiffe('ops')}"
-            paths = {
-                "direct": grpc_call(direct, name, (("x-forwarded-client-cert", xfcc),)),
-                "sidecar": grpc_call(sidecar, name, ()),
-                "gateway": grpc_call(via_gateway, name, (("authorization", f"Bearer {jwt}"),)),
-                "gateway-rest": rest_call(rest, f"/v1/{name}", name),
+            user = (("authorization", f"Bearer {jwt}"),)
+            studies = {
+                "direct": get_study(direct, name, (("x-forwarded-client-cert", xfcc),)),
+                "sidecar": get_study(sidecar, name, ()),
+                "gateway": get_study(via_gateway, name, user),
+                "gateway-rest": rest_call(rest, f"/v1/{name}", 200),
             }
-            samples = measure(paths, calls, warmup)
+            models = {
+                "direct": list_models(inference_direct, (("x-forwarded-client-cert", xfcc),)),
+                "sidecar": list_models(inference_sidecar, ()),
+                "gateway": list_models(via_gateway, user),
+                "gateway-rest": rest_call(rest, "/v1/models", 501),
+            }
+            everything = {f"GetStudy {k}": v for k, v in studies.items()}
+            everything |= {f"ListModels {k}": v for k, v in models.items()}
+            samples = measure(everything, calls, warmup)
     finally:
         platform.stop()
-    table = summarize(samples)
-    return {
-        "machine": info,
-        "calls": calls,
-        "warmup": warmup,
-        "paths": table,
-        "added_per_hop": hops(table),
-    }
+    measured = {}
+    for call in ("GetStudy", "ListModels"):
+        table = summarize({k.split()[1]: v for k, v in samples.items() if k.startswith(f"{call} ")})
+        measured[call] = {"paths": table, "added_per_hop": hops(table)}
+    return {"machine": info, "calls": calls, "warmup": warmup, "calls_measured": measured}
 
 
 def main() -> None:
