@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import ensure_pki, mint_token
@@ -106,8 +107,18 @@ def _status(args: argparse.Namespace, state: Path) -> int:
     return 0 if status else 3
 
 
-def _print_status(status: dict[str, object]) -> None:
-    print(json.dumps(status, indent=2))
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"medimg (pid {status['pid']}), state in {status['state_dir']}")
+    print(f"  gateway (REST)   {status['gateway']['url']}")
+    for name, service in status["services"].items():
+        print(
+            f"  {name:<10} sidecar {service['sidecar']}  service {service['service']}  "
+            f"metrics {service['metrics']}"
+        )
+    print(f"  database         {status['database_url']}")
+    print(f"  redis            {status['redis_url']}")
+    print(f"  dev CA           {status['ca']}")
+    print(f"  ops cert / key   {status['ops_cert']}  {status['ops_key']}")
 
 
 def _token(args: argparse.Namespace, state: Path) -> int:
