@@ -68,10 +68,13 @@ def reason(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
 class Audit(audit_grpc.AuditServiceServicer):
     def __init__(self) -> None:
         self.events: list[audit_pb.AuditEvent] = []
+        self.down = False
 
     async def AppendEvents(
         self, request: audit_pb.AppendEventsRequest, context: Context
     ) -> audit_pb.AppendEventsResponse:
+        if self.down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit is down")
         start = len(self.events)
         self.events.extend(request.events)
         return audit_pb.AppendEventsResponse(
@@ -260,3 +263,25 @@ async def test_a_well_formed_token_is_taken(ingest: Ingest, position: dict[str, 
         pb.ListStudiesRequest(page_token=encode_token(position)), metadata=CLINICIAN, timeout=5
     )
     assert list(page.studies) == []
+
+
+async def test_an_upload_fails_closed_when_audit_is_down(ingest: Ingest) -> None:
+    """No instance becomes visible without its audit record."""
+    ingest.audit.down = True
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.UploadInstances(
+            upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason(caught.value)[0] == "AUDIT_UNAVAILABLE"
+    ingest.audit.down = False
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await ingest.stub.GetStudy(
+            pb.GetStudyRequest(name=f"studies/{CT_STUDY}"), metadata=CLINICIAN, timeout=10
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    retried = await ingest.stub.UploadInstances(
+        upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
+    )
+    assert retried.results[0].outcome == pb.InstanceResult.OUTCOME_STORED
+    assert [e.action for e in ingest.audit.events].count(audit_pb.ACTION_CREATE) == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -61,8 +61,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             self._settings.max_instance_bytes,
             max_total_bytes=self._settings.max_upload_bytes,
         )
-        outcomes = await self._uploads.store(files)
-        await self._audit.report([Access(Action.ACTION_CREATE, o.instance) for o in outcomes])
+
+        async def record(instances: Sequence[str]) -> None:
+            await self._audit.report([Access(Action.ACTION_CREATE, i) for i in instances])
+
+        outcomes = await self._uploads.store(files, before_index=record)
         return pb.UploadInstancesResponse(
             results=[
                 pb.InstanceResult(

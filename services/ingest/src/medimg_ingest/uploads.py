@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -89,7 +89,18 @@ class Uploads:
         self._events = events
         self._executor = executor
 
-    async def store(self, files: Sequence[bytes]) -> list[Outcome]:
+    async def store(
+        self,
+        files: Sequence[bytes],
+        *,
+        before_index: Callable[[Sequence[str]], Awaitable[object]] | None = None,
+    ) -> list[Outcome]:
+        """Validates, stores and indexes the files; all or nothing.
+
+        `before_index` gets the instance names once the objects are durable and before the
+        index makes them visible: ingest records the access in the audit log there, so an
+        instance is never served without its audit record (if audit fails, nothing is indexed).
+        """
         loop = asyncio.get_running_loop()
         headers = await asyncio.gather(
             *(
@@ -103,6 +114,8 @@ class Uploads:
                 for header, data in zip(headers, files, strict=True)
             )
         )
+        if before_index is not None:
+            await before_index([instance_name(h) for h in headers])
         created = await index.add_instances(self._pool, stored)
         outcomes = [Outcome(instance_name(h), new) for h, new in zip(headers, created, strict=True)]
         await self._announce([o.instance for o in outcomes if o.created])
