@@ -235,3 +235,26 @@ async def test_server_listens_on_loopback_only(start_server: StartServer) -> Non
             pass  # refused: nothing listens there
         else:
             pytest.fail("the server accepts connections beyond 127.0.0.1")
+
+
+async def test_the_server_listens_not_serving_while_the_service_builds() -> None:
+    """What `serve` does: listen first (health NOT_SERVING), build, add, then SERVING."""
+    server = Server(ServiceSettings(port=0, grace_seconds=1.0))
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert answer.status == NOT_SERVING
+        stub = pb_grpc.AuditServiceStub(channel)
+        request = pb.ListAuditEventsRequest(page_size=3)
+        with pytest.raises(grpc.aio.AioRpcError) as early:
+            await stub.ListAuditEvents(request, metadata=WORKLOAD, timeout=5)
+        assert early.value.code() == grpc.StatusCode.UNIMPLEMENTED  # not added yet
+
+        server.add(definition(Slow()))
+        await server.ready()
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        assert answer.status == SERVING
+        page = await stub.ListAuditEvents(request, metadata=WORKLOAD, timeout=5)
+        assert page.next_page_token == "xxx"
+    await server.grpc.stop(None)

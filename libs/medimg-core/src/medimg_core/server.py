@@ -14,14 +14,17 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from medimg_core import telemetry
+from medimg_core.identity import Role
 from medimg_core.interceptors import CallInterceptor, RolePolicy
 from medimg_core.settings import ServiceSettings
 
@@ -45,21 +48,51 @@ class ServiceDefinition:
 Builder = Callable[[AsyncExitStack], Awaitable[ServiceDefinition]]
 
 
+class _LateHandlers(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not generic at runtime
+    """The service's handlers: registered before the server starts, filled in once built.
+
+    grpc looks generic handlers up per call, so the server can listen, with health saying
+    NOT_SERVING, while the service still connects to its database and migrates.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: list[grpc.GenericRpcHandler[Any, Any]] = []
+
+    # The two methods the generated add_*Servicer_to_server functions call.
+    def add_generic_rpc_handlers(
+        self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        self._handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: object) -> None:
+        pass  # a lookup shortcut of grpc's own server; the generic handlers suffice
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        for handler in self._handlers:
+            found = handler.service(details)
+            if found is not None:
+                return found
+        return None
+
+
 class Server:
     """One grpc.aio server for one service, bound to 127.0.0.1 only."""
 
-    def __init__(self, settings: ServiceSettings, definition: ServiceDefinition) -> None:
+    def __init__(self, settings: ServiceSettings, definition: ServiceDefinition | None = None):
         self.settings = settings
-        self.definition = definition
+        self.names: list[str] = []
+        self._policy: dict[str, frozenset[Role]] = {}
+        self._late = _LateHandlers()
         limit = settings.max_message_bytes
         self.grpc = grpc.aio.server(
+            handlers=[self._late],
             interceptors=[
                 # Not on health: its Watch streams with context.write(), which the tracing
                 # wrapper (an `async for` over the handler) would break.
                 aio_server_interceptor(  # type: ignore[no-untyped-call]
                     filter_=filters.negate(filters.health_check())
                 ),
-                CallInterceptor(gateway=settings.gateway, policy=definition.policy),
+                CallInterceptor(gateway=settings.gateway, policy=self._policy),
             ],
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -68,16 +101,22 @@ class Server:
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        definition.add_to_server(self.grpc)
-        reflection.enable_server_reflection(
-            [
-                *definition.names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self.grpc,
-        )
         self.port = 0
+        if definition is not None:
+            self.add(definition)
+
+    def add(self, definition: ServiceDefinition) -> None:
+        """Adds the service's servicers and reflection, also once the server is listening."""
+        assert not self.names, "one service definition per server"
+        target = cast(grpc.aio.Server, self._late)  # it has what add_*_to_server calls
+        definition.add_to_server(target)
+        self.names = list(definition.names)
+        self._policy.update(definition.policy)
+        health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer([*self.names, health, reflection.SERVICE_NAME]),
+            target,
+        )
 
     async def start(self) -> int:
         """Listens and answers health with NOT_SERVING; returns the bound port."""
@@ -96,7 +135,7 @@ class Server:
         await self.grpc.stop(self.settings.grace_seconds)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for name in ("", *self.definition.names):
+        for name in ("", *self.names):
             await self.health.set(name, status)
 
 
@@ -110,8 +149,9 @@ async def serve(name: str, settings: ServiceSettings, build: Builder) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as resources:
-        server = Server(settings, await build(resources))
-        port = await server.start()
+        server = Server(settings)
+        port = await server.start()  # health answers NOT_SERVING while the service builds
+        server.add(await build(resources))
         await server.ready()
         log.info("serving", extra={"fields": {"port": port}})
         await stop.wait()
