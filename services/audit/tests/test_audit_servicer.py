@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medimg_audit.app import build
 from medimg_audit.settings import AuditSettings
+from medimg_cli.pki import create_signing_key
 from medimg_core.identity import USER_HEADER, XFCC_HEADER
 from medimg_core.pagination import encode_token
 from medimg_core.server import Server
@@ -59,8 +61,11 @@ def reason(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
 
 
 @pytest.fixture
-async def stub(database_url: str) -> AsyncIterator[pb_grpc.AuditServiceAsyncStub]:
-    settings = AuditSettings(port=0, database_url=database_url, grace_seconds=1)
+async def stub(database_url: str, tmp_path: Path) -> AsyncIterator[pb_grpc.AuditServiceAsyncStub]:
+    create_signing_key(tmp_path / "key.pem", tmp_path / "pub.pem")
+    settings = AuditSettings(
+        port=0, database_url=database_url, grace_seconds=1, signing_key_file=tmp_path / "key.pem"
+    )
     async with AsyncExitStack() as resources:
         server = Server(settings, await build(settings, resources))
         port = await server.start()

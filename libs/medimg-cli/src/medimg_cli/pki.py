@@ -19,7 +19,7 @@ import jwt
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
@@ -75,6 +75,16 @@ class Pki:
     def jwks(self) -> Path:
         return self.root / "jwks.json"
 
+    @property
+    def audit_key(self) -> Path:
+        """The Ed25519 key that signs the audit log's checkpoints."""
+        return self.root / "audit-log-key.pem"
+
+    @property
+    def audit_public_key(self) -> Path:
+        """Its public half: what a verifier of the audit log trusts."""
+        return self.root / "audit-log-pub.pem"
+
 
 def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[str]) -> Pki:
     """Creates whatever of the PKI under root is missing and keeps what is there and valid.
@@ -94,7 +104,22 @@ def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[st
             issue_certificate(pki.ca_cert, pki.ca_key, pki.cert(name), pki.key(name), spiffe, name)
     if not (pki.jwt_key.exists() and pki.jwks.exists()):
         _create_jwt_key(pki.jwt_key, pki.jwks)
+    if not (pki.audit_key.exists() and pki.audit_public_key.exists()):
+        create_signing_key(pki.audit_key, pki.audit_public_key)
     return pki
+
+
+def create_signing_key(key_path: Path, public_path: Path) -> None:
+    """Writes a new Ed25519 key pair (PKCS#8 and SubjectPublicKeyInfo PEM)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_atomically(key_path, pem, 0o600)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    _write_public(public_path, public)
 
 
 def create_ca(cert_path: Path, key_path: Path, common_name: str) -> None:

@@ -244,6 +244,9 @@ class Platform:
             settings["REDIS_URL"] = self.server_redis_url
         if service == "ingest":
             settings["OBJECT_DIR"] = str(self.state / "objects")
+        if service == "audit":
+            assert self.pki is not None
+            settings["SIGNING_KEY_FILE"] = str(self.pki.audit_key)
         settings.update(overrides)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIMG_")}
         env["PYTHONUNBUFFERED"] = "1"
@@ -360,6 +363,7 @@ class Platform:
             "ops_cert": str(self.pki.cert("ops")),
             "ops_key": str(self.pki.key("ops")),
             "jwks": str(self.pki.jwks),
+            "audit_public_key": str(self.pki.audit_public_key),
         }
 
     def _write_status(self) -> None:

@@ -21,8 +21,14 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x6D6564696D67  # "medimg": one lock for migrations, per database
 
 
-async def connect(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+async def connect(
+    url: str, *, min_size: int = 1, max_size: int = 10, role: str | None = None
+) -> asyncpg.Pool:
+    """A pool; with `role`, every connection works as that role (SET ROLE at connect)."""
+    settings = {"role": role} if role else None
+    pool = await asyncpg.create_pool(
+        url, min_size=min_size, max_size=max_size, server_settings=settings
+    )
     assert pool is not None
     return pool
 

@@ -1,9 +1,12 @@
-"""Assembles the audit service from its settings: database, migrations, servicer."""
+"""Assembles the audit service from its settings: database, migrations, signer, servicer."""
 
+import asyncio
+import contextlib
 from contextlib import AsyncExitStack
 from importlib.resources import files
 
 from medimg.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
+from medimg_audit import checkpoints
 from medimg_audit.servicer import POLICY, AuditServicer
 from medimg_audit.settings import AuditSettings
 from medimg_core import db
@@ -11,10 +14,26 @@ from medimg_core.server import ServiceDefinition
 
 
 async def build(settings: AuditSettings, resources: AsyncExitStack) -> ServiceDefinition:
-    pool = await db.connect(settings.database_url)
+    signer = checkpoints.Signer.from_file(settings.signing_key_file, settings.origin)
+    owner = await db.connect(settings.database_url, max_size=1)
+    try:
+        await db.migrate(owner, files("medimg_audit.migrations"))
+    finally:
+        await owner.close()
+    # From here on the service works as a role that can only append and read.
+    pool = await db.connect(settings.database_url, role=settings.database_role)
     resources.push_async_callback(pool.close)
-    await db.migrate(pool, files("medimg_audit.migrations"))
-    servicer = AuditServicer(pool)
+    signing = asyncio.create_task(
+        checkpoints.sign_periodically(pool, signer, settings.checkpoint_interval_seconds)
+    )
+
+    async def stop_signing() -> None:
+        signing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await signing
+
+    resources.push_async_callback(stop_signing)
+    servicer = AuditServicer(pool, signer)
     return ServiceDefinition(
         names=[audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name],
         add_to_server=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(

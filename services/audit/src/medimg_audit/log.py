@@ -1,28 +1,66 @@
-"""The audit log: validating, appending and reading events in PostgreSQL.
+"""The audit log in PostgreSQL: validating and appending events, their Merkle tree, reading.
 
-Appends are serialised by a transaction-scoped advisory lock so log indexes are
-dense and in commit order; an event id already in the log keeps the index it has.
+Appends are serialised by a transaction-scoped advisory lock, so log indexes are dense
+and in commit order and the tree grows one batch at a time. Each appended event gets
+its canonical bytes and leaf hash, and the batch adds every perfect subtree it completes
+(`merkle.parents_of_new_leaves`), so any root or proof later needs O(log n) rows. An
+event id already in the log keeps the index it has and appends nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
-from collections.abc import Sequence
-from datetime import UTC
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
 
 from medimg.audit.v1 import audit_service_pb2 as pb
+from medimg_audit import merkle
 from medimg_core import timestamps
 from medimg_core.errors import InvalidArgument
 
 MAX_BATCH = 1000
+#: Longest text field of an event, and most roles: events name things, they carry no data.
+MAX_FIELD_CHARS = 1024
+MAX_ROLES = 32
+EMPTY_ROOT = hashlib.sha256(b"").digest()  # RFC 9162: the hash of an empty tree
 _APPEND_LOCK = 0x61756469740A  # "audit": one writer at a time appends
 
 _COLUMNS = (
     "log_index, event_id, event_time, record_time, actor_workload, actor_user, actor_roles, "
-    "action, outcome, resource, patient_pseudonym, service, method, trace_id, break_glass_reason"
+    "action, outcome, resource, patient_pseudonym, service, method, trace_id, "
+    "break_glass_reason, canonical, leaf_hash"
 )
+_EVENT_COLUMNS = [
+    "log_index", "event_id", "event_time", "record_time", "reporter", "actor_workload",
+    "actor_user", "actor_roles", "action", "outcome", "resource", "patient_pseudonym",
+    "service", "method", "trace_id", "break_glass_reason", "canonical", "leaf_hash",
+]  # fmt: skip
+_TEXT_FIELDS = (
+    "resource", "patient_pseudonym", "service", "method", "trace_id", "break_glass_reason",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which events a listing or an export wants; empty fields match everything."""
+
+    actor_workload: str = ""
+    actor_user: str = ""
+    patient_pseudonym: str = ""
+    resource: str = ""
+    action: int = 0
+    outcome: int = 0
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+#: The filters that match every event.
+ALL = Filters()
 
 
 def validate(events: Sequence[pb.AuditEvent], reporter: str) -> None:
@@ -52,11 +90,45 @@ def _problem(event: pb.AuditEvent, reporter: str) -> tuple[str, str] | None:
     if event.outcome == pb.OUTCOME_UNSPECIFIED or event.outcome not in pb.Outcome.values():
         return "INVALID_OUTCOME", "outcome must be set to a known value"
     if event.service != reporter:
-        return (
-            "SERVICE_MISMATCH",
-            f"a workload may only report its own events (service={reporter!r})",
-        )
+        return "SERVICE_MISMATCH", f"a workload may only report its own events ({reporter!r})"
+    texts = [getattr(event, name) for name in _TEXT_FIELDS]
+    texts += [event.actor.workload, event.actor.user, *event.actor.roles]
+    if len(event.actor.roles) > MAX_ROLES or any(len(t) > MAX_FIELD_CHARS for t in texts):
+        return "EVENT_TOO_LARGE", f"fields are limited to {MAX_FIELD_CHARS} characters"
     return None
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical(
+    event: pb.AuditEvent, *, log_index: int, event_time: datetime, record: datetime
+) -> bytes:
+    """The bytes the event's leaf hash covers: UTF-8 JSON, sorted keys, no spaces.
+
+    Times are RFC 3339 in UTC with microseconds, as PostgreSQL keeps them; enums by name.
+    """
+    document = {
+        "action": pb.Action.Name(event.action),
+        "actor": {
+            "roles": sorted(event.actor.roles),
+            "user": event.actor.user,
+            "workload": event.actor.workload,
+        },
+        "break_glass_reason": event.break_glass_reason,
+        "event_id": str(uuid.UUID(event.event_id)),
+        "event_time": _rfc3339(event_time),
+        "log_index": log_index,
+        "method": event.method,
+        "outcome": pb.Outcome.Name(event.outcome),
+        "patient_pseudonym": event.patient_pseudonym,
+        "record_time": _rfc3339(record),
+        "resource": event.resource,
+        "service": event.service,
+        "trace_id": event.trace_id,
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: str) -> list[int]:
@@ -68,61 +140,161 @@ async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: 
         known = {
             row["event_id"]: row["log_index"]
             for row in await conn.fetch(
-                "SELECT event_id, log_index FROM audit_events WHERE event_id = ANY($1::uuid[])", ids
+                "SELECT event_id, log_index FROM audit_events WHERE event_id = ANY($1::uuid[])",
+                ids,
             )
         }
-        next_index = await conn.fetchval("SELECT coalesce(max(log_index) + 1, 0) FROM audit_events")
-        indexes, rows = [], []
+        size = await _size(conn)
+        record = datetime.now(UTC)
+        rows: list[tuple[object, ...]] = []
+        leaves: list[bytes] = []
+        indexes = []
         for event_id, event in zip(ids, events, strict=True):
             if event_id not in known:
-                known[event_id] = next_index
-                rows.append(_row(next_index, event_id, event, reporter))
-                next_index += 1
+                index = known[event_id] = size + len(rows)
+                event_time = event.event_time.ToDatetime(tzinfo=UTC)
+                data = canonical(event, log_index=index, event_time=event_time, record=record)
+                leaves.append(merkle.leaf_hash(data))
+                rows.append(
+                    (
+                        index,
+                        event_id,
+                        event_time,
+                        record,
+                        reporter,
+                        event.actor.workload,
+                        event.actor.user,
+                        sorted(event.actor.roles),
+                        event.action,
+                        event.outcome,
+                        event.resource,
+                        event.patient_pseudonym,
+                        event.service,
+                        event.method,
+                        event.trace_id,
+                        event.break_glass_reason,
+                        data,
+                        leaves[-1],
+                    )
+                )
             indexes.append(known[event_id])
-        await conn.executemany(
-            "INSERT INTO audit_events (log_index, event_id, event_time, reporter, actor_workload, "
-            "actor_user, actor_roles, action, outcome, resource, patient_pseudonym, service, "
-            "method, trace_id, break_glass_reason) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            rows,
-        )
+        if rows:
+            frontier = await nodes(conn, merkle.range_nodes(0, size))
+            grown = merkle.parents_of_new_leaves(size, leaves, frontier)
+            await conn.copy_records_to_table("audit_events", records=rows, columns=_EVENT_COLUMNS)
+            await conn.copy_records_to_table(
+                "tree_nodes",
+                records=[(level, idx, value) for (level, idx), value in grown.items()],
+                columns=["level", "idx", "hash"],
+            )
     return indexes
 
 
-def _row(
-    index: int, event_id: uuid.UUID, event: pb.AuditEvent, reporter: str
-) -> tuple[object, ...]:
-    return (
-        index,
-        event_id,
-        event.event_time.ToDatetime(tzinfo=UTC),
-        reporter,
-        event.actor.workload,
-        event.actor.user,
-        list(event.actor.roles),
-        event.action,
-        event.outcome,
-        event.resource,
-        event.patient_pseudonym,
-        event.service,
-        event.method,
-        event.trace_id,
-        event.break_glass_reason,
+async def _size(conn: asyncpg.Connection) -> int:
+    size: int = await conn.fetchval("SELECT coalesce(max(log_index) + 1, 0) FROM audit_events")
+    return size
+
+
+async def tree_size(pool: asyncpg.Pool) -> int:
+    async with pool.acquire() as conn:
+        return await _size(conn)
+
+
+async def nodes(
+    conn: asyncpg.Connection | asyncpg.Pool, wanted: Iterable[merkle.Node]
+) -> dict[merkle.Node, bytes]:
+    """The stored perfect-subtree hashes of `wanted`, in one query."""
+    wanted = list(wanted)
+    rows = await conn.fetch(
+        "SELECT n.level, n.idx, n.hash FROM tree_nodes n "
+        "JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx) USING (level, idx)",
+        [level for level, _ in wanted],
+        [idx for _, idx in wanted],
     )
+    return {(row["level"], row["idx"]): bytes(row["hash"]) for row in rows}
+
+
+async def _hashes(pool: asyncpg.Pool, ranges: Sequence[merkle.Range]) -> list[bytes]:
+    return merkle.fold(ranges, await nodes(pool, merkle.needed(ranges)))
+
+
+async def root(pool: asyncpg.Pool, size: int) -> bytes:
+    """The Merkle tree hash of the first `size` events."""
+    return EMPTY_ROOT if size == 0 else (await _hashes(pool, [(0, size)]))[0]
+
+
+async def inclusion_proof(pool: asyncpg.Pool, index: int, size: int) -> list[bytes]:
+    await _check_size(pool, size)
+    if not 0 <= index < size:
+        raise InvalidArgument(
+            "LEAF_NOT_IN_TREE", f"event {index} is not in the tree of size {size}", size=size
+        )
+    return await _hashes(pool, merkle.inclusion_ranges(index, size))
+
+
+async def consistency_proof(pool: asyncpg.Pool, first: int, second: int) -> list[bytes]:
+    await _check_size(pool, second)
+    if not 0 < first <= second:
+        raise InvalidArgument(
+            "INVALID_TREE_SIZES", "consistency needs 0 < first_size <= second_size"
+        )
+    return await _hashes(pool, merkle.consistency_ranges(first, second))
+
+
+async def _check_size(pool: asyncpg.Pool, size: int) -> None:
+    current = await tree_size(pool)
+    if not 0 < size <= current:
+        raise InvalidArgument(
+            "INVALID_TREE_SIZE", f"tree_size must be between 1 and {current}", size=size
+        )
 
 
 async def list_events(
-    pool: asyncpg.Pool, *, after: int | None, limit: int
+    pool: asyncpg.Pool, filters: Filters = ALL, *, after: int | None, limit: int
 ) -> tuple[list[pb.AuditEvent], int | None]:
-    """A page of events in log order after `after`; and the last index if more follow."""
+    """A page of matching events in log order after `after`; and the last index if more follow."""
+    where, args = _where(filters)
+    args += [-1 if after is None else after, limit + 1]
     rows = await pool.fetch(
-        f"SELECT {_COLUMNS} FROM audit_events WHERE log_index > $1 ORDER BY log_index LIMIT $2",
-        -1 if after is None else after,
-        limit + 1,
+        f"SELECT {_COLUMNS} FROM audit_events WHERE {where} AND log_index > ${len(args) - 1} "
+        f"ORDER BY log_index LIMIT ${len(args)}",
+        *args,
     )
     events = [_event(row) for row in rows[:limit]]
     more = len(rows) > limit
     return events, (events[-1].log_index if more else None)
+
+
+def _where(filters: Filters) -> tuple[str, list[object]]:
+    clauses: list[str] = ["true"]
+    args: list[object] = []
+    for column in ("actor_workload", "actor_user", "patient_pseudonym"):
+        value = getattr(filters, column)
+        if value:
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+    if filters.resource:
+        # The resource itself, or anything under it: `studies/1` matches `studies/1/series/2`.
+        base = filters.resource.rstrip("/")
+        args += [base, _like_prefix(base + "/")]
+        clauses.append(f"(resource = ${len(args) - 1} OR resource LIKE ${len(args)})")
+    for column in ("action", "outcome"):
+        value = getattr(filters, column)
+        if value:
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+    if filters.start_time is not None:
+        args.append(filters.start_time)
+        clauses.append(f"event_time >= ${len(args)}")
+    if filters.end_time is not None:
+        args.append(filters.end_time)
+        clauses.append(f"event_time < ${len(args)}")
+    return " AND ".join(clauses), args
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
 
 
 def _event(row: asyncpg.Record) -> pb.AuditEvent:
@@ -143,4 +315,6 @@ def _event(row: asyncpg.Record) -> pb.AuditEvent:
         trace_id=row["trace_id"],
         break_glass_reason=row["break_glass_reason"],
         log_index=row["log_index"],
+        canonical=bytes(row["canonical"]),
+        leaf_hash=bytes(row["leaf_hash"]),
     )
