@@ -142,7 +142,7 @@ async def test_checkpoints_are_signed_kept_and_made_only_when_the_log_grew(
 
 
 async def test_the_service_role_cannot_update_or_delete(pool: asyncpg.Pool) -> None:
-    await log.append(pool, [event()], "ingest")
+    await log.append(pool, [event(), event(1)], "ingest")
     for table in ("audit_events", "tree_nodes", "checkpoints"):
         for statement in (f"UPDATE {table} SET {_column(table)}", f"DELETE FROM {table}"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
@@ -152,7 +152,7 @@ async def test_the_service_role_cannot_update_or_delete(pool: asyncpg.Pool) -> N
 def _column(table: str) -> str:
     return {
         "audit_events": "resource = 'x'",
-        "tree_nodes": "level = 1",
+        "tree_nodes": "level = 2",
         "checkpoints": "key_id = 'x'",
     }[table]
 
@@ -160,7 +160,7 @@ def _column(table: str) -> str:
 async def test_the_owner_cannot_update_or_delete_either(
     database_url: str, pool: asyncpg.Pool
 ) -> None:
-    await log.append(pool, [event()], "ingest")
+    await log.append(pool, [event(), event(1)], "ingest")  # two leaves: one stored node
     owner = await asyncpg.connect(database_url)
     try:
         for table in ("audit_events", "tree_nodes"):

@@ -40,9 +40,6 @@ _EVENT_COLUMNS = [
     "actor_user", "actor_roles", "action", "outcome", "resource", "patient_pseudonym",
     "service", "method", "trace_id", "break_glass_reason", "canonical", "leaf_hash",
 ]  # fmt: skip
-_TEXT_FIELDS = (
-    "resource", "patient_pseudonym", "service", "method", "trace_id", "break_glass_reason",
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,78 +60,89 @@ class Filters:
 ALL = Filters()
 
 
-def validate(events: Sequence[pb.AuditEvent], reporter: str) -> None:
-    """Refuses a batch with any bad event, naming the first one (nothing is appended)."""
+_ACTIONS = frozenset(pb.Action.values()) - {pb.ACTION_UNSPECIFIED}
+_OUTCOMES = frozenset(pb.Outcome.values()) - {pb.OUTCOME_UNSPECIFIED}
+_ACTION_NAMES = {value: pb.Action.Name(value) for value in _ACTIONS}
+_OUTCOME_NAMES = {value: pb.Outcome.Name(value) for value in _OUTCOMES}
+_string = json.encoder.encode_basestring  # the C escaper, as json.dumps(ensure_ascii=False)
+
+
+def validate(events: Sequence[pb.AuditEvent], reporter: str) -> list[uuid.UUID]:
+    """Refuses a batch with any bad event, naming the first one (nothing is appended).
+
+    Returns the parsed event ids."""
     if not events:
         raise InvalidArgument("EMPTY_BATCH", "AppendEvents needs at least one event")
     if len(events) > MAX_BATCH:
         raise InvalidArgument("BATCH_TOO_LARGE", f"at most {MAX_BATCH} events per call")
+    ids = []
     for index, event in enumerate(events):
+        try:
+            ids.append(uuid.UUID(event.event_id))
+        except ValueError:
+            raise InvalidArgument(
+                "INVALID_EVENT_ID", f"events[{index}]: event_id must be a UUID", index=index
+            ) from None
         problem = _problem(event, reporter)
         if problem:
             reason, message = problem
             raise InvalidArgument(reason, f"events[{index}]: {message}", index=index)
+    return ids
 
 
 def _problem(event: pb.AuditEvent, reporter: str) -> tuple[str, str] | None:
-    try:
-        uuid.UUID(event.event_id)
-    except ValueError:
-        return "INVALID_EVENT_ID", "event_id must be a UUID"
     if not event.HasField("event_time"):
         return "MISSING_EVENT_TIME", "event_time is required"
     if not event.actor.workload:
         return "MISSING_ACTOR", "actor.workload is required"
-    if event.action == pb.ACTION_UNSPECIFIED or event.action not in pb.Action.values():
+    if event.action not in _ACTIONS:
         return "INVALID_ACTION", "action must be set to a known value"
-    if event.outcome == pb.OUTCOME_UNSPECIFIED or event.outcome not in pb.Outcome.values():
+    if event.outcome not in _OUTCOMES:
         return "INVALID_OUTCOME", "outcome must be set to a known value"
     if event.service != reporter:
         return "SERVICE_MISMATCH", f"a workload may only report its own events ({reporter!r})"
-    texts = [getattr(event, name) for name in _TEXT_FIELDS]
-    texts += [event.actor.workload, event.actor.user, *event.actor.roles]
-    if len(event.actor.roles) > MAX_ROLES or any(len(t) > MAX_FIELD_CHARS for t in texts):
+    actor = event.actor
+    longest = max(
+        len(event.resource), len(event.patient_pseudonym), len(event.service), len(event.method),
+        len(event.trace_id), len(event.break_glass_reason), len(actor.workload), len(actor.user),
+        *map(len, actor.roles),
+    )  # fmt: skip
+    if longest > MAX_FIELD_CHARS or len(actor.roles) > MAX_ROLES:
         return "EVENT_TOO_LARGE", f"fields are limited to {MAX_FIELD_CHARS} characters"
     return None
 
 
 def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def canonical(
-    event: pb.AuditEvent, *, log_index: int, event_time: datetime, record: datetime
+    event: pb.AuditEvent, *, log_index: int, event_id: uuid.UUID, event_time: str, record_time: str
 ) -> bytes:
-    """The bytes the event's leaf hash covers: UTF-8 JSON, sorted keys, no spaces.
+    """The bytes the event's leaf hash covers: UTF-8 JSON, keys sorted, no spaces.
 
-    Times are RFC 3339 in UTC with microseconds, as PostgreSQL keeps them; enums by name.
+    Times are RFC 3339 in UTC with microseconds (`_rfc3339`), as PostgreSQL keeps them;
+    enums by name. Written out by hand in key order because it runs once per appended
+    event; a test checks it against json.dumps(sort_keys=True).
     """
-    document = {
-        "action": pb.Action.Name(event.action),
-        "actor": {
-            "roles": sorted(event.actor.roles),
-            "user": event.actor.user,
-            "workload": event.actor.workload,
-        },
-        "break_glass_reason": event.break_glass_reason,
-        "event_id": str(uuid.UUID(event.event_id)),
-        "event_time": _rfc3339(event_time),
-        "log_index": log_index,
-        "method": event.method,
-        "outcome": pb.Outcome.Name(event.outcome),
-        "patient_pseudonym": event.patient_pseudonym,
-        "record_time": _rfc3339(record),
-        "resource": event.resource,
-        "service": event.service,
-        "trace_id": event.trace_id,
-    }
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    actor = event.actor
+    roles = ",".join(_string(role) for role in sorted(actor.roles))
+    return (
+        f'{{"action":"{_ACTION_NAMES[event.action]}",'
+        f'"actor":{{"roles":[{roles}],"user":{_string(actor.user)},'
+        f'"workload":{_string(actor.workload)}}},'
+        f'"break_glass_reason":{_string(event.break_glass_reason)},'
+        f'"event_id":"{event_id}","event_time":"{event_time}","log_index":{log_index},'
+        f'"method":{_string(event.method)},"outcome":"{_OUTCOME_NAMES[event.outcome]}",'
+        f'"patient_pseudonym":{_string(event.patient_pseudonym)},'
+        f'"record_time":"{record_time}","resource":{_string(event.resource)},'
+        f'"service":{_string(event.service)},"trace_id":{_string(event.trace_id)}}}'
+    ).encode()
 
 
 async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: str) -> list[int]:
     """Appends the events in order; returns each one's log index."""
-    validate(events, reporter)
-    ids = [uuid.UUID(e.event_id) for e in events]
+    ids = validate(events, reporter)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _APPEND_LOCK)
         known = {
@@ -146,6 +154,7 @@ async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: 
         }
         size = await _size(conn)
         record = datetime.now(UTC)
+        record_time = _rfc3339(record)
         rows: list[tuple[object, ...]] = []
         leaves: list[bytes] = []
         indexes = []
@@ -153,7 +162,13 @@ async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: 
             if event_id not in known:
                 index = known[event_id] = size + len(rows)
                 event_time = event.event_time.ToDatetime(tzinfo=UTC)
-                data = canonical(event, log_index=index, event_time=event_time, record=record)
+                data = canonical(
+                    event,
+                    log_index=index,
+                    event_id=event_id,
+                    event_time=_rfc3339(event_time),
+                    record_time=record_time,
+                )
                 leaves.append(merkle.leaf_hash(data))
                 rows.append(
                     (
@@ -184,7 +199,7 @@ async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: 
             await conn.copy_records_to_table("audit_events", records=rows, columns=_EVENT_COLUMNS)
             await conn.copy_records_to_table(
                 "tree_nodes",
-                records=[(level, idx, value) for (level, idx), value in grown.items()],
+                records=[(level, idx, h) for (level, idx), h in grown.items() if level > 0],
                 columns=["level", "idx", "hash"],
             )
     return indexes
@@ -203,13 +218,23 @@ async def tree_size(pool: asyncpg.Pool) -> int:
 async def nodes(
     conn: asyncpg.Connection | asyncpg.Pool, wanted: Iterable[merkle.Node]
 ) -> dict[merkle.Node, bytes]:
-    """The stored perfect-subtree hashes of `wanted`, in one query."""
-    wanted = list(wanted)
+    """The stored perfect-subtree hashes of `wanted`, in one query.
+
+    Level 0 (the leaves) is read from the events themselves, higher levels from tree_nodes.
+    """
+    leaves: list[merkle.Node] = []
+    higher: list[merkle.Node] = []
+    for level, idx in wanted:
+        (leaves if level == 0 else higher).append((level, idx))
     rows = await conn.fetch(
+        "SELECT 0::smallint AS level, log_index AS idx, leaf_hash AS hash FROM audit_events "
+        "WHERE log_index = ANY($1::bigint[]) "
+        "UNION ALL "
         "SELECT n.level, n.idx, n.hash FROM tree_nodes n "
-        "JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx) USING (level, idx)",
-        [level for level, _ in wanted],
-        [idx for _, idx in wanted],
+        "JOIN unnest($2::smallint[], $3::bigint[]) AS w(level, idx) USING (level, idx)",
+        [idx for _, idx in leaves],
+        [level for level, _ in higher],
+        [idx for _, idx in higher],
     )
     return {(row["level"], row["idx"]): bytes(row["hash"]) for row in rows}
 

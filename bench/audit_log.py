@@ -1,0 +1,191 @@
+"""Audit log: append throughput against a plain INSERT, and proof latency at a million events.
+
+One run on one embedded PostgreSQL (durable commits: synchronous_commit on, fsync on):
+
+1. Append throughput. The same batches of events go, interleaved batch by batch, to
+   `medimg_audit.log.append` (validation, idempotency check, canonical bytes, leaf
+   hashes, new Merkle nodes, under the append lock) and to a plain batched INSERT of
+   the same columns into a table without tree, triggers or checks: the baseline.
+   Goal: at least 0.5 of the baseline, and at least 5,000 events/s.
+2. Inclusion-proof latency with the log at `--events` events (default 1,000,000):
+   `log.inclusion_proof` for random leaves against the full size (one query for the
+   O(log n) stored nodes, then the fold). Goal: p99 under 5 ms.
+
+Run from the repository root:
+
+    .venv/bin/python bench/audit_log.py [--events 1000000] [--batch 1000] [--proofs 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import UTC
+from importlib.resources import files
+from pathlib import Path
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+
+from medimg.audit.v1 import audit_service_pb2 as pb
+from medimg_audit import log
+from medimg_cli.platform import EmbeddedPostgres, create_databases, with_database
+from medimg_core import db
+
+WORKLOAD = "spiffe://medimg.local/ns/medimg/sa/ingest"
+
+_BASELINE = """
+CREATE TABLE plain_events (
+    log_index bigint PRIMARY KEY, event_id uuid NOT NULL UNIQUE, event_time timestamptz NOT NULL,
+    actor_workload text NOT NULL, actor_user text NOT NULL, actor_roles text[] NOT NULL,
+    action smallint NOT NULL, outcome smallint NOT NULL, resource text NOT NULL,
+    patient_pseudonym text NOT NULL, service text NOT NULL, method text NOT NULL,
+    trace_id text NOT NULL
+)"""
+
+
+def events(first: int, count: int) -> list[pb.AuditEvent]:
+    now = timestamp_pb2.Timestamp()
+    now.GetCurrentTime()
+    return [
+        pb.AuditEvent(
+            event_id=str(uuid.uuid4()),
+            event_time=now,
+            actor=pb.Actor(workload=WORKLOAD, user=f"user-{n % 50}", roles=["clinician"]),
+            action=pb.ACTION_READ,
+            outcome=pb.OUTCOME_SUCCESS,
+            resource=f"studies/1.2.826.0.1.{n}/series/1.2.826.0.2.{n}",
+            patient_pseudonym=f"p-{n % 997}",
+            service="ingest",
+            method="/medimg.ingest.v1.IngestService/GetStudy",
+            trace_id=f"{n:032x}",
+        )
+        for n in range(first, first + count)
+    ]
+
+
+async def plain_insert(conn: asyncpg.Connection, first: int, batch: list[pb.AuditEvent]) -> None:
+    async with conn.transaction():
+        await conn.executemany(
+            "INSERT INTO plain_events VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+            [
+                (
+                    first + i,
+                    uuid.UUID(e.event_id),
+                    e.event_time.ToDatetime(tzinfo=UTC),
+                    e.actor.workload,
+                    e.actor.user,
+                    list(e.actor.roles),
+                    e.action,
+                    e.outcome,
+                    e.resource,
+                    e.patient_pseudonym,
+                    e.service,
+                    e.method,
+                    e.trace_id,
+                )  # fmt: skip
+                for i, e in enumerate(batch)
+            ],
+        )
+
+
+async def throughput(pool: asyncpg.Pool, events_total: int, batch: int) -> dict[str, float]:
+    """Events/s of log.append and of the plain INSERT, the same batches interleaved."""
+    spent = {"append": 0.0, "plain": 0.0}
+    async with pool.acquire() as conn:
+        await conn.execute(_BASELINE)
+        for first in range(0, events_total, batch):
+            chunk = events(first, min(batch, events_total - first))
+            order = ["append", "plain"] if (first // batch) % 2 == 0 else ["plain", "append"]
+            for kind in order:
+                started = time.perf_counter()
+                if kind == "append":
+                    await log.append(pool, chunk, "ingest")
+                else:
+                    await plain_insert(conn, first, chunk)
+                spent[kind] += time.perf_counter() - started
+    return {kind: events_total / seconds for kind, seconds in spent.items()}
+
+
+async def fill(pool: asyncpg.Pool, target: int, batch: int) -> float:
+    size = await log.tree_size(pool)
+    started = time.perf_counter()
+    while size < target:
+        count = min(batch, target - size)
+        await log.append(pool, events(size, count), "ingest")
+        size += count
+    return time.perf_counter() - started
+
+
+async def proof_latency(pool: asyncpg.Pool, size: int, proofs: int) -> dict[str, float]:
+    rng = random.Random(7)
+    samples = []
+    for _ in range(proofs):
+        index = rng.randrange(size)
+        started = time.perf_counter_ns()
+        proof = await log.inclusion_proof(pool, index, size)
+        samples.append((time.perf_counter_ns() - started) / 1e6)
+        assert proof
+    return {
+        "p50_ms": statistics.median(samples),
+        "p99_ms": statistics.quantiles(samples, n=100, method="inclusive")[98],
+        "max_ms": max(samples),
+    }
+
+
+async def run(args: argparse.Namespace) -> None:
+    state = Path(tempfile.mkdtemp(prefix="medimg-bench-audit-"))
+    server = EmbeddedPostgres(state / "postgres")
+    try:
+        await create_databases(server.url, ["bench_audit"])
+        url = with_database(server.url, "bench_audit")
+        owner = await db.connect(url, max_size=1)
+        await db.migrate(owner, files("medimg_audit.migrations"))
+        await owner.close()
+        pool = await db.connect(url)
+        try:
+            print(f"machine: {os.cpu_count()} cpus; PostgreSQL embedded, durable commits")
+            rates = await throughput(pool, args.throughput_events, args.batch)
+            ratio = rates["append"] / rates["plain"]
+            print(
+                f"\n1. append throughput, {args.throughput_events} events "
+                f"in batches of {args.batch}, interleaved"
+            )
+            print(f"   plain batched INSERT   {rates['plain']:>9.0f} events/s")
+            print(f"   log.append (Merkle)    {rates['append']:>9.0f} events/s")
+            verdict = "PASS" if ratio >= 0.5 and rates["append"] >= 5000 else "FAIL"
+            print(f"   ratio {ratio:.2f} (goal >= 0.5 and >= 5000 events/s): {verdict}")
+
+            seconds = await fill(pool, args.events, args.batch)
+            size = await log.tree_size(pool)
+            print(f"\n2. inclusion proofs at {size} events ({seconds:.0f} s to fill)")
+            latency = await proof_latency(pool, size, args.proofs)
+            verdict = "PASS" if latency["p99_ms"] < 5 else "FAIL"
+            print(
+                f"   {args.proofs} proofs: p50 {latency['p50_ms']:.3f} ms, "
+                f"p99 {latency['p99_ms']:.3f} ms, max {latency['max_ms']:.3f} ms "
+                f"(goal p99 < 5 ms): {verdict}"
+            )
+        finally:
+            await pool.close()
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="log size for the proofs")
+    parser.add_argument("--throughput-events", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--proofs", type=int, default=2000)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
