@@ -211,3 +211,27 @@ async def test_oversize_events_are_refused_and_nothing_is_appended(pool: asyncpg
     assert caught.value.reason == "EVENT_TOO_LARGE"
     assert caught.value.metadata["index"] == "1"
     assert await log.tree_size(pool) == 0
+
+
+@pytest.mark.parametrize(
+    "text", ["plain", 'quote " and \\ backslash', "ünïcødé ✓ 患者", "control \x01\n\t", ""]
+)
+def test_canonical_bytes_are_json_dumps_with_sorted_keys(text: str) -> None:
+    e = event(
+        resource=f"studies/{text}",
+        patient_pseudonym=text,
+        break_glass_reason=text,
+        actor=pb.Actor(workload=INGEST, user=text, roles=["researcher", "admin", text]),
+    )
+    data = log.canonical(
+        e,
+        log_index=7,
+        event_id=uuid.UUID(e.event_id),
+        event_time="2026-11-01T00:00:00.000000Z",
+        record_time="2026-11-02T00:00:00.000001Z",
+    )
+    document = json.loads(data)
+    reference = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert data == reference.encode()
+    assert document["actor"]["roles"] == sorted(["researcher", "admin", text])
+    assert document["patient_pseudonym"] == text
