@@ -17,7 +17,8 @@ out=$(.venv/bin/python libs/medimg-protos/generate.py 2>&1) || { echo "$out"; ex
 quiet "${pip[@]}" install --quiet -c constraints.txt \
   -e libs/medimg-protos -e libs/medimg-core -e libs/medimg-cli \
   -e services/audit -e services/ingest -e services/inference -e services/training \
-  pytest pytest-asyncio ruff mypy grpc-stubs types-protobuf
+  pytest pytest-asyncio ruff mypy grpc-stubs types-protobuf \
+  lxml rnc2rng fhir.resources  # test-only: validate audit exports against DICOM and FHIR
 
 # buf (lint and breaking-change checks of the protos) comes from npm.
 # `npm ci` refuses a lock whose optional per-platform binaries the registry lacks; buf is

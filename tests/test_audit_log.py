@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import httpx
@@ -142,4 +143,42 @@ def test_auditors_filter_the_log(platform: Platform, rest: httpx.Client) -> None
     ).json()["auditEvents"]
     assert by_user and all(e["actor"]["user"] == "ann" for e in by_user)
     bad = rest.get("/v1/auditEvents", params={"action": "ACTION_NOPE"}, headers=auditor)
+    assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content_type"),
+    [
+        ("EXPORT_FORMAT_FHIR_JSON", "application/fhir+json"),
+        ("EXPORT_FORMAT_DICOM_XML", "application/xml"),
+    ],
+)
+def test_auditors_export_a_time_range(
+    platform: Platform, rest: httpx.Client, fmt: str, content_type: str
+) -> None:
+    upload(platform, fresh_instance())
+    now = datetime.now(UTC)
+    params = {
+        "startTime": (now - timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+        "endTime": (now + timedelta(minutes=1)).isoformat().replace("+00:00", "Z"),
+        "format": fmt,
+    }
+    auditor = bearer(platform, "ann", "auditor")
+    answer = rest.get("/v1/auditEvents:export", params=params, headers=auditor)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith(content_type)
+    if fmt == "EXPORT_FORMAT_FHIR_JSON":
+        bundle = answer.json()
+        assert bundle["resourceType"] == "Bundle"
+        assert {e["resource"]["resourceType"] for e in bundle["entry"]} == {"AuditEvent"}
+    else:
+        lines = answer.content.decode().splitlines()
+        assert lines and all(line.startswith("<?xml") and "AuditMessage" in line for line in lines)
+    exports = [e for e in audit_log(platform) if e.action == pb.ACTION_EXPORT]
+    assert exports and exports[-1].actor.user == "ann"
+    bad = rest.get(
+        "/v1/auditEvents:export",
+        params={**params, "format": "EXPORT_FORMAT_UNSPECIFIED"},
+        headers=auditor,
+    )
     assert bad.status_code == 400
