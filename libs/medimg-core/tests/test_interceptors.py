@@ -6,9 +6,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import pytest
@@ -20,17 +18,15 @@ from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+from medimg_cli.testing import StartServer
 from medimg_core import calls, deadlines
 from medimg_core.calls import Context
 from medimg_core.errors import ERROR_DOMAIN, InvalidArgument, NotFound
 from medimg_core.identity import USER_HEADER, XFCC_HEADER, Principal, Role, spiffe_id
-from medimg_core.server import Server, ServiceDefinition
-from medimg_core.settings import ServiceSettings
+from medimg_core.server import ServiceDefinition
 
 GATEWAY = spiffe_id("medimg.local", "medimg", "gateway")
 INGEST = spiffe_id("medimg.local", "medimg", "ingest")
-#: start_server(definition, **settings) -> (server, channel); both closed at teardown.
-StartServer = Callable[..., Awaitable[tuple[Server, grpc.aio.Channel]]]
 SERVICE = "medimg.audit.v1.AuditService"
 SECRET = "Jane Doe 1970-01-01 MRN 0042"
 #: grpc encodes a timeout in its header rounded up to a few significant digits.
@@ -51,35 +47,6 @@ class Seen:
     call: calls.Call | None
     timeout: float
     default_timeout: float
-
-
-@pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    """start_server(definition, **settings): a Server on 127.0.0.1:0 and a channel to it."""
-    running: list[tuple[Server, grpc.aio.Channel]] = []
-
-    async def start(
-        definition: ServiceDefinition, *, ready: bool = True, **settings: Any
-    ) -> tuple[Server, grpc.aio.Channel]:
-        values: dict[str, Any] = {
-            "port": 0,
-            "grace_seconds": 2.0,
-            "drain_delay_seconds": 0.0,
-            **settings,
-        }
-        server = Server(ServiceSettings(**values), definition)
-        port = await server.start()
-        assert port > 0
-        if ready:
-            await server.ready()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        running.append((server, channel))
-        return server, channel
-
-    yield start
-    for server, channel in running:
-        await channel.close(None)
-        await server.grpc.stop(None)
 
 
 class Probe(pb_grpc.AuditServiceServicer):

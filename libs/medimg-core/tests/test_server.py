@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import grpc
 import pytest
@@ -14,46 +12,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
+from medimg_cli.testing import StartServer
 from medimg_core.calls import Context
 from medimg_core.identity import XFCC_HEADER, Role
 from medimg_core.server import Server, ServiceDefinition
 from medimg_core.settings import ServiceSettings
 
-#: start_server(definition, **settings) -> (server, channel); both closed at teardown.
-StartServer = Callable[..., Awaitable[tuple[Server, grpc.aio.Channel]]]
 SERVICE = "medimg.audit.v1.AuditService"
 WORKLOAD = ((XFCC_HEADER, "URI=spiffe://medimg.local/ns/medimg/sa/ingest"),)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    """start_server(definition, **settings): a Server on 127.0.0.1:0 and a channel to it."""
-    running: list[tuple[Server, grpc.aio.Channel]] = []
-
-    async def start(
-        definition: ServiceDefinition, *, ready: bool = True, **settings: Any
-    ) -> tuple[Server, grpc.aio.Channel]:
-        values: dict[str, Any] = {
-            "port": 0,
-            "grace_seconds": 2.0,
-            "drain_delay_seconds": 0.0,
-            **settings,
-        }
-        server = Server(ServiceSettings(**values), definition)
-        port = await server.start()
-        assert port > 0
-        if ready:
-            await server.ready()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        running.append((server, channel))
-        return server, channel
-
-    yield start
-    for server, channel in running:
-        await channel.close(None)
-        await server.grpc.stop(None)
 
 
 class Slow(pb_grpc.AuditServiceServicer):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from medimg_cli import mesh as meshlib
@@ -24,6 +26,8 @@ from medimg_cli.platform import (
     redis_server,
     with_database,
 )
+from medimg_core.server import Server, ServiceDefinition
+from medimg_core.settings import ServiceSettings
 
 
 def _free(port: int) -> bool:
@@ -45,6 +49,39 @@ def free_port_offset(mesh: meshlib.Mesh, start: int = 20000, step: int = 700) ->
         if all(_free(port + offset) for port in ports):
             return offset
     raise RuntimeError("no free range of ports for a test platform")
+
+
+#: start_server(definition, *, ready=True, **settings) -> (server, channel).
+StartServer = Callable[..., Awaitable[tuple[Server, grpc.aio.Channel]]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """start_server(definition, **settings): a Server on 127.0.0.1:0 and a channel to it."""
+    running: list[tuple[Server, grpc.aio.Channel]] = []
+
+    async def start(
+        definition: ServiceDefinition, *, ready: bool = True, **settings: Any
+    ) -> tuple[Server, grpc.aio.Channel]:
+        values: dict[str, Any] = {
+            "port": 0,
+            "grace_seconds": 2.0,
+            "drain_delay_seconds": 0.0,
+            **settings,
+        }
+        server = Server(ServiceSettings(**values), definition)
+        port = await server.start()
+        assert port > 0
+        if ready:
+            await server.ready()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        running.append((server, channel))
+        return server, channel
+
+    yield start
+    for server, channel in running:
+        await channel.close(None)
+        await server.grpc.stop(None)
 
 
 @pytest.fixture(scope="session")
