@@ -235,3 +235,30 @@ def test_canonical_bytes_are_json_dumps_with_sorted_keys(text: str) -> None:
     assert data == reference.encode()
     assert document["actor"]["roles"] == sorted(["researcher", "admin", text])
     assert document["patient_pseudonym"] == text
+
+
+async def test_the_log_refuses_to_sign_over_a_changed_past(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    signer = checkpoints.Signer(Ed25519PrivateKey.generate(), "medimg.local/audit")
+    await log.append(pool, [event(n) for n in range(3)], "ingest")
+    await checkpoints.create(pool, signer)
+    owner = await asyncpg.connect(database_url)
+    try:
+        async with owner.transaction():
+            await owner.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
+            await owner.execute(
+                "UPDATE audit_events SET leaf_hash = $1 WHERE log_index = 2", b"\x07" * 32
+            )
+            await owner.execute("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    finally:
+        await owner.close()
+    await log.append(pool, [event(9)], "ingest")
+    with pytest.raises(checkpoints.LogTampered) as caught:
+        await checkpoints.create(pool, signer)
+    assert caught.value.reason == "LOG_REWRITTEN"
+    stranger = checkpoints.Signer(Ed25519PrivateKey.generate(), "medimg.local/audit")
+    with pytest.raises(checkpoints.LogTampered) as foreign:
+        await checkpoints.create(pool, stranger)
+    assert foreign.value.reason == "CHECKPOINT_NOT_OURS"
+    assert (await checkpoints.get(pool, None)).tree_size == 3  # nothing new was signed

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medimg_cli import mesh as meshlib
+from medimg_cli import verify as audit_verify
 from medimg_cli.pki import ensure_pki, mint_token
 from medimg_cli.platform import Platform, default_state_dir, read_status
 
@@ -36,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("certs", help="create the dev CA, workload certificates and JWT key")
     render = commands.add_parser("mesh", help="render the Envoy configs from deploy/mesh.toml")
     render.add_argument("--out", type=Path, default=Path("deploy/envoy"))
+    audit = commands.add_parser("audit", help="the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify.add_arguments(
+        audit_commands.add_parser(
+            "verify", help="check the audit log's checkpoints, proofs and events (trusts no server)"
+        )
+    )
 
     args = parser.parse_args(argv)
     state = (args.state or default_state_dir()).resolve()
@@ -46,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "token": _token,
         "certs": _certs,
         "mesh": _mesh,
+        "audit": audit_verify.command,
     }[args.command]
     return handler(args, state)
 

@@ -16,13 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg_audit import log
 from medimg_core import timestamps
-from medimg_core.errors import NotFound
+from medimg_core.errors import FailedPrecondition, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,25 @@ class Signer:
         return f"{self.origin}\n{size}\n{base64.b64encode(root).decode()}\ntime {stamp}\n".encode()
 
 
+class LogTampered(FailedPrecondition):
+    """The stored log no longer extends what the log signed: it will not sign again."""
+
+
 async def create(pool: asyncpg.Pool, signer: Signer) -> pb.Checkpoint:
-    """Signs the log as it is now; if it has not grown since the latest checkpoint, that one."""
+    """Signs the log as it is now; if it has not grown since the latest checkpoint, that one.
+
+    Before signing, the log checks that it still extends its latest checkpoint: that
+    checkpoint must carry its own signature, and the tree must have that root at that
+    size. Otherwise someone changed the tables, and a new signature would vouch for it.
+    """
     size = await log.tree_size(pool)
     latest = await pool.fetchrow(
         f"SELECT {_COLUMNS} FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
     )
-    if latest is not None and latest["tree_size"] >= size:
-        return _checkpoint(latest)
+    if latest is not None:
+        await _check_extends(pool, signer, latest, size)
+        if latest["tree_size"] >= size:
+            return _checkpoint(latest)
     root = await log.root(pool, size)
     # Whole microseconds, as PostgreSQL keeps them, so body and column say the same time.
     when = datetime.now(UTC)
@@ -71,6 +83,29 @@ async def create(pool: asyncpg.Pool, signer: Signer) -> pb.Checkpoint:
         size, root, when, body, signer.key.sign(body), signer.key_id,
     )  # fmt: skip
     return await get(pool, size)
+
+
+async def _check_extends(
+    pool: asyncpg.Pool, signer: Signer, latest: asyncpg.Record, size: int
+) -> None:
+    try:
+        signer.key.public_key().verify(bytes(latest["signature"]), bytes(latest["body"]))
+        signed = latest["key_id"] == signer.key_id
+    except InvalidSignature:
+        signed = False
+    if not signed:
+        raise LogTampered(
+            "CHECKPOINT_NOT_OURS",
+            f"the latest checkpoint ({latest['tree_size']}) is not signed by this log's key",
+        )
+    old_size = latest["tree_size"]
+    if size < old_size or (
+        old_size and await log.root(pool, old_size) != bytes(latest["root_hash"])
+    ):
+        raise LogTampered(
+            "LOG_REWRITTEN",
+            f"the stored log no longer has the root of checkpoint {old_size}: refusing to sign",
+        )
 
 
 async def get(pool: asyncpg.Pool, size: int | None) -> pb.Checkpoint:
@@ -105,10 +140,8 @@ async def sign_periodically(pool: asyncpg.Pool, signer: Signer, interval: float)
         await asyncio.sleep(interval)
         try:
             await create(pool, signer)
-        except (asyncpg.PostgresError, OSError) as error:
-            logger.warning(
-                "checkpoint not signed", extra={"fields": {"error": type(error).__name__}}
-            )
+        except Exception as error:  # noqa: BLE001 - keep signing once the cause is fixed
+            logger.error("checkpoint not signed", extra={"fields": {"error": type(error).__name__}})
 
 
 def _checkpoint(row: asyncpg.Record) -> pb.Checkpoint:

@@ -21,7 +21,7 @@ import asyncpg
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg_audit import merkle
 from medimg_core import timestamps
-from medimg_core.errors import InvalidArgument
+from medimg_core.errors import FailedPrecondition, InvalidArgument
 
 MAX_BATCH = 1000
 #: Longest text field of an event, and most roles: events name things, they carry no data.
@@ -240,7 +240,14 @@ async def nodes(
 
 
 async def _hashes(pool: asyncpg.Pool, ranges: Sequence[merkle.Range]) -> list[bytes]:
-    return merkle.fold(ranges, await nodes(pool, merkle.needed(ranges)))
+    wanted = merkle.needed(ranges)
+    found = await nodes(pool, wanted)
+    if len(found) < len(wanted):
+        missing = min(wanted - found.keys())
+        raise FailedPrecondition(
+            "TREE_INCOMPLETE", f"the log's tree lacks node {missing}: it was damaged"
+        )
+    return merkle.fold(ranges, found)
 
 
 async def root(pool: asyncpg.Pool, size: int) -> bytes:
