@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import itertools
@@ -642,20 +643,30 @@ class _Verifier:
             )
 
     async def _list_events(self) -> AsyncIterator[pb.AuditEvent]:
-        token = ""
-        while True:
-            try:
-                page = await self.stub.ListAuditEvents(
-                    pb.ListAuditEventsRequest(page_size=1000, page_token=token),
-                    timeout=self.call_timeout,
-                )
-            except grpc.aio.AioRpcError as error:
-                raise VerifyError(f"ListAuditEvents failed: {_rpc(error)}") from error
-            for event in page.audit_events:
-                yield event
-            token = page.next_page_token
-            if not token:
-                return
+        # The next page is asked for as soon as a page arrives, so the log serves it
+        # while this one is checked.
+        pending = asyncio.ensure_future(self._page(""))
+        try:
+            while True:
+                page = await pending
+                if page.next_page_token:
+                    pending = asyncio.ensure_future(self._page(page.next_page_token))
+                for event in page.audit_events:
+                    yield event
+                if not page.next_page_token:
+                    return
+        finally:
+            pending.cancel()
+
+    async def _page(self, token: str) -> pb.ListAuditEventsResponse:
+        try:
+            page: pb.ListAuditEventsResponse = await self.stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(page_size=PAGE_SIZE, page_token=token),
+                timeout=self.call_timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise VerifyError(f"ListAuditEvents failed: {_rpc(error)}") from error
+        return page
 
     async def _events(
         self, head_size: int, roots: list[tuple[int, str, bytes]], chosen: set[int]
@@ -775,6 +786,8 @@ def _check_event(report: Report, event: pb.AuditEvent, leaf: bytes) -> None:
             f"event {index}: its leaf hash is not SHA-256(0x00 || canonical)",
             log_index=index,
         )
+    if canonical_bytes(served_fields(event)) == event.canonical:
+        return  # the served fields are exactly what was hashed, in canonical form
     try:
         recorded = json.loads(event.canonical.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -798,9 +811,15 @@ def _check_event(report: Report, event: pb.AuditEvent, leaf: bytes) -> None:
         )
 
 
+#: Events asked for per page (the log serves at most 10,000).
+PAGE_SIZE = 10_000
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_bytes(value: Any) -> bytes:
     """UTF-8 JSON with sorted keys and no spaces: the form the leaf hash covers."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def served_fields(event: pb.AuditEvent) -> dict[str, Any]:
@@ -853,10 +872,13 @@ def _enum_name(enum: Any, value: int) -> str:
 
 def _rfc3339(value: Timestamp) -> str:
     """UTC with exactly six fractional digits and a Z, e.g. 2026-11-23T11:02:03.123456Z."""
-    when = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
-        seconds=value.seconds, microseconds=value.nanos // 1000
-    )
-    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _rfc3339_of(value.seconds, value.nanos // 1000)
+
+
+@functools.lru_cache(maxsize=4096)  # the events of one append share their record_time
+def _rfc3339_of(seconds: int, microseconds: int) -> str:
+    when = dt.datetime(1970, 1, 1) + dt.timedelta(seconds=seconds, microseconds=microseconds)
+    return when.isoformat(timespec="microseconds") + "Z"
 
 
 def _rpc(error: grpc.aio.AioRpcError) -> str:
