@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from medimg.audit.v1 import audit_service_pb2 as audit_pb
 from medimg.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from medimg_core import redis as medimg_redis
 from medimg_core.calls import Context
 from medimg_core.identity import USER_HEADER, XFCC_HEADER
 from medimg_core.pagination import encode_token
@@ -89,8 +93,9 @@ class Ingest:
     objects: Path
 
 
-@pytest.fixture
-async def ingest(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+@contextlib.asynccontextmanager
+async def running_ingest(database_url: str, redis: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    """Ingest as its app builds it, with a fake audit peer and the given Redis."""
     audit = Audit()  # type: ignore[abstract]  # only AppendEvents is needed
     audit_server = grpc.aio.server()
     audit_grpc.add_AuditServiceServicer_to_server(audit, audit_server)
@@ -99,7 +104,7 @@ async def ingest(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIter
     settings = IngestSettings(
         port=0,
         database_url=database_url,
-        redis_url=redis_url.rsplit("/", 1)[0] + "/6",
+        redis_url=redis,
         object_dir=tmp_path / "objects",
         audit_target=f"127.0.0.1:{audit_port}",
         max_instance_bytes=100_000,
@@ -113,6 +118,16 @@ async def ingest(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIter
             yield Ingest(pb_grpc.IngestServiceStub(channel), audit, settings.object_dir)
         await server.grpc.stop(None)
     await audit_server.stop(None)
+
+
+@pytest.fixture
+async def ingest(database_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Ingest]:
+    redis = redis_url.rsplit("/", 1)[0] + "/6"
+    client = medimg_redis.connect(redis)
+    await client.flushdb()  # no spooled event of an earlier test drains into this one
+    await client.aclose()
+    async with running_ingest(database_url, redis, tmp_path) as running:
+        yield running
 
 
 async def test_a_clinician_uploads_and_the_access_is_audited(ingest: Ingest) -> None:
@@ -265,23 +280,54 @@ async def test_a_well_formed_token_is_taken(ingest: Ingest, position: dict[str, 
     assert list(page.studies) == []
 
 
-async def test_an_upload_fails_closed_when_audit_is_down(ingest: Ingest) -> None:
-    """No instance becomes visible without its audit record."""
+async def test_an_upload_while_audit_is_down_is_recorded_once_it_is_back(
+    ingest: Ingest,
+) -> None:
+    """The event waits in the Redis spool; the drainer delivers it, exactly once."""
     ingest.audit.down = True
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await ingest.stub.UploadInstances(
-            upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
-        )
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert reason(caught.value)[0] == "AUDIT_UNAVAILABLE"
-    ingest.audit.down = False
-    with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await ingest.stub.GetStudy(
-            pb.GetStudyRequest(name=f"studies/{CT_STUDY}"), metadata=CLINICIAN, timeout=10
-        )
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    retried = await ingest.stub.UploadInstances(
+    stored = await ingest.stub.UploadInstances(
         upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
     )
-    assert retried.results[0].outcome == pb.InstanceResult.OUTCOME_STORED
-    assert [e.action for e in ingest.audit.events].count(audit_pb.ACTION_CREATE) == 1
+    assert stored.results[0].outcome == pb.InstanceResult.OUTCOME_STORED
+    ingest.audit.down = False
+    deadline = asyncio.get_running_loop().time() + 20
+    while not any(e.action == audit_pb.ACTION_CREATE for e in ingest.audit.events):
+        assert asyncio.get_running_loop().time() < deadline, "the spooled event never arrived"
+        await asyncio.sleep(0.1)
+    created = [e for e in ingest.audit.events if e.action == audit_pb.ACTION_CREATE]
+    assert len(created) == len({e.event_id for e in created}) == 1
+
+
+async def test_with_audit_and_its_spool_down_uploads_and_reads_fail_closed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """No instance becomes visible, and nothing is read, without a durable audit record."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    async with running_ingest(database_url, f"redis://127.0.0.1:{closed}/0", tmp_path) as ingest:
+        ingest.audit.down = True
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await ingest.stub.UploadInstances(
+                upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=20
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert reason(caught.value)[0] == "AUDIT_UNAVAILABLE"
+        with pytest.raises(grpc.aio.AioRpcError) as read:
+            await ingest.stub.GetStudy(
+                pb.GetStudyRequest(name=f"studies/{CT_STUDY}"), metadata=CLINICIAN, timeout=20
+            )
+        assert read.value.code() == grpc.StatusCode.UNAVAILABLE
+        ingest.audit.down = False
+        # The client goes straight to its (down) spool for a moment after audit failed.
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await ingest.stub.GetStudy(
+                    pb.GetStudyRequest(name=f"studies/{CT_STUDY}"), metadata=CLINICIAN, timeout=20
+                )
+            if missing.value.code() != grpc.StatusCode.UNAVAILABLE:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "audit never came back"
+            await asyncio.sleep(0.2)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # the upload left no trace

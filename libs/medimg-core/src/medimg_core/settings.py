@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TypeVar
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from medimg_core.identity import SpiffeId, spiffe_id
@@ -51,6 +51,15 @@ class AuditedServiceSettings(ServiceSettings):
 
     #: host:port of the sidecar's outbound listener for the audit service.
     audit_target: str
+    #: Seconds a direct AppendEvents may take before the events go to the durable spool
+    #: (short: patient calls wait at most this long on an audit outage).
+    audit_direct_deadline_seconds: float = 1.0
+    #: Spooled events forwarded per AppendEvents once audit is back (audit takes <= 1000).
+    audit_drain_batch_size: int = Field(default=500, ge=1, le=1000)
+    #: The most events the spool holds; beyond it reports fail closed (Redis memory bound).
+    audit_spool_max_events: int = Field(default=200_000, ge=1)
+    #: Seconds a spooled event may stay with a silent replica before another resends it.
+    audit_claim_idle_seconds: float = 60.0
 
 
 S = TypeVar("S", bound=BaseSettings)

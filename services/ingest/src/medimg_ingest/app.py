@@ -24,8 +24,10 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
     executor = resources.enter_context(ThreadPoolExecutor(settings.worker_threads, "ingest"))
     audit_channel = channels.outbound(settings.audit_target, settings)
     resources.push_async_callback(audit_channel.close, None)
-    audit = AuditClient(
-        audit_channel, service="ingest", default_deadline=settings.default_deadline_seconds
+    # The instance-event Redis doubles as the durable audit spool while audit is down; the
+    # drainer stops before the channel and Redis close (the exit stack unwinds in reverse).
+    audit = await resources.enter_async_context(
+        AuditClient.for_service(audit_channel, service="ingest", settings=settings, redis=events)
     )
     uploads = Uploads(pool, ObjectStore(settings.object_dir), events, executor)
     servicer = IngestServicer(pool, uploads, audit, settings)
