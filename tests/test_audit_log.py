@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -182,3 +183,32 @@ def test_auditors_export_a_time_range(
         headers=auditor,
     )
     assert bad.status_code == 400
+
+
+def test_refused_calls_are_recorded(platform: Platform, rest: httpx.Client) -> None:
+    """Permission denials are accesses too: the service that refused records the attempt."""
+    denied = rest.get("/v1/auditEvents", headers=bearer(platform, "mallory", "clinician"))
+    assert denied.status_code == 403
+    no_role = rest.get("/v1/studies", headers=bearer(platform, "eve", "auditor"))
+    assert no_role.status_code == 403
+
+    def refused(events: list[pb.AuditEvent], user: str, method: str) -> list[pb.AuditEvent]:
+        return [
+            e for e in events
+            if e.actor.user == user and e.method.endswith(method)
+            and e.outcome == pb.OUTCOME_PERMISSION_DENIED
+        ]  # fmt: skip
+
+    deadline = time.monotonic() + 20
+    while True:
+        events = audit_log(platform)
+        by_audit = refused(events, "mallory", "/ListAuditEvents")
+        by_ingest = refused(events, "eve", "/ListStudies")
+        if by_audit and by_ingest:
+            break
+        assert time.monotonic() < deadline, "the denials were not recorded"
+        time.sleep(0.2)
+    assert by_audit[-1].service == "audit" and by_audit[-1].action == pb.ACTION_READ
+    assert list(by_audit[-1].actor.roles) == ["clinician"]
+    assert by_ingest[-1].service == "ingest"
+    assert by_ingest[-1].actor.workload == platform.mesh.spiffe("gateway")

@@ -138,7 +138,11 @@ async def test_a_clinician_may_not_list(stub: pb_grpc.AuditServiceAsyncStub) -> 
     listed = await stub.ListAuditEvents(
         pb.ListAuditEventsRequest(), metadata=user("ann", "auditor"), timeout=5
     )
-    assert [e.actor.user for e in listed.audit_events] == ["ann"]  # the denial read nothing
+    # The refusal is recorded (and read nothing); then ann's own listing.
+    assert [(e.actor.user, e.outcome) for e in listed.audit_events] == [
+        ("dr-who", pb.OUTCOME_PERMISSION_DENIED),
+        ("ann", pb.OUTCOME_SUCCESS),
+    ]
 
 
 async def test_a_foreign_page_token_is_invalid_argument(

@@ -161,7 +161,13 @@ async def test_a_researcher_may_not_upload(ingest: Ingest) -> None:
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert not any(p.is_file() for p in ingest.objects.rglob("*"))
-    assert ingest.audit.events == []
+    # Only the refusal is recorded: who tried what, and that it was denied.
+    [refused] = ingest.audit.events
+    assert (refused.outcome, refused.action) == (
+        audit_pb.OUTCOME_PERMISSION_DENIED,
+        audit_pb.ACTION_CREATE,
+    )
+    assert (refused.actor.user, list(refused.actor.roles)) == ("r", ["researcher"])
 
 
 async def test_a_bad_file_fails_the_upload_with_its_index(ingest: Ingest) -> None:

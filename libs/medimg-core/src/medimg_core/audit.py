@@ -83,7 +83,8 @@ from redis.exceptions import RedisError, ResponseError
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medimg_core import calls, deadlines, telemetry, timestamps
-from medimg_core.errors import Unavailable
+from medimg_core.errors import PermissionDenied, Unauthenticated, Unavailable
+from medimg_core.identity import UNVERIFIED
 from medimg_core.settings import AuditedServiceSettings
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,25 @@ class DeliveryOptions:
         )
 
 
+_VERBS = {
+    "Get": pb.ACTION_READ, "List": pb.ACTION_READ, "Watch": pb.ACTION_READ,
+    "Create": pb.ACTION_CREATE, "Upload": pb.ACTION_CREATE, "Append": pb.ACTION_CREATE,
+    "Update": pb.ACTION_UPDATE, "Set": pb.ACTION_UPDATE, "Delete": pb.ACTION_DELETE,
+    "Export": pb.ACTION_EXPORT,
+}  # fmt: skip
+
+
+def denial(method: str, error: Unauthenticated | PermissionDenied) -> Access:
+    """The attempted access of a refused call: its action guessed from the method's verb."""
+    name = method.rsplit("/", 1)[-1]
+    verb = next((v for v in _VERBS if name.startswith(v)), None)
+    outcome = (
+        pb.OUTCOME_UNAUTHENTICATED if isinstance(error, Unauthenticated)
+        else pb.OUTCOME_PERMISSION_DENIED
+    )  # fmt: skip
+    return Access(_VERBS[verb] if verb else pb.ACTION_EXECUTE, "", outcome)
+
+
 def event_for(access: Access, service: str) -> pb.AuditEvent:
     """The audit event of an access made in the current RPC, reported by `service`."""
     call = calls.current()
@@ -230,7 +250,9 @@ def event_for(access: Access, service: str) -> pb.AuditEvent:
         service=service,
         trace_id=telemetry.current_trace_id(),
     )
-    if call is not None:
+    if call is None:
+        event.actor.workload = UNVERIFIED
+    else:
         event.method = call.method
         event.actor.workload = call.principal.workload
         event.actor.user = call.principal.user or ""
@@ -318,6 +340,11 @@ class AuditClient:
         )
 
     # Reporting ------------------------------------------------------------------------
+
+    async def record_denial(self, method: str, error: Unauthenticated | PermissionDenied) -> None:
+        """Records a refused call (the interceptor's on_denied). A refusal carries no PHI:
+        if nothing durable takes it, it is counted as lost, and the caller is refused anyway."""
+        await self.report([denial(method, error)], kind=Kind.NO_PHI)
 
     async def report(self, accesses: Sequence[Access], *, kind: Kind | None = None) -> Delivery:
         """Records the accesses in the audit log, or in the spool if audit is unreachable.

@@ -21,6 +21,9 @@ from medimg_core.errors import Unauthenticated
 SpiffeId = NewType("SpiffeId", str)
 Role = NewType("Role", str)
 
+#: Who a call came from when its caller could not be verified (recorded, never trusted).
+UNVERIFIED = SpiffeId("unverified")
+
 XFCC_HEADER = "x-forwarded-client-cert"
 USER_HEADER = "x-medimg-jwt-payload"
 

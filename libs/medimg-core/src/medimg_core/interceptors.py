@@ -27,8 +27,20 @@ from grpc_status import rpc_status
 
 from medimg_core import calls, deadlines
 from medimg_core.calls import Context
-from medimg_core.errors import ERROR_DOMAIN, MedimgError, PermissionDenied, Unimplemented
-from medimg_core.identity import Principal, Role, SpiffeId, principal_from_metadata
+from medimg_core.errors import (
+    ERROR_DOMAIN,
+    MedimgError,
+    PermissionDenied,
+    Unauthenticated,
+    Unimplemented,
+)
+from medimg_core.identity import (
+    UNVERIFIED,
+    Principal,
+    Role,
+    SpiffeId,
+    principal_from_metadata,
+)
 from medimg_core.telemetry import RPC_HANDLED, RPC_SECONDS
 
 log = logging.getLogger(__name__)
@@ -36,6 +48,9 @@ log = logging.getLogger(__name__)
 #: Method name -> roles a user (through the gateway) needs for it. Workloads are
 #: allowed per method by their sidecar's RBAC, from deploy/mesh.toml.
 RolePolicy = Mapping[str, frozenset[Role]]
+
+#: Records a refused call: the full method, and the error it was refused with.
+DenialHook = Callable[[str, "Unauthenticated | PermissionDenied"], Awaitable[None]]
 
 #: grpc-stubs types handlers loosely; the wrappers below treat them as Any.
 Handler = Any
@@ -69,6 +84,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # 
     def __init__(self, *, gateway: SpiffeId, policy: RolePolicy) -> None:
         self._gateway = gateway
         self._policy = policy
+        #: Told of every call refused here (unauthenticated, or a role not allowed), so
+        #: the service records the attempt in the audit log; set once the service is built.
+        self.on_denied: DenialHook | None = None
 
     async def intercept_service(
         self,
@@ -84,14 +102,23 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # 
     def enter(self, method: str, context: Context) -> None:
         deadlines.set_from_remaining(context.time_remaining())
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        principal = principal_from_metadata(metadata, self._gateway)
+        try:
+            principal = principal_from_metadata(metadata, self._gateway)
+        except Unauthenticated:
+            calls.enter(calls.Call(method, Principal(UNVERIFIED)))  # for the denial's record
+            raise
+        calls.enter(calls.Call(method, principal))  # before authorizing: a denial names them
         authorize(principal, method, self._policy)
-        calls.enter(calls.Call(method, principal))
 
     async def fail(self, method: str, context: Context, error: BaseException) -> None:
         if isinstance(error, NotImplementedError):
             # The generated base servicer's answer for a method a service does not offer yet.
             error = Unimplemented("NOT_IMPLEMENTED", f"{method} is not implemented yet")
+        if isinstance(error, Unauthenticated | PermissionDenied) and self.on_denied is not None:
+            try:
+                await self.on_denied(method, error)
+            except Exception:
+                log.exception("denial not recorded", extra={"fields": {"method": method}})
         if isinstance(error, MedimgError):
             status = rich_status(error)
         else:

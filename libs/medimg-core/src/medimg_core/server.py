@@ -25,7 +25,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from medimg_core import telemetry
 from medimg_core.identity import Role
-from medimg_core.interceptors import CallInterceptor, RolePolicy
+from medimg_core.interceptors import CallInterceptor, DenialHook, RolePolicy
 from medimg_core.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class ServiceDefinition:
     names: Sequence[str]
     add_to_server: Callable[[grpc.aio.Server], None]
     policy: RolePolicy
+    #: Records calls the interceptor refused (see CallInterceptor.on_denied).
+    on_denied: DenialHook | None = None
 
 
 #: Builds a service's definition; resources it opens go on the exit stack, closed at stop.
@@ -84,6 +86,7 @@ class Server:
         self._policy: dict[str, frozenset[Role]] = {}
         self._late = _LateHandlers()
         limit = settings.max_message_bytes
+        self._interceptor = CallInterceptor(gateway=settings.gateway, policy=self._policy)
         self.grpc = grpc.aio.server(
             handlers=[self._late],
             interceptors=[
@@ -92,7 +95,7 @@ class Server:
                 aio_server_interceptor(  # type: ignore[no-untyped-call]
                     filter_=filters.negate(filters.health_check())
                 ),
-                CallInterceptor(gateway=settings.gateway, policy=self._policy),
+                self._interceptor,
             ],
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -112,6 +115,7 @@ class Server:
         definition.add_to_server(target)
         self.names = list(definition.names)
         self._policy.update(definition.policy)
+        self._interceptor.on_denied = definition.on_denied
         health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             ReflectionServicer([*self.names, health, reflection.SERVICE_NAME]),

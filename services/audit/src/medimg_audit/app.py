@@ -40,4 +40,5 @@ async def build(settings: AuditSettings, resources: AsyncExitStack) -> ServiceDe
             servicer, server
         ),
         policy=POLICY,
+        on_denied=servicer.record_denial,
     )

@@ -13,8 +13,8 @@ from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medimg_audit import checkpoints, export, log
 from medimg_audit.checkpoints import Signer
 from medimg_core import calls, pagination
-from medimg_core.audit import Access, event_for
-from medimg_core.errors import InvalidArgument
+from medimg_core.audit import Access, denial, event_for
+from medimg_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from medimg_core.identity import Role
 
 #: Verifiers read the whole log: large pages keep the per-page costs (the listing's own
@@ -71,6 +71,10 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
     def __init__(self, pool: asyncpg.Pool, signer: Signer) -> None:
         self._pool = pool
         self._signer = signer
+
+    async def record_denial(self, method: str, error: Unauthenticated | PermissionDenied) -> None:
+        """A refused call to the log is itself recorded in the log."""
+        await log.append(self._pool, [event_for(denial(method, error), "audit")], "audit")
 
     async def _record_own(self, action: pb.Action, resource: str) -> None:
         """Reading the log is an access to the log: it is recorded before it is served."""

@@ -37,4 +37,5 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
             servicer, server
         ),
         policy=POLICY,
+        on_denied=audit.record_denial,
     )
