@@ -9,6 +9,7 @@ event id already in the log keeps the index it has and appends nothing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
@@ -141,8 +142,12 @@ def canonical(
 
 
 async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: str) -> list[int]:
-    """Appends the events in order; returns each one's log index."""
-    ids = validate(events, reporter)
+    """Appends the events in order; returns each one's log index.
+
+    The per-event work (validation, canonical bytes, hashes) runs in a thread, so a large
+    batch does not hold up the event loop.
+    """
+    ids = await asyncio.to_thread(validate, events, reporter)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _APPEND_LOCK)
         known = {
@@ -153,56 +158,80 @@ async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: 
             )
         }
         size = await _size(conn)
-        record = datetime.now(UTC)
-        record_time = _rfc3339(record)
-        rows: list[tuple[object, ...]] = []
-        leaves: list[bytes] = []
-        indexes = []
-        for event_id, event in zip(ids, events, strict=True):
-            if event_id not in known:
-                index = known[event_id] = size + len(rows)
-                event_time = event.event_time.ToDatetime(tzinfo=UTC)
-                data = canonical(
-                    event,
-                    log_index=index,
-                    event_id=event_id,
-                    event_time=_rfc3339(event_time),
-                    record_time=record_time,
-                )
-                leaves.append(merkle.leaf_hash(data))
-                rows.append(
-                    (
-                        index,
-                        event_id,
-                        event_time,
-                        record,
-                        reporter,
-                        event.actor.workload,
-                        event.actor.user,
-                        sorted(event.actor.roles),
-                        event.action,
-                        event.outcome,
-                        event.resource,
-                        event.patient_pseudonym,
-                        event.service,
-                        event.method,
-                        event.trace_id,
-                        event.break_glass_reason,
-                        data,
-                        leaves[-1],
-                    )
-                )
-            indexes.append(known[event_id])
-        if rows:
-            frontier = await nodes(conn, merkle.range_nodes(0, size))
-            grown = merkle.parents_of_new_leaves(size, leaves, frontier)
-            await conn.copy_records_to_table("audit_events", records=rows, columns=_EVENT_COLUMNS)
+        frontier = await nodes(conn, merkle.range_nodes(0, size))
+        batch = await asyncio.to_thread(
+            _new_rows, events, ids, known, size, frontier=frontier, reporter=reporter
+        )
+        if batch.rows:
+            await conn.copy_records_to_table(
+                "audit_events", records=batch.rows, columns=_EVENT_COLUMNS
+            )
             await conn.copy_records_to_table(
                 "tree_nodes",
-                records=[(level, idx, h) for (level, idx), h in grown.items() if level > 0],
+                records=[(level, idx, h) for (level, idx), h in batch.nodes.items() if level > 0],
                 columns=["level", "idx", "hash"],
             )
-    return indexes
+    return batch.indexes
+
+
+@dataclass(frozen=True)
+class _Batch:
+    indexes: list[int]
+    rows: list[tuple[object, ...]]
+    nodes: dict[merkle.Node, bytes]
+
+
+def _new_rows(
+    events: Sequence[pb.AuditEvent],
+    ids: Sequence[uuid.UUID],
+    known: dict[uuid.UUID, int],
+    size: int,
+    *,
+    frontier: dict[merkle.Node, bytes],
+    reporter: str,
+) -> _Batch:
+    """The rows and tree nodes of the events not yet in a log of `size` events."""
+    record = datetime.now(UTC)
+    record_time = _rfc3339(record)
+    rows: list[tuple[object, ...]] = []
+    leaves: list[bytes] = []
+    indexes = []
+    for event_id, event in zip(ids, events, strict=True):
+        if event_id not in known:
+            index = known[event_id] = size + len(rows)
+            event_time = event.event_time.ToDatetime(tzinfo=UTC)
+            data = canonical(
+                event,
+                log_index=index,
+                event_id=event_id,
+                event_time=_rfc3339(event_time),
+                record_time=record_time,
+            )
+            leaves.append(merkle.leaf_hash(data))
+            rows.append(
+                (
+                    index,
+                    event_id,
+                    event_time,
+                    record,
+                    reporter,
+                    event.actor.workload,
+                    event.actor.user,
+                    sorted(event.actor.roles),
+                    event.action,
+                    event.outcome,
+                    event.resource,
+                    event.patient_pseudonym,
+                    event.service,
+                    event.method,
+                    event.trace_id,
+                    event.break_glass_reason,
+                    data,
+                    leaves[-1],
+                )
+            )
+        indexes.append(known[event_id])
+    return _Batch(indexes, rows, merkle.parents_of_new_leaves(size, leaves, frontier))
 
 
 async def _size(conn: asyncpg.Connection) -> int:
