@@ -212,3 +212,46 @@ def test_refused_calls_are_recorded(platform: Platform, rest: httpx.Client) -> N
     assert list(by_audit[-1].actor.roles) == ["clinician"]
     assert by_ingest[-1].service == "ingest"
     assert by_ingest[-1].actor.workload == platform.mesh.spiffe("gateway")
+
+
+def test_login_failures_at_the_gateway_are_recorded(platform: Platform, rest: httpx.Client) -> None:
+    """A missing or bad token never reaches a service: the gateway reports the refusal."""
+    trace = uuid.uuid4().hex
+    missing = rest.get(
+        "/v1/studies",
+        params={"filter": "patient=secret"},  # the query is not recorded
+        headers={"traceparent": f"00-{trace}-{'1' * 16}-01"},
+    )
+    assert missing.status_code == 401
+    gateway = f"127.0.0.1:{platform.port(platform.mesh.gateway.port)}"
+    with grpc.insecure_channel(gateway) as ch:
+        stub = pb_grpc.AuditServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListCheckpoints(
+                pb.ListCheckpointsRequest(),
+                metadata=(("authorization", "Bearer forged"),),
+                timeout=10,
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    def failures(events: list[pb.AuditEvent], method: str) -> list[pb.AuditEvent]:
+        return [
+            e for e in events
+            if e.method == method and e.outcome == pb.OUTCOME_UNAUTHENTICATED
+        ]  # fmt: skip
+
+    deadline = time.monotonic() + 20
+    while True:
+        events = audit_log(platform)
+        rest_failures = [e for e in failures(events, "/v1/studies") if e.trace_id == trace]
+        grpc_failures = failures(events, "/medimg.audit.v1.AuditService/ListCheckpoints")
+        if rest_failures and grpc_failures:
+            break
+        assert time.monotonic() < deadline, "the login failures were not recorded"
+        time.sleep(0.2)
+    for failure in (rest_failures[-1], grpc_failures[-1]):
+        assert failure.service == "gateway"
+        assert failure.actor.workload == platform.mesh.spiffe("gateway")
+        assert failure.actor.user == ""  # an unverified token names nobody
+    assert grpc_failures[-1].action == pb.ACTION_READ
+    assert "secret" not in rest_failures[-1].canonical.decode()

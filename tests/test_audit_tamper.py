@@ -29,8 +29,8 @@ from tests.helpers import channel, fresh_instance, upload
 
 pytestmark = pytest.mark.slow
 
-#: The audit service's tables; all three are append-only, by trigger.
-TABLES = ("audit_events", "tree_nodes", "checkpoints")
+#: The audit service's tables; both are append-only, by trigger.
+TABLES = ("audit_events", "checkpoints")
 
 
 # --- The log under test --------------------------------------------------------------------
@@ -266,13 +266,9 @@ async def test_a_truncated_tail_is_named(
     keep = sizes[-1] - 9
     async with tampering(platform) as conn:
         async with without_triggers(conn):
-            # The tail's events and every tree node above them, as someone who wants the
-            # service to go on appending (it counts the log from its events) would do;
-            # the signed checkpoints stay, since they cannot be forged.
+            # The tail's events, and with them the tree nodes they hold; the signed
+            # checkpoints stay, since they cannot be forged.
             await conn.execute("DELETE FROM audit_events WHERE log_index >= $1", keep)
-            await conn.execute(
-                "DELETE FROM tree_nodes WHERE (idx + 1) * (1::bigint << level) > $1", keep
-            )
         report = await audit_verify.verify(audit, public_key)
         # The log appended the listing itself (at `keep`) before it served the events.
         shortened = re.compile(rf"log has (\d+) events, checkpoint says {report.tree_size}")
@@ -348,7 +344,7 @@ async def rewrite(conn: asyncpg.Connection, forger: Ed25519PrivateKey | None) ->
     assert [row["log_index"] for row in rows] == list(range(len(rows)))
     rows_signed = await conn.fetch("SELECT tree_size FROM checkpoints ORDER BY tree_size")
     sizes = [row["tree_size"] for row in rows_signed] if forger else []
-    updates, leaves = [], []
+    forged, leaves = [], []
     for row in rows:
         recorded = json.loads(bytes(row["canonical"]))
         recorded["resource"] = f"studies/forged-{row['log_index']}"
@@ -356,8 +352,12 @@ async def rewrite(conn: asyncpg.Connection, forger: Ed25519PrivateKey | None) ->
             recorded, sort_keys=True, separators=(",", ":"), ensure_ascii=False
         ).encode()
         leaves.append(hashlib.sha256(b"\x00" + canonical).digest())
-        updates.append((row["log_index"], recorded["resource"], canonical, leaves[-1]))
-    nodes = perfect_subtrees(leaves)
+        forged.append((row["log_index"], recorded["resource"], canonical))
+    subtrees = perfect_subtrees(leaves)
+    updates = [
+        (*event, leaf, held_by(event[0], subtrees))
+        for event, leaf in zip(forged, leaves, strict=True)
+    ]
     when = datetime.now(UTC)
     checkpoints = []
     for size in sizes:
@@ -371,13 +371,9 @@ async def rewrite(conn: asyncpg.Connection, forger: Ed25519PrivateKey | None) ->
         checkpoints.append((size, root, when, body, forger.sign(body), forged_id))
     async with without_triggers(conn):
         await conn.executemany(
-            "UPDATE audit_events SET resource = $2, canonical = $3, leaf_hash = $4 "
-            "WHERE log_index = $1",
+            "UPDATE audit_events SET resource = $2, canonical = $3, leaf_hash = $4, "
+            "subtree_hashes = $5 WHERE log_index = $1",
             updates,
-        )
-        await conn.execute("DELETE FROM tree_nodes")
-        await conn.executemany(
-            "INSERT INTO tree_nodes (level, idx, hash) VALUES ($1, $2, $3)", nodes
         )
         await conn.execute("DELETE FROM checkpoints")
         if checkpoints:
@@ -406,15 +402,24 @@ def tree_hash(leaves: Sequence[bytes]) -> bytes:
     return node(tree_hash(leaves[:split]), tree_hash(leaves[split:]))
 
 
-def perfect_subtrees(leaves: Sequence[bytes]) -> list[tuple[int, int, bytes]]:
-    """(level, idx, hash) of every perfect subtree of two or more leaves, as tree_nodes holds."""
-    found = []
+def perfect_subtrees(leaves: Sequence[bytes]) -> dict[tuple[int, int], bytes]:
+    """{(level, idx): hash} of every perfect subtree of two or more leaves."""
+    found: dict[tuple[int, int], bytes] = {}
     level, below = 0, list(leaves)
     while len(below) > 1:
         level += 1
         below = [node(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
-        found += [(level, idx, value) for idx, value in enumerate(below)]
+        found |= {(level, idx): value for idx, value in enumerate(below)}
     return found
+
+
+def held_by(leaf: int, subtrees: dict[tuple[int, int], bytes]) -> bytes:
+    """What the row of `leaf` stores as subtree_hashes: the subtrees it is the last leaf of."""
+    held, level = b"", 1
+    while (leaf + 1) % (1 << level) == 0:
+        held += subtrees[(level, ((leaf + 1) >> level) - 1)]
+        level += 1
+    return held
 
 
 async def test_the_log_verifies_again_once_restored(

@@ -17,6 +17,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PROTOS = ROOT / "protos"
 GOOGLEAPIS = ROOT / "third_party" / "googleapis"
+#: Envoy's access log service, the part the audit service reads (see its proto).
+ENVOY_ALS = ROOT / "third_party" / "envoy-als"
 OUT = HERE / "src"
 DESCRIPTOR_SET = OUT / "medimg_protos" / "descriptor_set.binpb"
 #: Not generated (googleapis-common-protos has them) but in the descriptor set, so the
@@ -32,15 +34,18 @@ def main() -> int:
     plugin = Path(sysconfig.get_path("scripts")) / "protoc-gen-mypy_grpc"
     well_known = Path(protoc.__file__).parent / "_proto"
     includes = [f"-I{PROTOS}", f"-I{GOOGLEAPIS}", f"-I{well_known}"]
+    envoy = sorted(str(p.relative_to(ENVOY_ALS)) for p in ENVOY_ALS.rglob("*.proto"))
     stubs = [
         "protoc",
         *includes,
+        f"-I{ENVOY_ALS}",
         f"--python_out={OUT}",
         f"--pyi_out={OUT}",
         f"--grpc_python_out={OUT}",
         f"--plugin=protoc-gen-mypy_grpc={plugin}",
         f"--mypy_grpc_out={OUT}",
         *sources,
+        *envoy,
     ]
     descriptors = [
         "protoc",
@@ -56,7 +61,7 @@ def main() -> int:
     for package in generated.rglob("*"):
         if package.is_dir():
             (package / "py.typed").touch()
-    print(f"generated {len(sources)} proto files into {OUT}")
+    print(f"generated {len(sources) + len(envoy)} proto files into {OUT}")
     return 0
 
 

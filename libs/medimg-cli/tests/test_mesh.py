@@ -99,6 +99,7 @@ def test_with_offset_moves_every_port(base_mesh: meshlib.Mesh) -> None:
         ),
         ("admin_port = 7300", 'admin_port = "7300"', r"gateway\.admin_port: must be a port"),
         ('identities = ["gateway", "ops"]', 'identities = ["ops"]', r"must include 'gateway'"),
+        ('audit = "audit"', 'audit = "audti"', r"gateway\.audit: unknown service 'audti'"),
     ],
 )
 def test_load_mesh_rejects_a_bad_description(

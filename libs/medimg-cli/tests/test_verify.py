@@ -461,8 +461,8 @@ def stamp(when: dt.datetime) -> Timestamp:
 
 
 class FakeLog:
-    """A log that keeps its tree apart from its events (as the service keeps tree_nodes), so
-    that tampering with the events leaves the proofs it serves as they were."""
+    """A log that keeps its tree apart from its events, so that tampering with the events
+    leaves the proofs it serves as they were."""
 
     def __init__(self, key: Ed25519PrivateKey | None = None, history: str = "") -> None:
         self.key = key or Ed25519PrivateKey.generate()

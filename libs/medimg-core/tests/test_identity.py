@@ -199,6 +199,14 @@ def test_gateway_without_user_header_is_unauthenticated() -> None:
     assert caught.value.reason == "MISSING_USER"
 
 
+def test_the_gateway_alone_is_a_workload_only_where_no_user_is_required() -> None:
+    metadata = {XFCC_HEADER: f"URI={GATEWAY}"}
+    assert principal_from_metadata(metadata, GATEWAY, user_required=False) == Principal(GATEWAY)
+    # A user the gateway forwards is still read, and still verified, where none is required.
+    metadata[USER_HEADER] = payload({"sub": "alice", "roles": ["auditor"]})
+    assert principal_from_metadata(metadata, GATEWAY, user_required=False).user == "alice"
+
+
 def test_gateway_with_malformed_user_header_is_unauthenticated() -> None:
     with pytest.raises(Unauthenticated) as caught:
         principal_from_metadata({XFCC_HEADER: f"URI={GATEWAY}", USER_HEADER: "%%%"}, GATEWAY)

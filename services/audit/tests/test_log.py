@@ -86,6 +86,8 @@ async def test_an_id_is_a_uuid_value_not_a_spelling(pool: asyncpg.Pool) -> None:
         (event(event_id="not-a-uuid"), "INVALID_EVENT_ID"),
         (event(event_id=""), "INVALID_EVENT_ID"),
         (event(event_time=None), "MISSING_EVENT_TIME"),
+        (event(event_time=timestamp_pb2.Timestamp(seconds=253_402_300_800)), "INVALID_EVENT_TIME"),
+        (event(event_time=timestamp_pb2.Timestamp(seconds=0, nanos=-1)), "INVALID_EVENT_TIME"),
         (event(actor=pb.Actor(user="dr-who")), "MISSING_ACTOR"),
         (event(action=pb.ACTION_UNSPECIFIED), "INVALID_ACTION"),
         (event(action=99), "INVALID_ACTION"),

@@ -82,3 +82,11 @@ def test_inclusion_outside_the_tree_is_refused(index: int, size: int) -> None:
 def test_consistency_between_bad_sizes_is_refused(first: int, second: int) -> None:
     with pytest.raises(ValueError, match="no consistency proof"):
         merkle.consistency_ranges(first, second)
+
+
+def test_every_node_is_held_by_the_one_leaf_that_completes_it() -> None:
+    held = [node for leaf in range(64) for node in merkle.completed_by(leaf)]
+    # A 64-leaf tree has 32 + 16 + 8 + 4 + 2 + 1 nodes above its leaves, each held once.
+    assert len(held) == len(set(held)) == 63
+    for leaf in range(64):
+        assert all(merkle.last_leaf(node) == leaf for node in merkle.completed_by(leaf))

@@ -143,7 +143,7 @@ async def test_checkpoints_are_signed_kept_and_made_only_when_the_log_grew(
 
 async def test_the_service_role_cannot_update_or_delete(pool: asyncpg.Pool) -> None:
     await log.append(pool, [event(), event(1)], "ingest")
-    for table in ("audit_events", "tree_nodes", "checkpoints"):
+    for table in ("audit_events", "checkpoints"):
         for statement in (f"UPDATE {table} SET {_column(table)}", f"DELETE FROM {table}"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
                 await pool.execute(statement)
@@ -152,7 +152,6 @@ async def test_the_service_role_cannot_update_or_delete(pool: asyncpg.Pool) -> N
 def _column(table: str) -> str:
     return {
         "audit_events": "resource = 'x'",
-        "tree_nodes": "level = 2",
         "checkpoints": "key_id = 'x'",
     }[table]
 
@@ -161,9 +160,10 @@ async def test_the_owner_cannot_update_or_delete_either(
     database_url: str, pool: asyncpg.Pool
 ) -> None:
     await log.append(pool, [event(), event(1)], "ingest")  # two leaves: one stored node
+    await checkpoints.create(pool, checkpoints.Signer(Ed25519PrivateKey.generate(), "k"))
     owner = await asyncpg.connect(database_url)
     try:
-        for table in ("audit_events", "tree_nodes"):
+        for table in ("audit_events", "checkpoints"):
             for statement in (f"UPDATE {table} SET {_column(table)}", f"DELETE FROM {table}"):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
                     await owner.execute(statement)
@@ -224,11 +224,7 @@ def test_canonical_bytes_are_json_dumps_with_sorted_keys(text: str) -> None:
         actor=pb.Actor(workload=INGEST, user=text, roles=["researcher", "admin", text]),
     )
     data = log.canonical(
-        e,
-        log_index=7,
-        event_id=uuid.UUID(e.event_id),
-        event_time="2026-11-01T00:00:00.000000Z",
-        record_time="2026-11-02T00:00:00.000001Z",
+        log.prepare([e], "ingest")[0], log_index=7, record_time="2026-11-02T00:00:00.000001Z"
     )
     document = json.loads(data)
     reference = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

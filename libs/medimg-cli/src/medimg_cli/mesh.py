@@ -35,6 +35,8 @@ __all__ = [
 
 # The identity (certificate name) the gateway presents to the sidecars.
 GATEWAY_IDENTITY = "gateway"
+#: Envoy's gRPC access log method: the gateway streams the logins it refuses to audit.
+ACCESS_LOG_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 LOOPBACK = "127.0.0.1"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = (
@@ -101,6 +103,7 @@ class GatewaySpec:
     jwt_issuer: str
     jwt_audience: str
     user_header: str  # carries the verified JWT payload (base64url JSON) to the services
+    audit: str  # the service the gateway reports the logins it refuses to
 
     def with_offset(self, offset: int) -> GatewaySpec:
         """A copy with both ports moved by offset."""
@@ -194,13 +197,16 @@ def _parse(data: dict[str, Any]) -> Mesh:
         raise ValueError(f"identities: must include {GATEWAY_IDENTITY!r} (the REST gateway)")
 
     gw = _table(data, "gateway")
-    _keys(gw, "gateway.", {"port", "admin_port", "jwt_issuer", "jwt_audience", "user_header"})
+    _keys(
+        gw, "gateway.", {"port", "admin_port", "jwt_issuer", "jwt_audience", "user_header", "audit"}
+    )
     gateway = GatewaySpec(
         port=_port(gw, "port", "gateway."),
         admin_port=_port(gw, "admin_port", "gateway."),
         jwt_issuer=_str(gw, "jwt_issuer", "gateway."),
         jwt_audience=_str(gw, "jwt_audience", "gateway."),
         user_header=_str(gw, "user_header", "gateway.", pattern=_HEADER),
+        audit=_str(gw, "audit", "gateway.", pattern=_NAME),
     )
 
     tables = _table(data, "services")
@@ -211,6 +217,8 @@ def _parse(data: dict[str, Any]) -> Mesh:
             raise ValueError(f"services.{name}: a name must match {_NAME.pattern}")
         if name in identities:
             raise ValueError(f"services.{name}: also listed in identities")
+    if gateway.audit not in tables:
+        raise ValueError(f"gateway.audit: unknown service {gateway.audit!r}")
     known = [*tables, *identities]
     services = {name: _service(name, _table(tables, name, "services."), known) for name in tables}
     for name, spec in services.items():
@@ -506,6 +514,11 @@ def _rbac(mesh: Mesh, spec: ServiceSpec) -> dict[str, Any]:
             ],
             "principals": principals(everything),
         }
+    if spec.name == mesh.gateway.audit:
+        policies["gateway-refused-logins"] = {
+            "permissions": [{"url_path": {"path": {"exact": ACCESS_LOG_METHOD}}}],
+            "principals": principals([GATEWAY_IDENTITY]),
+        }
     for method, names in spec.callers.items():
         if method != "*" and names:
             policies[f"method-{method}"] = {
@@ -613,6 +626,7 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
                         http_filters=http_filters,
                         # The edge: x-forwarded-for and x-envoy-* from clients are not trusted.
                         use_remote_address=True,
+                        access_log=[_refused_logins(mesh)],
                         local_reply_config={
                             "body_format": {
                                 "json_format": {
@@ -644,6 +658,35 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
         "stats_config": _STATS_CONFIG,
         "overload_manager": _OVERLOAD_MANAGER,
         "static_resources": {"listeners": [listener], "clusters": clusters},
+    }
+
+
+def _refused_logins(mesh: Mesh) -> dict[str, Any]:
+    """The gateway's access log of the calls jwt_authn refused, streamed to audit, which
+    records each as a login failure (medimg_audit.logins)."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                    "expression": "response.code_details.startsWith('jwt_authn_access_denied')",
+                },
+            }
+        },
+        "typed_config": {
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "refused-logins",
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": f"outbound_{mesh.gateway.audit}"}},
+                "buffer_flush_interval": "0.5s",
+            },
+            "additional_request_headers_to_log": ["traceparent"],
+        },
     }
 
 

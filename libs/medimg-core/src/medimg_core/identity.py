@@ -113,7 +113,11 @@ def user_from_payload(value: str) -> tuple[str, frozenset[Role]]:
     return subject, frozenset(Role(r) for r in roles if r in ROLES)
 
 
-def principal_from_metadata(metadata: dict[str, str], gateway: SpiffeId) -> Principal:
+def principal_from_metadata(
+    metadata: dict[str, str], gateway: SpiffeId, *, user_required: bool = True
+) -> Principal:
+    """The verified caller. A call from the gateway carries its user, unless `user_required`
+    is off: the gateway's own calls (its access log) have no user behind them."""
     xfcc = metadata.get(XFCC_HEADER)
     if not xfcc:
         raise Unauthenticated(
@@ -123,6 +127,8 @@ def principal_from_metadata(metadata: dict[str, str], gateway: SpiffeId) -> Prin
     if workload != gateway:
         return Principal(workload)
     payload = metadata.get(USER_HEADER)
+    if not payload and not user_required:
+        return Principal(workload)
     if not payload:
         raise Unauthenticated("MISSING_USER", "a call through the gateway needs a user token")
     user, roles = user_from_payload(payload)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Set
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -81,9 +81,13 @@ def authorize(principal: Principal, method: str, policy: RolePolicy) -> None:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # not generic at runtime
-    def __init__(self, *, gateway: SpiffeId, policy: RolePolicy) -> None:
+    def __init__(
+        self, *, gateway: SpiffeId, policy: RolePolicy, gateway_alone: Set[str] = frozenset()
+    ) -> None:
         self._gateway = gateway
         self._policy = policy
+        #: Full method names the gateway calls as itself, with no user behind the call.
+        self.gateway_alone = gateway_alone
         #: Told of every call refused here (unauthenticated, or a role not allowed), so
         #: the service records the attempt in the audit log; set once the service is built.
         self.on_denied: DenialHook | None = None
@@ -103,7 +107,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # 
         deadlines.set_from_remaining(context.time_remaining())
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         try:
-            principal = principal_from_metadata(metadata, self._gateway)
+            principal = principal_from_metadata(
+                metadata, self._gateway, user_required=method not in self.gateway_alone
+            )
         except Unauthenticated:
             calls.enter(calls.Call(method, Principal(UNVERIFIED)))  # for the denial's record
             raise

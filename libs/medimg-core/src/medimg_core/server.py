@@ -44,6 +44,8 @@ class ServiceDefinition:
     policy: RolePolicy
     #: Records calls the interceptor refused (see CallInterceptor.on_denied).
     on_denied: DenialHook | None = None
+    #: Full method names the gateway calls as itself, with no user (its access log).
+    gateway_alone: frozenset[str] = frozenset()
 
 
 #: Builds a service's definition; resources it opens go on the exit stack, closed at stop.
@@ -116,6 +118,7 @@ class Server:
         self.names = list(definition.names)
         self._policy.update(definition.policy)
         self._interceptor.on_denied = definition.on_denied
+        self._interceptor.gateway_alone = definition.gateway_alone
         health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             ReflectionServicer([*self.names, health, reflection.SERVICE_NAME]),

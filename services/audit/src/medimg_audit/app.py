@@ -5,8 +5,11 @@ import contextlib
 from contextlib import AsyncExitStack
 from importlib.resources import files
 
+import grpc
+
 from medimg.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
-from medimg_audit import checkpoints
+from medimg.envoy import als_pb2, als_pb2_grpc
+from medimg_audit import checkpoints, logins
 from medimg_audit.servicer import POLICY, AuditServicer
 from medimg_audit.settings import AuditSettings
 from medimg_core import db
@@ -34,11 +37,19 @@ async def build(settings: AuditSettings, resources: AsyncExitStack) -> ServiceDe
 
     resources.push_async_callback(stop_signing)
     servicer = AuditServicer(pool, signer)
+    refused_logins = logins.RefusedLogins(pool)
+
+    def add_to_server(server: grpc.aio.Server) -> None:
+        audit_service_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(refused_logins, server)
+
     return ServiceDefinition(
-        names=[audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name],
-        add_to_server=lambda server: audit_service_pb2_grpc.add_AuditServiceServicer_to_server(
-            servicer, server
-        ),
+        names=[
+            audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+            als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
+        ],
+        add_to_server=add_to_server,
         policy=POLICY,
         on_denied=servicer.record_denial,
+        gateway_alone=frozenset({logins.METHOD}),
     )

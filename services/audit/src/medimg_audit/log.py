@@ -1,10 +1,10 @@
 """The audit log in PostgreSQL: validating and appending events, their Merkle tree, reading.
 
 Appends are serialised by a transaction-scoped advisory lock, so log indexes are dense
-and in commit order and the tree grows one batch at a time. Each appended event gets
-its canonical bytes and leaf hash, and the batch adds every perfect subtree it completes
-(`merkle.parents_of_new_leaves`), so any root or proof later needs O(log n) rows. An
-event id already in the log keeps the index it has and appends nothing.
+and in commit order and the tree grows one batch at a time. Each appended event's row
+holds its canonical bytes, its leaf hash and the hashes of the perfect subtrees its leaf
+completes (`merkle.completed_by`), so any root or proof later reads O(log n) rows by
+primary key. An event id already in the log keeps the index it has and appends nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import asyncpg
 
@@ -40,6 +41,7 @@ _EVENT_COLUMNS = [
     "log_index", "event_id", "event_time", "record_time", "reporter", "actor_workload",
     "actor_user", "actor_roles", "action", "outcome", "resource", "patient_pseudonym",
     "service", "method", "trace_id", "break_glass_reason", "canonical", "leaf_hash",
+    "subtree_hashes",
 ]  # fmt: skip
 
 
@@ -61,93 +63,105 @@ class Filters:
 ALL = Filters()
 
 
-_ACTIONS = frozenset(pb.Action.values()) - {pb.ACTION_UNSPECIFIED}
-_OUTCOMES = frozenset(pb.Outcome.values()) - {pb.OUTCOME_UNSPECIFIED}
-_ACTION_NAMES = {value: pb.Action.Name(value) for value in _ACTIONS}
-_OUTCOME_NAMES = {value: pb.Outcome.Name(value) for value in _OUTCOMES}
+_ACTION_NAMES = {v: pb.Action.Name(v) for v in pb.Action.values() if v != pb.ACTION_UNSPECIFIED}
+_OUTCOME_NAMES = {v: pb.Outcome.Name(v) for v in pb.Outcome.values() if v != pb.OUTCOME_UNSPECIFIED}
+_EPOCH = datetime(1970, 1, 1)  # naive, in UTC
+#: The range of google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
 _string = json.encoder.encode_basestring  # the C escaper, as json.dumps(ensure_ascii=False)
 
 
-def validate(events: Sequence[pb.AuditEvent], reporter: str) -> list[uuid.UUID]:
-    """Refuses a batch with any bad event, naming the first one (nothing is appended).
+class _Prepared(NamedTuple):
+    """One validated event: its row and its canonical bytes, but for what sequencing adds.
 
-    Returns the parsed event ids."""
+    The canonical JSON is `head + log_index + middle + record_time + tail` (keys sorted),
+    so everything but the log index and record time is done before the append lock.
+    """
+
+    event_id: uuid.UUID
+    event_time: datetime
+    columns: tuple[object, ...]  # reporter .. break_glass_reason, as _EVENT_COLUMNS
+    head: str
+    middle: str
+    tail: str
+
+
+def prepare(events: Sequence[pb.AuditEvent], reporter: str) -> list[_Prepared]:
+    """Validates a batch and does each event's work that needs no log index.
+
+    Refuses the batch at its first bad event, naming it (nothing is appended)."""
     if not events:
         raise InvalidArgument("EMPTY_BATCH", "AppendEvents needs at least one event")
     if len(events) > MAX_BATCH:
         raise InvalidArgument("BATCH_TOO_LARGE", f"at most {MAX_BATCH} events per call")
-    ids = []
-    for index, event in enumerate(events):
-        try:
-            ids.append(uuid.UUID(event.event_id))
-        except ValueError:
-            raise InvalidArgument(
-                "INVALID_EVENT_ID", f"events[{index}]: event_id must be a UUID", index=index
-            ) from None
-        problem = _problem(event, reporter)
-        if problem:
-            reason, message = problem
-            raise InvalidArgument(reason, f"events[{index}]: {message}", index=index)
-    return ids
+    return [_prepare(event, reporter, index) for index, event in enumerate(events)]
 
 
-def _problem(event: pb.AuditEvent, reporter: str) -> tuple[str, str] | None:
+def _prepare(event: pb.AuditEvent, reporter: str, index: int) -> _Prepared:
+    def refuse(reason: str, message: str) -> InvalidArgument:
+        return InvalidArgument(reason, f"events[{index}]: {message}", index=index)
+
+    try:
+        event_id = uuid.UUID(event.event_id)
+    except ValueError:
+        raise refuse("INVALID_EVENT_ID", "event_id must be a UUID") from None
     if not event.HasField("event_time"):
-        return "MISSING_EVENT_TIME", "event_time is required"
-    if not event.actor.workload:
-        return "MISSING_ACTOR", "actor.workload is required"
-    if event.action not in _ACTIONS:
-        return "INVALID_ACTION", "action must be set to a known value"
-    if event.outcome not in _OUTCOMES:
-        return "INVALID_OUTCOME", "outcome must be set to a known value"
-    if event.service != reporter:
-        return "SERVICE_MISMATCH", f"a workload may only report its own events ({reporter!r})"
+        raise refuse("MISSING_EVENT_TIME", "event_time is required")
+    seconds, nanos = event.event_time.seconds, event.event_time.nanos
+    if not (_FIRST_SECOND <= seconds <= _LAST_SECOND and 0 <= nanos < 1_000_000_000):
+        raise refuse("INVALID_EVENT_TIME", "event_time must be a valid timestamp")
     actor = event.actor
-    longest = max(
-        len(event.resource), len(event.patient_pseudonym), len(event.service), len(event.method),
-        len(event.trace_id), len(event.break_glass_reason), len(actor.workload), len(actor.user),
-        *map(len, actor.roles),
+    workload, user, roles = actor.workload, actor.user, sorted(actor.roles)
+    if not workload:
+        raise refuse("MISSING_ACTOR", "actor.workload is required")
+    action, outcome = _ACTION_NAMES.get(event.action), _OUTCOME_NAMES.get(event.outcome)
+    if action is None:
+        raise refuse("INVALID_ACTION", "action must be set to a known value")
+    if outcome is None:
+        raise refuse("INVALID_OUTCOME", "outcome must be set to a known value")
+    service = event.service
+    if service != reporter:
+        raise refuse("SERVICE_MISMATCH", f"a workload may only report its own events: {reporter}")
+    resource, patient, method = event.resource, event.patient_pseudonym, event.method
+    trace_id, reason = event.trace_id, event.break_glass_reason
+    texts = (workload, user, resource, patient, service, method, trace_id, reason, *roles)
+    if len(roles) > MAX_ROLES or max(map(len, texts)) > MAX_FIELD_CHARS:
+        raise refuse("EVENT_TOO_LARGE", f"fields are limited to {MAX_FIELD_CHARS} characters")
+    when = _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return _Prepared(
+        event_id,
+        when.replace(tzinfo=UTC),
+        (reporter, workload, user, roles, event.action, event.outcome, resource, patient,
+         service, method, trace_id, reason),
+        f'{{"action":"{action}","actor":{{"roles":[{",".join(map(_string, roles))}],'
+        f'"user":{_string(user)},"workload":{_string(workload)}}},'
+        f'"break_glass_reason":{_string(reason)},"event_id":"{event_id}",'
+        f'"event_time":"{when.isoformat(timespec="microseconds")}Z","log_index":',
+        f',"method":{_string(method)},"outcome":"{outcome}",'
+        f'"patient_pseudonym":{_string(patient)},"record_time":"',
+        f'","resource":{_string(resource)},"service":{_string(service)},'
+        f'"trace_id":{_string(trace_id)}}}',
     )  # fmt: skip
-    if longest > MAX_FIELD_CHARS or len(actor.roles) > MAX_ROLES:
-        return "EVENT_TOO_LARGE", f"fields are limited to {MAX_FIELD_CHARS} characters"
-    return None
 
 
-def _rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+def canonical(prepared: _Prepared, *, log_index: int, record_time: str) -> bytes:
+    """The bytes an event's leaf hash covers: UTF-8 JSON, keys sorted, no spaces.
 
-
-def canonical(
-    event: pb.AuditEvent, *, log_index: int, event_id: uuid.UUID, event_time: str, record_time: str
-) -> bytes:
-    """The bytes the event's leaf hash covers: UTF-8 JSON, keys sorted, no spaces.
-
-    Times are RFC 3339 in UTC with microseconds (`_rfc3339`), as PostgreSQL keeps them;
-    enums by name. Written out by hand in key order because it runs once per appended
-    event; a test checks it against json.dumps(sort_keys=True).
+    Times are RFC 3339 in UTC with exactly six fractional digits, as PostgreSQL keeps
+    them; enums by name. Written out by hand (in `_prepare`) because it runs once per
+    appended event; a test checks it against json.dumps(sort_keys=True).
     """
-    actor = event.actor
-    roles = ",".join(_string(role) for role in sorted(actor.roles))
-    return (
-        f'{{"action":"{_ACTION_NAMES[event.action]}",'
-        f'"actor":{{"roles":[{roles}],"user":{_string(actor.user)},'
-        f'"workload":{_string(actor.workload)}}},'
-        f'"break_glass_reason":{_string(event.break_glass_reason)},'
-        f'"event_id":"{event_id}","event_time":"{event_time}","log_index":{log_index},'
-        f'"method":{_string(event.method)},"outcome":"{_OUTCOME_NAMES[event.outcome]}",'
-        f'"patient_pseudonym":{_string(event.patient_pseudonym)},'
-        f'"record_time":"{record_time}","resource":{_string(event.resource)},'
-        f'"service":{_string(event.service)},"trace_id":{_string(event.trace_id)}}}'
-    ).encode()
+    return f"{prepared.head}{log_index}{prepared.middle}{record_time}{prepared.tail}".encode()
 
 
 async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: str) -> list[int]:
     """Appends the events in order; returns each one's log index.
 
-    The per-event work (validation, canonical bytes, hashes) runs in a thread, so a large
-    batch does not hold up the event loop.
+    The per-event work runs in threads, so a large batch does not hold up the event
+    loop, and most of it before the append lock, so concurrent appenders overlap it.
     """
-    ids = await asyncio.to_thread(validate, events, reporter)
+    prepared = await asyncio.to_thread(prepare, events, reporter)
+    ids = [p.event_id for p in prepared]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _APPEND_LOCK)
         known = {
@@ -159,79 +173,40 @@ async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: 
         }
         size = await _size(conn)
         frontier = await nodes(conn, merkle.range_nodes(0, size))
-        batch = await asyncio.to_thread(
-            _new_rows, events, ids, known, size, frontier=frontier, reporter=reporter
-        )
-        if batch.rows:
-            await conn.copy_records_to_table(
-                "audit_events", records=batch.rows, columns=_EVENT_COLUMNS
-            )
-            await conn.copy_records_to_table(
-                "tree_nodes",
-                records=[(level, idx, h) for (level, idx), h in batch.nodes.items() if level > 0],
-                columns=["level", "idx", "hash"],
-            )
-    return batch.indexes
+        indexes, rows = await asyncio.to_thread(_sequence, prepared, known, size, frontier)
+        if rows:
+            await conn.copy_records_to_table("audit_events", records=rows, columns=_EVENT_COLUMNS)
+    return indexes
 
 
-@dataclass(frozen=True)
-class _Batch:
-    indexes: list[int]
-    rows: list[tuple[object, ...]]
-    nodes: dict[merkle.Node, bytes]
-
-
-def _new_rows(
-    events: Sequence[pb.AuditEvent],
-    ids: Sequence[uuid.UUID],
+def _sequence(
+    prepared: Sequence[_Prepared],
     known: dict[uuid.UUID, int],
     size: int,
-    *,
     frontier: dict[merkle.Node, bytes],
-    reporter: str,
-) -> _Batch:
-    """The rows and tree nodes of the events not yet in a log of `size` events."""
+) -> tuple[list[int], list[tuple[object, ...]]]:
+    """Each event's log index, and the rows of those not yet in a log of `size` events."""
     record = datetime.now(UTC)
     record_time = _rfc3339(record)
-    rows: list[tuple[object, ...]] = []
-    leaves: list[bytes] = []
+    new: list[tuple[int, _Prepared, bytes]] = []
     indexes = []
-    for event_id, event in zip(ids, events, strict=True):
-        if event_id not in known:
-            index = known[event_id] = size + len(rows)
-            event_time = event.event_time.ToDatetime(tzinfo=UTC)
-            data = canonical(
-                event,
-                log_index=index,
-                event_id=event_id,
-                event_time=_rfc3339(event_time),
-                record_time=record_time,
-            )
-            leaves.append(merkle.leaf_hash(data))
-            rows.append(
-                (
-                    index,
-                    event_id,
-                    event_time,
-                    record,
-                    reporter,
-                    event.actor.workload,
-                    event.actor.user,
-                    sorted(event.actor.roles),
-                    event.action,
-                    event.outcome,
-                    event.resource,
-                    event.patient_pseudonym,
-                    event.service,
-                    event.method,
-                    event.trace_id,
-                    event.break_glass_reason,
-                    data,
-                    leaves[-1],
-                )
-            )
-        indexes.append(known[event_id])
-    return _Batch(indexes, rows, merkle.parents_of_new_leaves(size, leaves, frontier))
+    for event in prepared:
+        if event.event_id not in known:
+            index = known[event.event_id] = size + len(new)
+            new.append((index, event, canonical(event, log_index=index, record_time=record_time)))
+        indexes.append(known[event.event_id])
+    leaves = [merkle.leaf_hash(data) for _, _, data in new]
+    tree = merkle.parents_of_new_leaves(size, leaves, frontier)
+    rows: list[tuple[object, ...]] = [
+        (index, event.event_id, event.event_time, record, *event.columns, data, leaf,
+         b"".join(tree[node] for node in merkle.completed_by(index)))
+        for (index, event, data), leaf in zip(new, leaves, strict=True)
+    ]  # fmt: skip
+    return indexes, rows
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 async def _size(conn: asyncpg.Connection) -> int:
@@ -249,23 +224,22 @@ async def nodes(
 ) -> dict[merkle.Node, bytes]:
     """The stored perfect-subtree hashes of `wanted`, in one query.
 
-    Level 0 (the leaves) is read from the events themselves, higher levels from tree_nodes.
+    A node lives in the row of its last leaf: level 0 is the leaf hash, and level l >= 1
+    the l-th 32 bytes of subtree_hashes (`merkle.completed_by`).
     """
-    leaves: list[merkle.Node] = []
-    higher: list[merkle.Node] = []
-    for level, idx in wanted:
-        (leaves if level == 0 else higher).append((level, idx))
+    wanted = list(wanted)
     rows = await conn.fetch(
-        "SELECT 0::smallint AS level, log_index AS idx, leaf_hash AS hash FROM audit_events "
-        "WHERE log_index = ANY($1::bigint[]) "
-        "UNION ALL "
-        "SELECT n.level, n.idx, n.hash FROM tree_nodes n "
-        "JOIN unnest($2::smallint[], $3::bigint[]) AS w(level, idx) USING (level, idx)",
-        [idx for _, idx in leaves],
-        [level for level, _ in higher],
-        [idx for _, idx in higher],
+        "SELECT log_index, leaf_hash, subtree_hashes FROM audit_events "
+        "WHERE log_index = ANY($1::bigint[])",
+        list({merkle.last_leaf(node) for node in wanted}),
     )
-    return {(row["level"], row["idx"]): bytes(row["hash"]) for row in rows}
+    stored = {row["log_index"]: row["leaf_hash"] + row["subtree_hashes"] for row in rows}
+    found = {}
+    for level, idx in wanted:
+        hashes = stored.get(merkle.last_leaf((level, idx)), b"")
+        if len(hashes) >= 32 * (level + 1):
+            found[(level, idx)] = hashes[32 * level : 32 * (level + 1)]
+    return found
 
 
 async def _hashes(pool: asyncpg.Pool, ranges: Sequence[merkle.Range]) -> list[bytes]:

@@ -54,6 +54,18 @@ def fold(ranges: Sequence[Range], nodes: Mapping[Node, bytes]) -> list[bytes]:
     return hashes
 
 
+def last_leaf(node: Node) -> int:
+    """The leaf whose append completes the perfect subtree `node`."""
+    level, index = node
+    return ((index + 1) << level) - 1
+
+
+def completed_by(leaf: int) -> list[Node]:
+    """The perfect subtrees of two or more leaves that `leaf` completes, smallest first."""
+    levels = ((leaf + 1) & -(leaf + 1)).bit_length() - 1  # trailing one bits of leaf
+    return [(level, leaf >> level) for level in range(1, levels + 1)]
+
+
 def needed(ranges: Sequence[Range]) -> set[Node]:
     return {node for start, end in ranges for node in range_nodes(start, end)}
 

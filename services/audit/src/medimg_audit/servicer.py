@@ -30,6 +30,7 @@ POLICY = {
     "GetInclusionProof": _AUDITORS,
     "GetConsistencyProof": _AUDITORS,
     "ExportAuditEvents": _AUDITORS,
+    "StreamAccessLogs": frozenset[Role](),  # the gateway's own access log (logins.py)
 }
 
 

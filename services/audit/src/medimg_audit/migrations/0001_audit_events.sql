@@ -1,6 +1,6 @@
--- The audit log: events, the perfect-subtree hashes of their RFC 9162 Merkle tree, and
--- the signed checkpoints. All three are append-only: the service's role may only
--- INSERT and SELECT, and triggers refuse UPDATE, DELETE and TRUNCATE even for the owner.
+-- The audit log: events with their RFC 9162 Merkle tree, and the signed checkpoints.
+-- Both are append-only: the service's role may only INSERT and SELECT, and triggers
+-- refuse UPDATE, DELETE and TRUNCATE even for the owner.
 
 CREATE TABLE audit_events (
     log_index          bigint PRIMARY KEY CHECK (log_index >= 0),
@@ -21,7 +21,12 @@ CREATE TABLE audit_events (
     break_glass_reason text NOT NULL DEFAULT '',
     -- The bytes the leaf hash covers (see medimg_audit.log.canonical) and the hash.
     canonical          bytea NOT NULL,
-    leaf_hash          bytea NOT NULL CHECK (length(leaf_hash) = 32)
+    leaf_hash          bytea NOT NULL CHECK (length(leaf_hash) = 32),
+    -- The tree, stored with the leaves: node (level, idx) covers the leaves
+    -- [idx * 2^level, (idx + 1) * 2^level) and lives in the row of the last of them, as
+    -- bytes [32 * (level - 1), 32 * level) here (level 0 is leaf_hash). So a root or a
+    -- proof reads O(log n) rows by primary key.
+    subtree_hashes     bytea NOT NULL CHECK (length(subtree_hashes) % 32 = 0)
 );
 -- Events arrive in about time order, so a BRIN index serves time ranges at a fraction
 -- of a B-tree's cost per append. Workloads are few: their filter scans in log order.
@@ -30,15 +35,6 @@ CREATE INDEX audit_events_by_user ON audit_events (actor_user, log_index) WHERE 
 CREATE INDEX audit_events_by_patient ON audit_events (patient_pseudonym, log_index)
     WHERE patient_pseudonym <> '';
 CREATE INDEX audit_events_by_resource ON audit_events (resource text_pattern_ops, log_index);
-
--- Node (level, idx) is the hash of the perfect subtree over leaves
--- [idx * 2^level, (idx + 1) * 2^level), for level >= 1; level 0 is audit_events.leaf_hash.
-CREATE TABLE tree_nodes (
-    level smallint NOT NULL CHECK (level >= 1 AND level < 64),
-    idx   bigint NOT NULL CHECK (idx >= 0),
-    hash  bytea NOT NULL CHECK (length(hash) = 32),
-    PRIMARY KEY (level, idx)
-);
 
 CREATE TABLE checkpoints (
     tree_size bigint PRIMARY KEY CHECK (tree_size >= 0),
@@ -60,10 +56,6 @@ CREATE TRIGGER audit_events_no_update_delete BEFORE UPDATE OR DELETE ON audit_ev
     FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
 CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
     FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
-CREATE TRIGGER tree_nodes_no_update_delete BEFORE UPDATE OR DELETE ON tree_nodes
-    FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
-CREATE TRIGGER tree_nodes_no_truncate BEFORE TRUNCATE ON tree_nodes
-    FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
 CREATE TRIGGER checkpoints_no_update_delete BEFORE UPDATE OR DELETE ON checkpoints
     FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
 CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints
@@ -78,4 +70,4 @@ BEGIN
     END IF;
 END
 $$;
-GRANT SELECT, INSERT ON audit_events, tree_nodes, checkpoints TO medimg_audit_writer;
+GRANT SELECT, INSERT ON audit_events, checkpoints TO medimg_audit_writer;
