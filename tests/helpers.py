@@ -20,6 +20,7 @@ from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli import demo
 from medimg_cli.platform import Platform
+from medimg_ingest.deid.keyed import replacement_uid
 
 
 def pydicom_file(name: str) -> BytesIO:
@@ -43,8 +44,11 @@ def fresh_instance(name: str = "CT_small.dcm", **changes: object) -> bytes:
     return out.getvalue()
 
 
-def study_of(data: bytes) -> str:
-    return str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)).StudyInstanceUID)
+def study_of(platform: Platform, data: bytes) -> str:
+    """The study of `data` as the platform stores it: its UID replaced under the dev key."""
+    assert platform.pki is not None
+    original = str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)).StudyInstanceUID)
+    return replacement_uid(platform.pki.deid_key.read_bytes(), original)
 
 
 def error_reason(error: grpc.RpcError) -> str:

@@ -19,9 +19,14 @@ def stored_objects(platform: Platform) -> set[str]:
     return {str(p) for p in (platform.state / "objects").rglob("*") if p.is_file()}
 
 
-def upload_stream(platform: Platform, requests: Iterator[ingest_pb.UploadInstancesRequest]) -> None:
+def upload_stream(
+    platform: Platform, requests: Iterator[ingest_pb.UploadInstancesRequest]
+) -> ingest_pb.UploadInstancesResponse:
     with channel(platform, "ingest") as ch:
-        ingest_grpc.IngestServiceStub(ch).UploadInstances(requests, timeout=10)
+        answer: ingest_pb.UploadInstancesResponse = ingest_grpc.IngestServiceStub(
+            ch
+        ).UploadInstances(requests, timeout=10)
+        return answer
 
 
 @pytest.mark.parametrize(
@@ -38,10 +43,9 @@ def test_bad_file_is_rejected_and_nothing_is_stored(
     platform: Platform, files: list[bytes], reason: str
 ) -> None:
     before = stored_objects(platform)
-    with pytest.raises(grpc.RpcError) as caught:
-        upload_stream(platform, demo.chunks(*files))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error_reason(caught.value) == reason
+    [result] = upload_stream(platform, demo.chunks(*files)).results
+    assert (result.outcome, result.reason) == (ingest_pb.InstanceResult.OUTCOME_REJECTED, reason)
+    assert result.message and not result.instance
     assert stored_objects(platform) == before
 
 
@@ -54,21 +58,21 @@ def test_empty_stream_is_rejected(platform: Platform) -> None:
 
 def test_file_without_required_uid_is_rejected(platform: Platform) -> None:
     data = fresh_instance(SOPInstanceUID="")
-    with pytest.raises(grpc.RpcError) as caught:
-        upload_stream(platform, demo.chunks(data))
-    assert error_reason(caught.value) == "MISSING_SOP_INSTANCE_UID"
+    [result] = upload_stream(platform, demo.chunks(data)).results
+    assert result.reason == "MISSING_SOP_INSTANCE_UID"
 
 
-def test_one_bad_file_fails_the_whole_upload(platform: Platform, rest: httpx.Client) -> None:
+def test_one_bad_file_does_not_fail_its_neighbours(platform: Platform, rest: httpx.Client) -> None:
     good = fresh_instance()
-    before = stored_objects(platform)
-    with pytest.raises(grpc.RpcError) as caught:
-        upload_stream(platform, demo.chunks(good, b"garbage" * 100))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "file 1" in (caught.value.details() or "")
-    assert stored_objects(platform) == before
+    stored, refused = upload_stream(platform, demo.chunks(good, b"garbage" * 100)).results
+    assert stored.outcome == ingest_pb.InstanceResult.OUTCOME_STORED
+    assert (refused.outcome, refused.reason) == (
+        ingest_pb.InstanceResult.OUTCOME_REJECTED,
+        "NOT_DICOM",
+    )
+    assert "file 1" in refused.message
     headers = bearer(platform, "dr-house", "clinician")
-    assert rest.get(f"/v1/studies/{study_of(good)}", headers=headers).status_code == 404
+    assert rest.get(f"/v1/studies/{study_of(platform, good)}", headers=headers).status_code == 200
 
 
 def test_bad_page_token_is_invalid_argument(platform: Platform, rest: httpx.Client) -> None:

@@ -190,7 +190,7 @@ def test_permission_is_checked_before_existence(platform: Platform, rest: httpx.
     upload(platform, ct)
 
     headers = bearer(platform, "auditor-1", "auditor")
-    real = rest.get(f"/v1/studies/{study_of(ct)}", headers=headers)
+    real = rest.get(f"/v1/studies/{study_of(platform, ct)}", headers=headers)
     missing = rest.get("/v1/studies/1.2.3.4.5.6.7.8.9", headers=headers)
     assert real.status_code == missing.status_code == 403
     assert real.json() == missing.json()

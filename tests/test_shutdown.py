@@ -23,7 +23,12 @@ async def test_sigterm_drains_in_flight_calls(platform: Platform) -> None:
     # session's platform keeps its ingest. It reports to audit through ingest's sidecar.
     port = 7101 + free_port_offset(platform.mesh, start=platform.port_offset + 1000)
     env = platform.service_env(
-        "ingest", PORT=str(port), METRICS_PORT="0", DRAIN_DELAY_SECONDS="2", GRACE_SECONDS="20"
+        "ingest",
+        PORT=str(port),
+        METRICS_PORT="0",
+        DIMSE_PORT="0",  # the platform's ingest has the DIMSE port
+        DRAIN_DELAY_SECONDS="2",
+        GRACE_SECONDS="20",
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -195,6 +195,14 @@ class RecordingIngest(ingest_grpc.IngestServiceServicer):
             pass
         return ingest_pb2.UploadInstancesResponse()
 
+    async def ReidentifyPatient(
+        self,
+        request: ingest_pb2.ReidentifyPatientRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> ingest_pb2.ReidentifyPatientResponse:
+        self._record("ReidentifyPatient", context)
+        return ingest_pb2.ReidentifyPatientResponse()
+
 
 class Services:
     """grpc.aio servers on one event loop in a background thread, so the tests stay sync."""

@@ -23,6 +23,9 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+NEW = index.Placement.NEW
+
+
 def stored(study: str, series: str, sop: str, modality: str = "CT") -> index.StoredObject:
     header = InstanceHeader(
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
@@ -37,9 +40,9 @@ def stored(study: str, series: str, sop: str, modality: str = "CT") -> index.Sto
 
 async def test_add_instances_tells_new_from_known(pool: asyncpg.Pool) -> None:
     first = [stored("1.1", "1.1.1", "1.1.1.1"), stored("1.1", "1.1.2", "1.1.2.1", "MR")]
-    assert await index.add_instances(pool, first) == [True, True]
+    assert await index.add_instances(pool, first) == [NEW, NEW]
     again = [stored("1.1", "1.1.1", "1.1.1.1"), stored("1.1", "1.1.1", "1.1.1.2")]
-    assert await index.add_instances(pool, again) == [False, True]
+    assert await index.add_instances(pool, again) == [index.Placement.DUPLICATE, NEW]
     study = await index.get_study(pool, "1.1")
     assert study is not None
     assert (study.series_count, study.instance_count) == (2, 3)
@@ -87,4 +90,5 @@ async def test_concurrent_batches_in_opposite_orders_do_not_deadlock(pool: async
         first, second = await asyncio.gather(
             index.add_instances(pool, [a, b]), index.add_instances(pool, [b, a])
         )
-        assert sorted([*first, *second]) == [False, False, True, True]
+        placements = [p.value for p in (*first, *second)]
+        assert sorted(placements) == ["duplicate", "duplicate", "new", "new"]

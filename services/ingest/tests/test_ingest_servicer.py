@@ -10,9 +10,11 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import grpc
+import pydicom
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -28,11 +30,14 @@ from medimg_core.identity import USER_HEADER, XFCC_HEADER
 from medimg_core.pagination import encode_token
 from medimg_core.server import Server
 from medimg_ingest.app import build
+from medimg_ingest.deid.keyed import replacement_uid
 from medimg_ingest.settings import IngestSettings
 
 SPIFFE = "spiffe://medimg.local/ns/medimg/sa/"
 Metadata = tuple[tuple[str, str], ...]
-CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
+DEID_KEY = bytes(range(32))
+#: CT_small.dcm's study, as ingest stores it: its UID replaced under DEID_KEY.
+CT_STUDY = replacement_uid(DEID_KEY, "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322")
 
 
 def user(subject: str, *roles: str) -> Metadata:
@@ -93,6 +98,11 @@ class Ingest:
     objects: Path
 
 
+def secret(path: Path, key: bytes) -> Path:
+    path.write_bytes(key)
+    return path
+
+
 @contextlib.asynccontextmanager
 async def running_ingest(database_url: str, redis: str, tmp_path: Path) -> AsyncIterator[Ingest]:
     """Ingest as its app builds it, with a fake audit peer and the given Redis."""
@@ -107,6 +117,8 @@ async def running_ingest(database_url: str, redis: str, tmp_path: Path) -> Async
         redis_url=redis,
         object_dir=tmp_path / "objects",
         audit_target=f"127.0.0.1:{audit_port}",
+        deid_key_file=secret(tmp_path / "deid.key", DEID_KEY),
+        identity_key_file=secret(tmp_path / "identity.key", bytes(32)),
         max_instance_bytes=100_000,
         grace_seconds=1,
     )
@@ -170,18 +182,22 @@ async def test_a_researcher_may_not_upload(ingest: Ingest) -> None:
     assert (refused.actor.user, list(refused.actor.roles)) == ("r", ["researcher"])
 
 
-async def test_a_bad_file_fails_the_upload_with_its_index(ingest: Ingest) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await ingest.stub.UploadInstances(
-            upload(dicom_file("CT_small.dcm"), b"GIF89a not dicom"), metadata=CLINICIAN, timeout=10
-        )
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reason(caught.value) == ("NOT_DICOM", {"index": "1"})
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await ingest.stub.GetStudy(
-            pb.GetStudyRequest(name=f"studies/{CT_STUDY}"), metadata=CLINICIAN, timeout=5
-        )
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+async def test_a_bad_file_is_refused_and_its_neighbours_stored(ingest: Ingest) -> None:
+    response = await ingest.stub.UploadInstances(
+        upload(b"GIF89a not dicom", dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
+    )
+    refused, stored = response.results
+    assert (refused.index, refused.outcome, refused.reason) == (
+        0,
+        pb.InstanceResult.OUTCOME_REJECTED,
+        "NOT_DICOM",
+    )
+    assert refused.message and not refused.instance
+    assert stored.outcome == pb.InstanceResult.OUTCOME_STORED
+    assert stored.instance.startswith(f"studies/{CT_STUDY}/")
+    assert stored.patient_pseudonym.startswith("ANON-")
+    # Only the stored instance is in the audit log.
+    assert [e.resource for e in ingest.audit.events] == [stored.instance]
 
 
 async def test_an_oversized_file_is_refused(ingest: Ingest) -> None:
@@ -240,7 +256,7 @@ async def test_a_malformed_name_is_invalid_argument(ingest: Ingest, name: str) -
 
 
 async def test_list_studies_pages_through_every_study_once(ingest: Ingest) -> None:
-    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm"):
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm"):
         await ingest.stub.UploadInstances(upload(dicom_file(name)), metadata=CLINICIAN, timeout=10)
     reader = workload("training")
     seen: list[str] = []
@@ -337,3 +353,41 @@ async def test_with_audit_and_its_spool_down_uploads_and_reads_fail_closed(
             assert asyncio.get_running_loop().time() < deadline, "audit never came back"
             await asyncio.sleep(0.2)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # the upload left no trace
+
+
+async def test_only_an_admin_with_a_reason_reidentifies_and_it_is_audited(ingest: Ingest) -> None:
+    response = await ingest.stub.UploadInstances(
+        upload(dicom_file("CT_small.dcm")), metadata=CLINICIAN, timeout=10
+    )
+    name = f"patients/{response.results[0].patient_pseudonym}"
+    admin = user("root", "admin")
+    why = "critical finding must reach the referring clinician"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.ReidentifyPatient(
+            pb.ReidentifyPatientRequest(name=name, reason=why), metadata=CLINICIAN, timeout=5
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.ReidentifyPatient(
+            pb.ReidentifyPatientRequest(name=name, reason="because"), metadata=admin, timeout=5
+        )
+    assert reason(caught.value)[0] == "REASON_REQUIRED"
+    answer = await ingest.stub.ReidentifyPatient(
+        pb.ReidentifyPatientRequest(name=name, reason=why), metadata=admin, timeout=5
+    )
+    assert answer.patient_id == pydicom_value("CT_small.dcm", "PatientID")
+    event = ingest.audit.events[-1]
+    assert (event.resource, event.break_glass_reason, event.actor.user) == (name, why, "root")
+    assert event.patient_pseudonym == name.removeprefix("patients/")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest.stub.ReidentifyPatient(
+            pb.ReidentifyPatientRequest(name="patients/ANON-NOBODY", reason=why),
+            metadata=admin,
+            timeout=5,
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ingest.audit.events[-1].outcome == audit_pb.OUTCOME_FAILURE
+
+
+def pydicom_value(name: str, keyword: str) -> str:
+    return str(pydicom.dcmread(BytesIO(dicom_file(name))).get(keyword))

@@ -1,4 +1,4 @@
-"""The `medimg` command: `up`, `down`, `status`, `token`, `certs`, `mesh`."""
+"""The `medimg` command: `up`, `down`, `status`, `token`, `certs`, `mesh`, `ingest`, `audit`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medimg_cli import ingest as medimg_ingest
 from medimg_cli import mesh as meshlib
 from medimg_cli import verify as audit_verify
 from medimg_cli.pki import ensure_pki, mint_token
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("certs", help="create the dev CA, workload certificates and JWT key")
     render = commands.add_parser("mesh", help="render the Envoy configs from deploy/mesh.toml")
     render.add_argument("--out", type=Path, default=Path("deploy/envoy"))
+    medimg_ingest.add_arguments(
+        commands.add_parser("ingest", help="upload DICOM files and folders to the platform")
+    )
     audit = commands.add_parser("audit", help="the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify.add_arguments(
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "certs": _certs,
         "mesh": _mesh,
         "audit": audit_verify.command,
+        "ingest": medimg_ingest.command,
     }[args.command]
     return handler(args, state)
 
@@ -119,6 +124,9 @@ def _status(args: argparse.Namespace, state: Path) -> int:
 def _print_status(status: dict[str, Any]) -> None:
     print(f"medimg (pid {status['pid']}), state in {status['state_dir']}")
     print(f"  gateway (REST)   {status['gateway']['url']}")
+    print(
+        f"  DIMSE            {status['dimse']['address']} (AE title {status['dimse']['ae_title']})"
+    )
     for name, service in status["services"].items():
         print(
             f"  {name:<10} sidecar {service['sidecar']}  service {service['service']}  "

@@ -85,6 +85,17 @@ class Pki:
         """Its public half: what a verifier of the audit log trusts."""
         return self.root / "audit-log-pub.pem"
 
+    @property
+    def deid_key(self) -> Path:
+        """The HMAC key of ingest's de-identification: replacement UIDs, pseudonyms, date
+        shifts. The same key keeps them stable across restarts and doors."""
+        return self.root / "deid-key.bin"
+
+    @property
+    def identity_key(self) -> Path:
+        """The AES-256-GCM key that seals the pseudonym-to-patient links."""
+        return self.root / "identity-key.bin"
+
 
 def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[str]) -> Pki:
     """Creates whatever of the PKI under root is missing and keeps what is there and valid.
@@ -106,6 +117,9 @@ def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[st
         _create_jwt_key(pki.jwt_key, pki.jwks)
     if not (pki.audit_key.exists() and pki.audit_public_key.exists()):
         create_signing_key(pki.audit_key, pki.audit_public_key)
+    for secret in (pki.deid_key, pki.identity_key):
+        if not secret.exists():
+            _write_atomically(secret, os.urandom(32), 0o600)
     return pki
 
 

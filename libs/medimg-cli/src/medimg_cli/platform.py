@@ -40,6 +40,8 @@ DATABASES = {"audit": "medimg_audit", "ingest": "medimg_ingest"}
 #: Services that publish or read events on Redis.
 REDIS_USERS = ("ingest",)
 REDIS_PORT = 7400
+#: Ingest's DIMSE port (PACS and modalities send here), AE title MEDIMG.
+DIMSE_PORT = 11112
 
 
 def default_state_dir() -> Path:
@@ -243,7 +245,11 @@ class Platform:
         if service in REDIS_USERS:
             settings["REDIS_URL"] = self.server_redis_url
         if service == "ingest":
+            assert self.pki is not None
             settings["OBJECT_DIR"] = str(self.state / "objects")
+            settings["DEID_KEY_FILE"] = str(self.pki.deid_key)
+            settings["DIMSE_PORT"] = str(self.port(DIMSE_PORT))
+            settings["IDENTITY_KEY_FILE"] = str(self.pki.identity_key)
         if service == "audit":
             assert self.pki is not None
             settings["SIGNING_KEY_FILE"] = str(self.pki.audit_key)
@@ -340,6 +346,7 @@ class Platform:
         return {
             "pid": os.getpid(),
             "state_dir": str(self.state),
+            "dimse": {"ae_title": "MEDIMG", "address": f"127.0.0.1:{self.port(DIMSE_PORT)}"},
             "gateway": {
                 "url": self.gateway_url,
                 "admin": f"http://127.0.0.1:{self.port(self.mesh.gateway.admin_port)}",

@@ -161,6 +161,8 @@ class Access:
     resource: str
     outcome: pb.Outcome = pb.OUTCOME_SUCCESS
     patient_pseudonym: str = ""
+    #: Why a user broke the glass (re-identification), recorded with the event.
+    break_glass_reason: str = ""
 
 
 def kind_of(accesses: Sequence[Access]) -> Kind:
@@ -247,6 +249,7 @@ def event_for(access: Access, service: str) -> pb.AuditEvent:
         outcome=access.outcome,
         resource=access.resource,
         patient_pseudonym=access.patient_pseudonym,
+        break_glass_reason=access.break_glass_reason,
         service=service,
         trace_id=telemetry.current_trace_id(),
     )

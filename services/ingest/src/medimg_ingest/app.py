@@ -1,4 +1,5 @@
-"""Assembles the ingest service from its settings: index, object store, events, audit."""
+"""Assembles the ingest service from its settings: index, object store, events, audit,
+de-identification policy and keys."""
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -9,10 +10,12 @@ from medimg_core import channels, db
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition
+from medimg_ingest.dimse import DimseServer
+from medimg_ingest.identities import IdentityVault
 from medimg_ingest.objects import ObjectStore
+from medimg_ingest.pipeline import Pipeline
 from medimg_ingest.servicer import POLICY, IngestServicer
-from medimg_ingest.settings import IngestSettings
-from medimg_ingest.uploads import Uploads
+from medimg_ingest.settings import IngestSettings, policy_of
 
 
 async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceDefinition:
@@ -29,8 +32,30 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
     audit = await resources.enter_async_context(
         AuditClient.for_service(audit_channel, service="ingest", settings=settings, redis=events)
     )
-    uploads = Uploads(pool, ObjectStore(settings.object_dir), events, executor)
-    servicer = IngestServicer(pool, uploads, audit, settings)
+    vault = IdentityVault.from_file(settings.identity_key_file)
+    pipeline = Pipeline(
+        pool=pool,
+        objects=ObjectStore(settings.object_dir),
+        events=events,
+        executor=executor,
+        report=audit.report,
+        policy=policy_of(settings),
+        deid_key=settings.deid_key_file.read_bytes(),
+        vault=vault,
+    )
+    if settings.dimse_port:
+        dimse = DimseServer(
+            ingest=pipeline.ingest,
+            pool=pool,
+            report=audit.report,
+            ae_title=settings.dimse_ae_title,
+            host=settings.dimse_host,
+            port=settings.dimse_port,
+        )
+        dimse.start()
+        # Stops first at shutdown (the stack unwinds in reverse), while the pipeline works.
+        resources.callback(dimse.stop)
+    servicer = IngestServicer(pool, pipeline, audit, settings, vault)
     return ServiceDefinition(
         names=[ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
         add_to_server=lambda server: ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(

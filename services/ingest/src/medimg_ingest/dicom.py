@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, datetime
 from io import BytesIO
 
 import pydicom
 import pydicom.config
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from medimg_core.errors import InvalidArgument
@@ -27,15 +29,35 @@ _REQUIRED_UIDS = (
 
 @dataclass(frozen=True)
 class InstanceHeader:
+    """What the index keeps of an instance: its UIDs and the attributes queries match on."""
+
     sop_class_uid: str
     sop_instance_uid: str
     study_uid: str
     series_uid: str
     modality: str
     transfer_syntax: str
+    patient_id: str = ""
+    study_date: date | None = None
+    study_time: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part_examined: str = ""
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    number_of_frames: int | None = None
 
 
 def read_header(data: bytes, index: int) -> InstanceHeader:
+    """Parses and validates the file (see `read_instance`) and returns its header."""
+    return header_of(read_instance(data, index))
+
+
+def read_instance(data: bytes, index: int) -> pydicom.Dataset:
     """Parses the file (pixel data not decoded) or raises InvalidArgument naming the problem.
 
     `index` is the file's position in the upload, reported back in the error.
@@ -43,8 +65,7 @@ def read_header(data: bytes, index: int) -> InstanceHeader:
     if not data:
         raise InvalidArgument("EMPTY_FILE", f"file {index} is empty", index=index)
     try:
-        # Large values stay raw (unread), so the check below sees their declared lengths.
-        dataset = pydicom.dcmread(BytesIO(data), defer_size=1024)
+        dataset = pydicom.dcmread(BytesIO(data))
     except InvalidDicomError as error:
         raise InvalidArgument(
             "NOT_DICOM",
@@ -62,27 +83,71 @@ def read_header(data: bytes, index: int) -> InstanceHeader:
             "MALFORMED_DICOM", f"file {index} has a header but no data elements", index=index
         )
     _refuse_truncated(dataset, len(data), index)
-    uids = {}
     for keyword, reason in _REQUIRED_UIDS:
         value = str(dataset.get(keyword, "") or "")
         if not value or not UID(value).is_valid:
             raise InvalidArgument(
                 reason, f"file {index} has no valid {keyword}", index=index, keyword=keyword
             )
-        uids[keyword] = value
-    transfer_syntax = str(dataset.file_meta.get("TransferSyntaxUID", "") or "")
-    if not transfer_syntax:
+    if not str(dataset.file_meta.get("TransferSyntaxUID", "") or ""):
         raise InvalidArgument(
             "MISSING_TRANSFER_SYNTAX", f"file {index} has no Transfer Syntax UID", index=index
         )
+    return dataset
+
+
+def header_of(dataset: pydicom.Dataset) -> InstanceHeader:
+    """The header of a validated instance. Values that do not parse are left out, not refused:
+    queries then do not match on them, and the instance itself is kept as it came."""
     return InstanceHeader(
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_uid=uids["StudyInstanceUID"],
-        series_uid=uids["SeriesInstanceUID"],
-        modality=str(dataset.get("Modality", "") or "OT"),
-        transfer_syntax=transfer_syntax,
+        sop_class_uid=_text(dataset, "SOPClassUID"),
+        sop_instance_uid=_text(dataset, "SOPInstanceUID"),
+        study_uid=_text(dataset, "StudyInstanceUID"),
+        series_uid=_text(dataset, "SeriesInstanceUID"),
+        modality=_text(dataset, "Modality") or "OT",
+        transfer_syntax=str(dataset.file_meta.get("TransferSyntaxUID", "") or ""),
+        patient_id=_text(dataset, "PatientID"),
+        study_date=_date(_text(dataset, "StudyDate")),
+        study_time=_text(dataset, "StudyTime"),
+        accession_number=_text(dataset, "AccessionNumber"),
+        study_id=_text(dataset, "StudyID"),
+        study_description=_text(dataset, "StudyDescription"),
+        series_number=_integer(dataset, "SeriesNumber"),
+        series_description=_text(dataset, "SeriesDescription"),
+        body_part_examined=_text(dataset, "BodyPartExamined"),
+        instance_number=_integer(dataset, "InstanceNumber"),
+        rows=_integer(dataset, "Rows"),
+        columns=_integer(dataset, "Columns"),
+        number_of_frames=_integer(dataset, "NumberOfFrames"),
     )
+
+
+def _text(dataset: pydicom.Dataset, keyword: str) -> str:
+    try:
+        value = dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - a value its VR cannot hold: as if absent
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, (list, MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:1024]
+
+
+def _integer(dataset: pydicom.Dataset, keyword: str) -> int | None:
+    text = _text(dataset, keyword).split("\\")[0]
+    try:
+        number = int(float(text))
+    except ValueError:
+        return None
+    return number if -(2**31) <= number < 2**31 else None
+
+
+def _date(text: str) -> date | None:
+    try:
+        return datetime.strptime(text[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
 
 
 def _refuse_truncated(dataset: pydicom.Dataset, size: int, index: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,10 +14,22 @@ from medimg_ingest.dicom import InstanceHeader
 
 @dataclass(frozen=True)
 class StoredObject:
-    header: InstanceHeader
+    """A durable, de-identified object and what the index is to keep of it."""
+
+    header: InstanceHeader  # of the de-identified instance: its patient_id is the pseudonym
     size_bytes: int
     sha256: str
     object_key: str
+    #: Why the instance is held back from every query, or "" when it is not.
+    quarantine: str = ""
+    #: (key id, sealed Patient ID) of the pseudonym's patient, kept once per pseudonym.
+    identity: tuple[str, bytes] | None = None
+
+
+class Placement(enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # the same SOP Instance UID with the same content
+    CONFLICT = "conflict"  # the same SOP Instance UID with other content: the first stays
 
 
 @dataclass(frozen=True)
@@ -29,8 +42,8 @@ class StudySummary:
     update_time: datetime
 
 
-async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> list[bool]:
-    """Indexes the instances in one transaction; True for each one that was new."""
+async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> list[Placement]:
+    """Indexes the instances (or quarantines them) in one transaction; where each one went."""
     # Rows are locked in one global order (study, series, instance), so two uploads that
     # share studies cannot deadlock whatever order their files came in.
     order = sorted(
@@ -41,39 +54,71 @@ async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> 
             objects[i].header.sop_instance_uid,
         ),
     )
-    created = [False] * len(objects)
+    placements = [Placement.NEW] * len(objects)
     async with pool.acquire() as conn, conn.transaction():
         for i in order:
             obj = objects[i]
-            h = obj.header
-            await conn.execute(
-                "INSERT INTO studies (study_uid) VALUES ($1) "
-                "ON CONFLICT (study_uid) DO UPDATE SET update_time = now()",
-                h.study_uid,
-            )
-            await conn.execute(
-                "INSERT INTO series (series_uid, study_uid, modality) VALUES ($1, $2, $3) "
-                "ON CONFLICT (series_uid) DO NOTHING",
-                h.series_uid,
-                h.study_uid,
-                h.modality,
-            )
-            inserted = await conn.fetchval(
-                "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, "
-                "transfer_syntax, size_bytes, sha256, object_key) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-                "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING true",
-                h.sop_instance_uid,
-                h.series_uid,
-                h.study_uid,
-                h.sop_class_uid,
-                h.transfer_syntax,
-                obj.size_bytes,
-                obj.sha256,
-                obj.object_key,
-            )
-            created[i] = bool(inserted)
-    return created
+            if obj.identity is not None:
+                await conn.execute(
+                    "INSERT INTO identities (patient_pseudonym, key_id, sealed) "
+                    "VALUES ($1, $2, $3) ON CONFLICT (patient_pseudonym) DO NOTHING",
+                    obj.header.patient_id,
+                    *obj.identity,
+                )
+            add = _quarantine if obj.quarantine else _index
+            placements[i] = await add(conn, obj)
+    return placements
+
+
+async def _index(conn: asyncpg.Connection, obj: StoredObject) -> Placement:
+    h = obj.header
+    await conn.execute(
+        "INSERT INTO studies (study_uid, patient_pseudonym, study_date, study_time, "
+        "accession_number, study_id, study_description) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+        "ON CONFLICT (study_uid) DO UPDATE SET update_time = now()",
+        h.study_uid, h.patient_id, h.study_date, h.study_time, h.accession_number, h.study_id,
+        h.study_description,
+    )  # fmt: skip
+    await conn.execute(
+        "INSERT INTO series (series_uid, study_uid, modality, series_number, "
+        "series_description, body_part_examined) VALUES ($1, $2, $3, $4, $5, $6) "
+        "ON CONFLICT (series_uid) DO NOTHING",
+        h.series_uid, h.study_uid, h.modality, h.series_number, h.series_description,
+        h.body_part_examined,
+    )  # fmt: skip
+    inserted = await conn.fetchval(
+        "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, "
+        "transfer_syntax, size_bytes, sha256, object_key, instance_number, rows, columns, "
+        "number_of_frames) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+        "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING true",
+        h.sop_instance_uid, h.series_uid, h.study_uid, h.sop_class_uid, h.transfer_syntax,
+        obj.size_bytes, obj.sha256, obj.object_key, h.instance_number, h.rows, h.columns,
+        h.number_of_frames,
+    )  # fmt: skip
+    if inserted:
+        return Placement.NEW
+    known = await conn.fetchval(
+        "SELECT sha256 FROM instances WHERE sop_instance_uid = $1", h.sop_instance_uid
+    )
+    return Placement.DUPLICATE if known == obj.sha256 else Placement.CONFLICT
+
+
+async def _quarantine(conn: asyncpg.Connection, obj: StoredObject) -> Placement:
+    h = obj.header
+    inserted = await conn.fetchval(
+        "INSERT INTO quarantined_instances (sop_instance_uid, series_uid, study_uid, "
+        "sop_class_uid, patient_pseudonym, reason, size_bytes, sha256, object_key) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+        "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING true",
+        h.sop_instance_uid, h.series_uid, h.study_uid, h.sop_class_uid, h.patient_id,
+        obj.quarantine, obj.size_bytes, obj.sha256, obj.object_key,
+    )  # fmt: skip
+    if inserted:
+        return Placement.NEW
+    known = await conn.fetchval(
+        "SELECT sha256 FROM quarantined_instances WHERE sop_instance_uid = $1", h.sop_instance_uid
+    )
+    return Placement.DUPLICATE if known == obj.sha256 else Placement.CONFLICT
 
 
 _STUDY_SUMMARY = """

@@ -1,8 +1,8 @@
-"""The gRPC face of ingest: thin, over `uploads` and `index`."""
+"""The gRPC face of ingest: thin, over `pipeline` and `index`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
@@ -10,20 +10,25 @@ import asyncpg
 from medimg.ingest.v1 import ingest_service_pb2 as pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from medimg_core import pagination, timestamps
-from medimg_core.audit import Access, Action, AuditClient, Outcome
+from medimg_core.audit import Access, Action, AuditClient
+from medimg_core.audit import Outcome as AuditOutcome
 from medimg_core.calls import Context
 from medimg_core.errors import InvalidArgument, NotFound
 from medimg_core.identity import Role
 from medimg_ingest import index
+from medimg_ingest.identities import IdentityVault
+from medimg_ingest.pipeline import Outcome, Pipeline, collect_files
 from medimg_ingest.settings import IngestSettings
-from medimg_ingest.uploads import Uploads, collect_files
 
 _READERS = frozenset({Role("clinician"), Role("researcher"), Role("ml-engineer"), Role("admin")})
 POLICY = {
     "UploadInstances": frozenset({Role("clinician"), Role("admin")}),
     "ListStudies": _READERS,
     "GetStudy": _READERS,
+    "ReidentifyPatient": frozenset({Role("admin")}),
 }
+#: A reason shorter than this says nothing an auditor could check.
+MIN_REASON_CHARS = 10
 
 
 def _study(summary: index.StudySummary) -> pb.Study:
@@ -38,12 +43,27 @@ def _study(summary: index.StudySummary) -> pb.Study:
     )
 
 
+_OUTCOMES = {
+    Outcome.STORED: pb.InstanceResult.OUTCOME_STORED,
+    Outcome.DUPLICATE: pb.InstanceResult.OUTCOME_DUPLICATE,
+    Outcome.REJECTED: pb.InstanceResult.OUTCOME_REJECTED,
+    Outcome.CONFLICT: pb.InstanceResult.OUTCOME_CONFLICT,
+    Outcome.QUARANTINED: pb.InstanceResult.OUTCOME_QUARANTINED,
+}
+
+
 class IngestServicer(pb_grpc.IngestServiceServicer):
     def __init__(
-        self, pool: asyncpg.Pool, uploads: Uploads, audit: AuditClient, settings: IngestSettings
+        self,
+        pool: asyncpg.Pool,
+        pipeline: Pipeline,
+        audit: AuditClient,
+        settings: IngestSettings,
+        vault: IdentityVault,
     ) -> None:
         self._pool = pool
-        self._uploads = uploads
+        self._pipeline = pipeline
+        self._vault = vault
         self._audit = audit
         self._settings = settings
 
@@ -61,23 +81,18 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             self._settings.max_instance_bytes,
             max_total_bytes=self._settings.max_upload_bytes,
         )
-
-        async def record(instances: Sequence[str]) -> None:
-            await self._audit.report([Access(Action.ACTION_CREATE, i) for i in instances])
-
-        outcomes = await self._uploads.store(files, before_index=record)
+        results = await self._pipeline.ingest(files)
         return pb.UploadInstancesResponse(
             results=[
                 pb.InstanceResult(
                     index=i,
-                    instance=o.instance,
-                    outcome=(
-                        pb.InstanceResult.OUTCOME_STORED
-                        if o.created
-                        else pb.InstanceResult.OUTCOME_DUPLICATE
-                    ),
+                    instance=r.instance,
+                    outcome=_OUTCOMES[r.outcome],
+                    reason=r.reason,
+                    message=r.message,
+                    patient_pseudonym=r.patient_pseudonym,
                 )
-                for i, o in enumerate(outcomes)
+                for i, r in enumerate(results)
             ]
         )
 
@@ -109,8 +124,32 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if prefix != "studies" or not uid or "/" in uid:
             raise InvalidArgument("INVALID_NAME", "name must look like studies/{study}")
         summary = await index.get_study(self._pool, uid)
-        outcome = Outcome.OUTCOME_SUCCESS if summary else Outcome.OUTCOME_FAILURE
+        outcome = AuditOutcome.OUTCOME_SUCCESS if summary else AuditOutcome.OUTCOME_FAILURE
         await self._audit.report([Access(Action.ACTION_READ, request.name, outcome)])
         if summary is None:
             raise NotFound("STUDY_NOT_FOUND", f"{request.name} is not in the index")
         return _study(summary)
+
+    async def ReidentifyPatient(
+        self, request: pb.ReidentifyPatientRequest, context: Context
+    ) -> pb.ReidentifyPatientResponse:
+        prefix, _, pseudonym = request.name.partition("/")
+        if prefix != "patients" or not pseudonym or "/" in pseudonym:
+            raise InvalidArgument("INVALID_NAME", "name must look like patients/{pseudonym}")
+        reason = request.reason.strip()
+        if len(reason) < MIN_REASON_CHARS:
+            raise InvalidArgument(
+                "REASON_REQUIRED",
+                f"say why the identity is needed, in at least {MIN_REASON_CHARS} characters",
+            )
+        sealed = await self._pool.fetchval(
+            "SELECT sealed FROM identities WHERE patient_pseudonym = $1", pseudonym
+        )
+        outcome = AuditOutcome.OUTCOME_SUCCESS if sealed else AuditOutcome.OUTCOME_FAILURE
+        access = Access(
+            Action.ACTION_READ, request.name, outcome, pseudonym, break_glass_reason=reason
+        )
+        await self._audit.report([access])  # before anything is revealed
+        if sealed is None:
+            raise NotFound("PATIENT_NOT_FOUND", f"{request.name} is not a known pseudonym")
+        return pb.ReidentifyPatientResponse(patient_id=self._vault.open(pseudonym, sealed))

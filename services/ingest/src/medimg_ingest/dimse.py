@@ -1,0 +1,242 @@
+"""The DIMSE door: a pynetdicom SCP for PACS and modalities (AE title MEDIMG by default).
+
+- C-ECHO answers.
+- C-STORE accepts every storage SOP class in every transfer syntax pynetdicom knows, and
+  sends each instance through the same pipeline as the other doors. Success (0000) once
+  the instance is durable, indexed and audited (also for a duplicate, or one held in
+  quarantine: it is kept); C000 with the reason in Error Comment when it is refused (not
+  valid, undecodable pixels, a conflicting instance); A700 when the platform cannot take
+  it now (the database or audit is down), which tells the sender to try again later.
+- C-FIND at STUDY and SERIES level (Study Root and Patient Root) on the index.
+
+pynetdicom runs each association in its own thread; the handlers hand their work to the
+service's event loop and wait for it, so the pipeline, the index and audit are the same
+objects every door uses. What came in over DIMSE is audited like any other access; the
+calling AE title is not an identity (DIMSE has no authentication here): restrict the port
+to the PACS and modalities by network policy, as hospitals do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    evt,
+)
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from medimg_core.audit import Access, Action
+from medimg_core.errors import InvalidArgument
+from medimg_ingest import search
+from medimg_ingest.pipeline import Outcome, Result
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANNOT_UNDERSTAND = 0xC000
+OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+#: Seconds a handler waits for the pipeline before telling the sender to retry.
+WAIT_SECONDS = 120
+
+
+class DimseServer:
+    def __init__(
+        self,
+        *,
+        ingest: Callable[[Sequence[bytes]], Awaitable[list[Result]]],
+        pool: asyncpg.Pool,
+        report: Callable[[Sequence[Access]], Awaitable[object]],
+        ae_title: str,
+        host: str,
+        port: int,
+    ) -> None:
+        self._ingest = ingest
+        self._pool = pool
+        self._report = report
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ae = AE(ae_title=ae_title)
+        self._ae.maximum_pdu_size = 0  # no limit on what we receive
+        for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            self._ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for sop_class in (
+            Verification,
+            StudyRootQueryRetrieveInformationModelFind,
+            PatientRootQueryRetrieveInformationModelFind,
+        ):
+            self._ae.add_supported_context(sop_class)
+        self._address = (host, port)
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.server_address[1]
+        return port
+
+    def start(self) -> None:
+        """Listens; associations are served in threads until `stop`."""
+        self._loop = asyncio.get_running_loop()
+        self._server = self._ae.start_server(
+            self._address,
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_ECHO, lambda event: SUCCESS),
+                (evt.EVT_C_STORE, self._store),
+                (evt.EVT_C_FIND, self._find),
+            ],
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _run(self, work: Awaitable[T]) -> T:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(_awaited(work), self._loop)
+        return future.result(WAIT_SECONDS)
+
+    def _store(self, event: Any) -> int | Dataset:
+        try:
+            [result] = self._run(self._ingest([event.encoded_dataset(include_meta=True)]))
+        except Exception as error:  # noqa: BLE001 - the platform cannot take it now: A700
+            log.warning("C-STORE not taken", extra={"fields": {"error": type(error).__name__}})
+            return OUT_OF_RESOURCES
+        if result.outcome in (Outcome.STORED, Outcome.DUPLICATE, Outcome.QUARANTINED):
+            return SUCCESS
+        status = Dataset()
+        status.Status = CANNOT_UNDERSTAND
+        status.ErrorComment = (result.reason or "REFUSED")[:64]
+        return status
+
+    def _find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        identifier: Dataset = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", "")).upper()
+        try:
+            if level == "STUDY":
+                matches = self._run(self._studies(identifier))
+            elif level == "SERIES":
+                matches = self._run(self._series(identifier))
+            else:
+                yield IDENTIFIER_DOES_NOT_MATCH, None
+                return
+        except InvalidArgument:
+            yield IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        except Exception as error:  # noqa: BLE001 - answered with a failure status
+            log.warning("C-FIND failed", extra={"fields": {"error": type(error).__name__}})
+            yield UNABLE_TO_PROCESS, None
+            return
+        for match in matches:
+            if event.is_cancelled:
+                return
+            yield PENDING, _answer(identifier, match)
+
+    async def _studies(self, identifier: Dataset) -> list[dict[str, Any]]:
+        query = search.StudyQuery(
+            patient_id=_text(identifier, "PatientID"),
+            study_uids=_uids(identifier, "StudyInstanceUID"),
+            study_date=_text(identifier, "StudyDate"),
+            accession_number=_text(identifier, "AccessionNumber"),
+            study_id=_text(identifier, "StudyID"),
+            study_description=_text(identifier, "StudyDescription"),
+            modalities=_uids(identifier, "ModalitiesInStudy"),
+            limit=search.MAX_RESULTS,
+        )
+        studies = await search.find_studies(self._pool, query)
+        await self._report([Access(Action.ACTION_READ, "studies")])
+        return [
+            {
+                "QueryRetrieveLevel": "STUDY",
+                "StudyInstanceUID": s.study_uid,
+                "PatientID": s.patient_id,
+                "PatientName": s.patient_id,
+                "StudyDate": s.study_date.strftime("%Y%m%d") if s.study_date else "",
+                "StudyTime": s.study_time,
+                "AccessionNumber": s.accession_number,
+                "StudyID": s.study_id,
+                "StudyDescription": s.study_description,
+                "ModalitiesInStudy": s.modalities,
+                "NumberOfStudyRelatedSeries": s.series_count,
+                "NumberOfStudyRelatedInstances": s.instance_count,
+            }
+            for s in studies
+        ]
+
+    async def _series(self, identifier: Dataset) -> list[dict[str, Any]]:
+        number = _text(identifier, "SeriesNumber")
+        query = search.SeriesQuery(
+            study_uid=_text(identifier, "StudyInstanceUID"),
+            series_uids=_uids(identifier, "SeriesInstanceUID"),
+            modality=_text(identifier, "Modality"),
+            series_number=int(number) if number.isdigit() else None,
+            series_description=_text(identifier, "SeriesDescription"),
+            limit=search.MAX_RESULTS,
+        )
+        series = await search.find_series(self._pool, query)
+        await self._report([Access(Action.ACTION_READ, f"studies/{query.study_uid or '-'}/series")])
+        return [
+            {
+                "QueryRetrieveLevel": "SERIES",
+                "StudyInstanceUID": s.study_uid,
+                "SeriesInstanceUID": s.series_uid,
+                "Modality": s.modality,
+                "SeriesNumber": s.series_number if s.series_number is not None else "",
+                "SeriesDescription": s.series_description,
+                "BodyPartExamined": s.body_part_examined,
+                "NumberOfSeriesRelatedInstances": s.instance_count,
+            }
+            for s in series
+        ]
+
+
+async def _awaited(work: Awaitable[T]) -> T:
+    return await work
+
+
+def _text(identifier: Dataset, keyword: str) -> str:
+    value = identifier.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _uids(identifier: Dataset, keyword: str) -> list[str]:
+    """A list-of-values key (UIDs, ModalitiesInStudy); empty, or `*`, matches everything."""
+    value = identifier.get(keyword)
+    if value is None or value == "":
+        return []
+    items = list(value) if isinstance(value, MultiValue) else str(value).split("\\")
+    return [str(v).strip() for v in items if str(v).strip() not in ("", "*")]
+
+
+def _answer(identifier: Dataset, match: dict[str, Any]) -> Dataset:
+    """The identifier's keys, filled in from the match (keys it did not ask for are left out)."""
+    answer = Dataset()
+    for element in identifier:
+        keyword = element.keyword
+        if keyword in match:
+            setattr(answer, keyword, match[keyword])
+        elif keyword and keyword != "SpecificCharacterSet":
+            setattr(answer, keyword, element.value if keyword == "QueryRetrieveLevel" else None)
+    answer.QueryRetrieveLevel = match["QueryRetrieveLevel"]
+    if "SpecificCharacterSet" in identifier:
+        answer.SpecificCharacterSet = "ISO_IR 192"
+    return answer

@@ -1,0 +1,290 @@
+"""Series volumes: a series' pixels as one float32 array with its geometry, so that inference
+and training get a ready tensor and never parse DICOM.
+
+Geometry is read per frame from the functional groups of enhanced (multi-frame) objects,
+per-frame first and then shared, and otherwise from the top-level attributes; RT Dose's
+GridFrameOffsetVector gives its frames' positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy
+import numpy.typing
+import pydicom
+from pydicom.pixels.processing import apply_modality_lut
+
+from medimg_core.errors import InvalidArgument
+from medimg_ingest.pixels import decoded_frames, frame_count, pixel_keyword
+
+Float32Array = numpy.typing.NDArray[numpy.float32]
+Vector = tuple[float, float, float]
+
+#: Direction cosines that count as the same orientation (scanners print about 6 decimals).
+_ORIENTATION_TOLERANCE = 1e-4
+#: Pixel spacings (mm) that count as the same.
+_SPACING_TOLERANCE = 1e-4
+#: How far (as a fraction of the mean spacing, at least 1 µm) a gap between neighbouring
+#: slices may stray from the mean before the series counts as having a slice missing.
+_UNEVEN_FRACTION = 0.01
+_UNEVEN_MINIMUM_MM = 1e-3
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A series (or one multi-frame instance) as one array, in the patient coordinate system
+    of DICOM (LPS, millimetres).
+
+    `array` is float32, values after the Modality LUT (CT in Hounsfield units), shape
+    (slices, rows, columns); colour keeps a last axis of samples, RGB for YBR data. For one
+    multi-frame instance the slices are its frames. Palette colour stays as indices;
+    MONOCHROME1 is not inverted; RT Dose's DoseGridScaling is not applied.
+    `spacing` is in array axis order: (between slices, between rows, between columns), the
+    last two from PixelSpacing. The slice spacing comes from the slice positions when every
+    slice has one; otherwise from SpacingBetweenSlices, else SliceThickness, else 1.0.
+    `origin` is the ImagePositionPatient of slice 0 ((0, 0, 0) when it has none).
+    `direction` is 9 numbers: the row cosines (the way axis 2 runs), the column cosines
+    (axis 1) and the slice normal, their cross product (axis 0); identity without
+    ImageOrientationPatient.
+    `sop_instance_uids[k]` names the instance slice k came from.
+    """
+
+    array: Float32Array
+    spacing: Vector
+    origin: Vector
+    direction: tuple[float, ...]
+    sop_instance_uids: list[str]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """One frame of one instance and where it lies."""
+
+    instance: int
+    frame: int
+    position: Vector | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, ...] | None
+
+
+def series_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
+    """Builds the volume of single-frame instances of one series, or of one multi-frame one.
+
+    Slices are sorted along the slice normal by the projection of ImagePositionPatient on
+    it. When a slice has no position (or there is no orientation), single-frame slices are
+    sorted by InstanceNumber and frames keep their stored order. Refused (InvalidArgument
+    INCONSISTENT_SERIES): several series, multi-frame mixed with other instances, slices
+    differing in rows, columns, samples, orientation or pixel spacing, two slices at one
+    position, uneven slice spacing (a slice missing), or an order that cannot be told.
+    Pixel data that do not decode are refused as by `pixels.check_decodable`.
+    """
+    if not datasets:
+        raise InvalidArgument("EMPTY_SERIES", "a volume needs at least one instance")
+    _check_instances(datasets)
+    # Checks every instance's pixel data up front, before any frame is decoded.
+    frames_of = [decoded_frames(dataset) for dataset in datasets]
+    slices = [
+        _slice_of(dataset, instance, frame, frame_count(dataset))
+        for instance, dataset in enumerate(datasets)
+        for frame in range(frame_count(dataset))
+    ]
+    orientation = _common(
+        [s.orientation for s in slices], "ImageOrientationPatient", _ORIENTATION_TOLERANCE
+    )
+    pixel_spacing = _common([s.pixel_spacing for s in slices], "PixelSpacing", _SPACING_TOLERANCE)
+    normal = _normal(orientation) if orientation else None
+    slice_spacing: float | None = None
+    positions = [s.position for s in slices if s.position is not None]
+    if normal is not None and len(positions) == len(slices):
+        order, slice_spacing = _by_position(positions, normal)
+    else:
+        order = _by_instance_number(slices, datasets)
+    slices = [slices[k] for k in order]
+    first = datasets[0]
+    rows, columns, samples = int(first.Rows), int(first.Columns), int(first.SamplesPerPixel)
+    shape = (len(slices), rows, columns) + ((samples,) if samples > 1 else ())
+    array: Float32Array = numpy.empty(shape, dtype=numpy.float32)
+    rank = {(s.instance, s.frame): k for k, s in enumerate(slices)}
+    for instance, (dataset, frames) in enumerate(zip(datasets, frames_of, strict=True)):
+        for frame, pixels in enumerate(frames):
+            array[rank[instance, frame]] = _modality_values(pixels, dataset, frame, samples)
+    row_spacing, column_spacing = pixel_spacing or (1.0, 1.0)
+    return Volume(
+        array=array,
+        spacing=(slice_spacing or _nominal_slice_spacing(first), row_spacing, column_spacing),
+        origin=slices[0].position or (0.0, 0.0, 0.0),
+        direction=(
+            (*orientation, *(float(n) for n in normal))
+            if orientation and normal is not None
+            else _IDENTITY
+        ),
+        sop_instance_uids=[str(datasets[s.instance].SOPInstanceUID) for s in slices],
+    )
+
+
+def _check_instances(datasets: Sequence[pydicom.Dataset]) -> None:
+    if len({str(d.get("SeriesInstanceUID", "")) for d in datasets}) > 1:
+        raise _inconsistent("the instances belong to more than one series")
+    if len(datasets) > 1 and any(frame_count(d) > 1 for d in datasets):
+        raise _inconsistent(
+            "a volume is made of one multi-frame instance or of single-frame instances only"
+        )
+    for index, dataset in enumerate(datasets):
+        if pixel_keyword(dataset) is None:
+            raise InvalidArgument(
+                "NO_PIXEL_DATA", f"instance {index} has no pixel data", index=index
+            )
+    for keyword in ("Rows", "Columns", "SamplesPerPixel"):
+        if len({d.get(keyword) for d in datasets}) > 1:
+            raise _inconsistent(f"the slices differ in {keyword}", keyword=keyword)
+
+
+def _slice_of(dataset: pydicom.Dataset, instance: int, frame: int, frames: int) -> _Slice:
+    orientation = _numbers(
+        _macro(dataset, frame, "PlaneOrientationSequence"), "ImageOrientationPatient", 6
+    )
+    source = _macro(dataset, frame, "PlanePositionSequence")
+    position = _numbers(source, "ImagePositionPatient", 3)
+    if frames > 1 and source is dataset:
+        # A multi-frame object's top-level position is its first frame's; only RT Dose's
+        # GridFrameOffsetVector (offsets along the normal) places the others.
+        offsets = _numbers(dataset, "GridFrameOffsetVector", frames)
+        if position and orientation and offsets:
+            step = _normal(orientation) * (offsets[frame] - offsets[0])
+            position = tuple(numpy.asarray(position) + step)
+        else:
+            position = None
+    return _Slice(
+        instance=instance,
+        frame=frame,
+        position=_vector(position) if position else None,
+        orientation=orientation,
+        pixel_spacing=_numbers(_macro(dataset, frame, "PixelMeasuresSequence"), "PixelSpacing", 2),
+    )
+
+
+def _macro(dataset: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset:
+    """The item of a functional group macro that applies to `frame` (per-frame, then
+    shared, PS3.3 C.7.6.16), or the dataset itself for objects without functional groups."""
+    for groups_keyword, index in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        groups = dataset.get(groups_keyword) or []
+        if index < len(groups) and groups[index].get(sequence):
+            item: pydicom.Dataset = groups[index].get(sequence)[0]
+            return item
+    return dataset
+
+
+def _numbers(source: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | None:
+    """The element's values as finite floats, or None when absent, malformed or of another
+    length: geometry that does not parse is treated as missing."""
+    try:
+        value = source.get(keyword)
+        if value is None:
+            return None
+        items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        numbers = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != count or not all(numpy.isfinite(numbers)):
+        return None
+    return numbers
+
+
+def _common(
+    values: list[tuple[float, ...] | None], keyword: str, tolerance: float
+) -> tuple[float, ...] | None:
+    """The value every slice shares (absent everywhere counts as shared), or a refusal."""
+    first = values[0]
+    for value in values[1:]:
+        if (value is None) != (first is None) or (
+            value is not None
+            and first is not None
+            and not numpy.allclose(value, first, rtol=0, atol=tolerance)
+        ):
+            raise _inconsistent(f"the slices differ in {keyword}", keyword=keyword)
+    return first
+
+
+def _normal(orientation: tuple[float, ...]) -> numpy.typing.NDArray[numpy.float64]:
+    normal = numpy.cross(orientation[:3], orientation[3:])
+    length = float(numpy.linalg.norm(normal))
+    if length < 0.5:  # cosines that are not (nearly) orthonormal describe no plane
+        raise _inconsistent("ImageOrientationPatient does not describe a plane")
+    result: numpy.typing.NDArray[numpy.float64] = normal / length
+    return result
+
+
+def _by_position(
+    positions: list[Vector], normal: numpy.typing.NDArray[numpy.float64]
+) -> tuple[list[int], float | None]:
+    """The slice order along the normal and the spacing between neighbours (None for one
+    slice)."""
+    distances = numpy.array([numpy.dot(position, normal) for position in positions])
+    order = [int(k) for k in numpy.argsort(distances, kind="stable")]
+    if len(positions) == 1:
+        return order, None
+    gaps = numpy.diff(distances[order])
+    spacing = float(gaps.mean())
+    if float(gaps.min()) < _UNEVEN_MINIMUM_MM:
+        raise _inconsistent("two slices lie at the same position")
+    if float(numpy.abs(gaps - spacing).max()) > max(_UNEVEN_FRACTION * spacing, _UNEVEN_MINIMUM_MM):
+        raise _inconsistent("the slice spacing is uneven: a slice may be missing")
+    return order, spacing
+
+
+def _by_instance_number(slices: list[_Slice], datasets: Sequence[pydicom.Dataset]) -> list[int]:
+    """Frames keep their stored order; single-frame slices follow InstanceNumber."""
+    if len(datasets) == 1:
+        return list(range(len(slices)))
+    numbers = [_numbers(d, "InstanceNumber", 1) for d in datasets]
+    keys = [n[0] for n in numbers if n is not None]
+    if len(set(keys)) != len(datasets):  # one missing (keys is then short), or two the same
+        raise _inconsistent(
+            "the slice order is unknown: positions are missing and InstanceNumber is "
+            "missing or repeated"
+        )
+    return sorted(range(len(slices)), key=lambda k: keys[slices[k].instance])
+
+
+def _nominal_slice_spacing(dataset: pydicom.Dataset) -> float:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = _numbers(_macro(dataset, 0, "PixelMeasuresSequence"), keyword, 1)
+        value = value or _numbers(dataset, keyword, 1)
+        if value and value[0] > 0:
+            return value[0]
+    return 1.0
+
+
+def _modality_values(
+    pixels: numpy.typing.NDArray[Any], dataset: pydicom.Dataset, frame: int, samples: int
+) -> numpy.typing.NDArray[Any]:
+    """Stored values to modality values (e.g. CT to HU); colour has no Modality LUT."""
+    if samples > 1:
+        return pixels
+    if dataset.get("ModalityLUTSequence"):
+        lut: numpy.typing.NDArray[Any] = apply_modality_lut(pixels, dataset)
+        return lut
+    rescale = _macro(dataset, frame, "PixelValueTransformationSequence")
+    slope = _numbers(rescale, "RescaleSlope", 1) or (1.0,)
+    intercept = _numbers(rescale, "RescaleIntercept", 1) or (0.0,)
+    if (slope[0], intercept[0]) == (1.0, 0.0):
+        return pixels
+    # In float64 as pydicom's apply_modality_lut does, then stored as float32.
+    values: numpy.typing.NDArray[numpy.float64] = pixels.astype(numpy.float64)
+    return values * slope[0] + intercept[0]
+
+
+def _vector(values: Sequence[float]) -> Vector:
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)
+
+
+def _inconsistent(message: str, **metadata: str | int) -> InvalidArgument:
+    return InvalidArgument("INCONSISTENT_SERIES", message, **metadata)

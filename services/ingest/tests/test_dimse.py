@@ -1,0 +1,175 @@
+"""The DIMSE door with pynetdicom as the PACS: C-ECHO, C-STORE of a series, C-FIND, and
+refusals with their status and reason; on the real pipeline, PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from io import BytesIO
+from typing import Any, TypeVar
+
+import asyncpg
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from medimg_ingest.dimse import DimseServer
+from medimg_ingest.objects import ObjectStore
+from medimg_ingest.pipeline import Outcome, Pipeline
+from services.ingest.tests.support import MakePipeline, Recorded, dicom_file
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+async def door(
+    make_pipeline: MakePipeline, pool: asyncpg.Pool
+) -> AsyncIterator[tuple[DimseServer, Pipeline, Recorded]]:
+    pipeline, recorded = make_pipeline()
+    server = DimseServer(
+        ingest=pipeline.ingest, pool=pool, report=recorded, ae_title="MEDIMG",
+        host="127.0.0.1", port=0,
+    )  # fmt: skip
+    server.start()
+    yield server, pipeline, recorded
+    server.stop()
+
+
+async def as_pacs(server: DimseServer, work: Callable[[Any], T], *contexts: Any) -> T:
+    """Runs `work(association)` as a stock SCU would, in a thread (the SCP needs the loop)."""
+
+    def run() -> T:
+        ae = AE(ae_title="PACS")
+        for context in contexts:
+            ae.add_requested_context(*context)
+        association = ae.associate("127.0.0.1", server.port, ae_title="MEDIMG")
+        assert association.is_established
+        try:
+            return work(association)
+        finally:
+            association.release()
+
+    return await asyncio.to_thread(run)
+
+
+def series(count: int, syntax: UID = ExplicitVRLittleEndian) -> list[Dataset]:
+    """`count` instances of one new CT series, from pydicom's CT_small."""
+    study, series_uid = generate_uid(), generate_uid()
+    instances: list[Dataset] = []
+    for n in range(count):
+        dataset = pydicom.dcmread(BytesIO(dicom_file("CT_small.dcm")))
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series_uid
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.InstanceNumber = n + 1
+        dataset.file_meta.TransferSyntaxUID = syntax
+        out = BytesIO()
+        dataset.save_as(out, enforce_file_format=True)  # encoded as `syntax` says
+        instances.append(pydicom.dcmread(BytesIO(out.getvalue())))
+    return instances
+
+
+async def test_c_echo(door: tuple[DimseServer, Pipeline, Recorded]) -> None:
+    server, _, _ = door
+    status = await as_pacs(server, lambda a: a.send_c_echo(), (Verification,))
+    assert status.Status == 0x0000
+
+
+async def test_a_series_is_stored_and_found(
+    door: tuple[DimseServer, Pipeline, Recorded], pool: asyncpg.Pool
+) -> None:
+    server, _, recorded = door
+    instances = series(3)
+    statuses = await as_pacs(
+        server,
+        lambda a: [a.send_c_store(d).Status for d in instances],
+        (CTImageStorage, [ExplicitVRLittleEndian]),
+    )
+    assert statuses == [0x0000] * 3
+    assert await pool.fetchval("SELECT count(*) FROM instances") == 3
+    assert await pool.fetchval("SELECT count(DISTINCT series_uid) FROM instances") == 1
+    pseudonym = recorded.accesses[0].patient_pseudonym
+    assert pseudonym.startswith("ANON-")
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = pseudonym
+    query.StudyInstanceUID = ""
+    query.ModalitiesInStudy = ""
+    query.NumberOfStudyRelatedInstances = ""
+
+    def find(association: Any, identifier: Dataset) -> list[Dataset]:
+        answers = association.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+        return [found for status, found in answers if status and status.Status == 0xFF00]
+
+    context = (StudyRootQueryRetrieveInformationModelFind,)
+    studies = await as_pacs(server, lambda a: find(a, query), context)
+    assert [
+        (s.PatientID, s.ModalitiesInStudy, s.NumberOfStudyRelatedInstances) for s in studies
+    ] == [(pseudonym, "CT", 3)]
+    assert studies[0].StudyInstanceUID != instances[0].StudyInstanceUID  # de-identified
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = studies[0].StudyInstanceUID
+    query.SeriesInstanceUID = ""
+    query.Modality = "CT"
+    in_study = await as_pacs(server, lambda a: find(a, query), context)
+    assert [s.Modality for s in in_study] == ["CT"]
+    none = Dataset()
+    none.QueryRetrieveLevel = "STUDY"
+    none.PatientID = "ANON-NOBODY"
+    assert await as_pacs(server, lambda a: find(a, none), context) == []
+
+
+async def test_the_same_file_through_two_doors_is_stored_once(
+    door: tuple[DimseServer, Pipeline, Recorded], objects: ObjectStore
+) -> None:
+    server, pipeline, _ = door
+    [dataset] = series(1, ImplicitVRLittleEndian)
+    status = await as_pacs(
+        server, lambda a: a.send_c_store(dataset).Status, (CTImageStorage, [ImplicitVRLittleEndian])
+    )
+    assert status == 0x0000
+    out = BytesIO()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.save_as(out, enforce_file_format=True)
+    [again] = await pipeline.ingest([out.getvalue()])
+    assert again.outcome is Outcome.DUPLICATE  # not a conflict: the same bytes were kept
+    assert len([p for p in objects.root.rglob("*") if p.is_file()]) == 1
+
+
+async def test_a_refused_instance_gets_a_failure_status_and_its_reason(
+    door: tuple[DimseServer, Pipeline, Recorded], pool: asyncpg.Pool
+) -> None:
+    server, _, _ = door
+    [dataset] = series(1)
+    dataset.PixelData = dataset.PixelData[:100]  # cut short
+    status = await as_pacs(
+        server, lambda a: a.send_c_store(dataset), (CTImageStorage, [ExplicitVRLittleEndian])
+    )
+    assert status.Status == 0xC000
+    assert status.ErrorComment == "INCONSISTENT_PIXEL_DATA"
+    assert await pool.fetchval("SELECT count(*) FROM instances") == 0
+
+
+async def test_stored_files_have_nothing_of_the_patient(
+    door: tuple[DimseServer, Pipeline, Recorded], objects: ObjectStore
+) -> None:
+    server, _, _ = door
+    [dataset] = series(1)
+    name = str(dataset.PatientName)
+    await as_pacs(
+        server, lambda a: a.send_c_store(dataset).Status, (CTImageStorage, [ExplicitVRLittleEndian])
+    )
+    [stored] = [p for p in objects.root.rglob("*") if p.is_file()]
+    data = stored.read_bytes()
+    kept = pydicom.dcmread(BytesIO(data))
+    assert kept.PatientName != name and kept.PatientID != dataset.PatientID
+    assert name.encode() not in data
