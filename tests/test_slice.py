@@ -12,6 +12,7 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from medimg.audit.v1 import audit_service_pb2 as audit_pb
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli.platform import Platform
@@ -193,3 +194,23 @@ def test_trace_context_crosses_the_gateway_and_the_mesh(
     events = audit_events(rest, platform)
     read = [e for e in events if e["resource"] == f"studies/{study_of(platform, ct)}"]
     assert read[-1]["traceId"] == trace_id
+
+
+def test_an_admin_reidentifies_a_patient_over_rest_and_it_is_audited(
+    platform: Platform, rest: httpx.Client
+) -> None:
+    ct = fresh_instance(PatientID="MRN-4711")
+    [result] = upload(platform, ct).results
+    path = f"/v1/patients/{result.patient_pseudonym}:reidentify"
+    why = {"reason": "critical finding for the referring clinician"}
+    refused = rest.post(path, json=why, headers=bearer(platform, "dr-house", "clinician"))
+    assert refused.status_code == 403
+    answer = rest.post(path, json=why, headers=bearer(platform, "root", "admin"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"patientId": "MRN-4711"}
+    events = audit_log(platform)
+    [event] = [e for e in events if e.resource == f"patients/{result.patient_pseudonym}"
+               and e.outcome == audit_pb.OUTCOME_SUCCESS]  # fmt: skip
+    assert (event.actor.user, event.break_glass_reason) == ("root", why["reason"])
+    # The audit log names the pseudonym, never the identifier it stands for.
+    assert "MRN-4711" not in str(events)
