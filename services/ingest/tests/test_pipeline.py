@@ -4,7 +4,10 @@ objects, the index, quarantine, the sealed identity link, events and the audit h
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from medimg_ingest.pipeline import (
     Pipeline,
     Result,
     collect_files,
+    sweep_orphans,
 )
 from services.ingest.tests.support import (
     DEID_KEY,
@@ -310,3 +314,34 @@ async def test_a_redis_outage_does_not_fail_a_stored_upload(
         await down.aclose()
     assert await pool.fetchval("SELECT count(*) FROM instances") == 1
     assert any(r.message == "instance events not published" for r in caplog.records)
+
+
+async def test_the_sweep_removes_what_a_crash_left_and_nothing_else(
+    pipeline: tuple[Pipeline, Recorded],
+    pool: asyncpg.Pool,
+    objects: ObjectStore,
+    executor: ThreadPoolExecutor,
+) -> None:
+    ingest, _ = pipeline
+    [stored] = await ingest.ingest([dicom_file("CT_small.dcm")])
+    indexed = await pool.fetchval("SELECT object_key FROM instances")
+    hour_ago = time.time() - 3600
+    # What a crash between store and index leaves: an object nothing points at, and a
+    # temporary file of a write that never finished; both old.
+    orphan, _ = ObjectStore.key_for(b"orphan")
+    objects.put(orphan, b"orphan")
+    (objects.root / orphan).with_name(".incoming-x").write_bytes(b"half")
+    recent, _ = ObjectStore.key_for(b"an upload about to index")
+    objects.put(recent, b"an upload about to index")
+    rewritten, _ = ObjectStore.key_for(b"old, then written again")
+    objects.put(rewritten, b"old, then written again")
+    for path in [*stored_files(objects)]:
+        if path.name != Path(recent).name:
+            os.utime(path, (hour_ago, hour_ago))
+    objects.put(rewritten, b"old, then written again")  # a retry: fresh again
+
+    assert await sweep_orphans(pool, objects, executor, grace_seconds=60) == 2
+    left = {str(p.relative_to(objects.root)) for p in stored_files(objects)}
+    assert left == {indexed, recent, rewritten}
+    assert objects.get(indexed)  # the indexed object stays, however old
+    assert stored.outcome is Outcome.STORED

@@ -1,6 +1,8 @@
 """Assembles the ingest service from its settings: index, object store, events, audit,
 de-identification policy and keys."""
 
+import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from importlib.resources import files
@@ -13,7 +15,7 @@ from medimg_core.server import ServiceDefinition
 from medimg_ingest.dimse import DimseServer
 from medimg_ingest.identities import IdentityVault
 from medimg_ingest.objects import ObjectStore
-from medimg_ingest.pipeline import Pipeline
+from medimg_ingest.pipeline import Pipeline, sweep_forever
 from medimg_ingest.servicer import POLICY, IngestServicer
 from medimg_ingest.settings import IngestSettings, policy_of
 
@@ -33,9 +35,14 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
         AuditClient.for_service(audit_channel, service="ingest", settings=settings, redis=events)
     )
     vault = IdentityVault.from_file(settings.identity_key_file)
+    objects = ObjectStore(settings.object_dir)
+    sweeping = asyncio.create_task(
+        sweep_forever(pool, objects, executor, settings.orphan_grace_seconds)
+    )
+    resources.push_async_callback(_cancel, sweeping)
     pipeline = Pipeline(
         pool=pool,
-        objects=ObjectStore(settings.object_dir),
+        objects=objects,
         events=events,
         executor=executor,
         report=audit.report,
@@ -64,3 +71,9 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
         policy=POLICY,
         on_denied=audit.record_denial,
     )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -3,6 +3,12 @@
 A file is written to a temporary name, fsynced, renamed into place and its directory
 fsynced, so an acknowledged object survives a crash and a half-written one never
 shows under its key. Keys are content hashes, so a retried write is harmless.
+
+An object is written before the index points at it, so a crash in between leaves an
+object nothing points at (and a crash mid-write a temporary file). `orphans` and
+`discard` let the service sweep them once they are older than any upload can take: a
+write of an existing object refreshes its time, so it is never swept from under an
+upload that is about to index it.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ class ObjectStore:
 
     def put(self, key: str, data: bytes) -> None:
         path = self.root / key
-        if path.exists():
+        try:
+            os.utime(path)  # already there: fresh again, so no sweep takes it now
             return
+        except FileNotFoundError:
+            pass
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
         try:
@@ -47,3 +56,28 @@ class ObjectStore:
 
     def get(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
+
+    def orphan_candidates(self, older_than: float) -> list[str]:
+        """Keys of objects, and temporary files, last written before `older_than` (epoch s)."""
+        found = []
+        for path in self.root.glob("instances/*/*"):
+            if path.is_file() and path.stat().st_mtime < older_than:
+                found.append(str(path.relative_to(self.root)))
+        return found
+
+    def discard(self, key: str, older_than: float) -> bool:
+        """Removes the object if it was still last written before `older_than`.
+
+        The file is first moved aside, so a concurrent `put` either refreshed it before
+        (then it is put back) or finds it gone and writes it anew."""
+        path = self.root / key
+        aside = path.with_name(".discarding-" + path.name)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_mtime >= older_than:
+            os.replace(aside, path)
+            return False
+        aside.unlink()
+        return True

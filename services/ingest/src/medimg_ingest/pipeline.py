@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -226,3 +227,43 @@ def _serialize(dataset: pydicom.Dataset) -> bytes:
     out = BytesIO()
     pydicom.dcmwrite(out, dataset, enforce_file_format=True)
     return out.getvalue()
+
+
+async def sweep_orphans(
+    pool: asyncpg.Pool, objects: ObjectStore, executor: Executor, grace_seconds: float
+) -> int:
+    """Removes objects (and temporary files) that no index row points at and that were last
+    written more than `grace_seconds` ago: what a crash between store and index leaves.
+    Returns how many went."""
+    loop = asyncio.get_running_loop()
+    older_than = time.time() - grace_seconds
+    candidates = await loop.run_in_executor(executor, objects.orphan_candidates, older_than)
+    if not candidates:
+        return 0
+    referenced = {
+        row["object_key"]
+        for row in await pool.fetch(
+            "SELECT object_key FROM instances WHERE object_key = ANY($1::text[]) UNION "
+            "SELECT object_key FROM quarantined_instances WHERE object_key = ANY($1::text[])",
+            candidates,
+        )
+    }
+    removed = 0
+    for key in candidates:
+        if key not in referenced:
+            removed += await loop.run_in_executor(executor, objects.discard, key, older_than)
+    if removed:
+        log.info("orphaned objects removed", extra={"fields": {"count": removed}})
+    return removed
+
+
+async def sweep_forever(
+    pool: asyncpg.Pool, objects: ObjectStore, executor: Executor, grace_seconds: float
+) -> None:
+    """`sweep_orphans` now (after a crash) and then every grace period."""
+    while True:
+        try:
+            await sweep_orphans(pool, objects, executor, grace_seconds)
+        except (OSError, asyncpg.PostgresError) as error:
+            log.warning("orphan sweep failed", extra={"fields": {"error": type(error).__name__}})
+        await asyncio.sleep(max(grace_seconds, 60))

@@ -40,6 +40,9 @@ class IngestSettings(AuditedServiceSettings):
     #: Store instances that may show identifying text in their pixels instead of holding
     #: them in quarantine.
     allow_burned_in: bool = False
+    #: Seconds an object may sit unindexed (an upload between store and index) before the
+    #: sweep removes it as left over from a crash; longer than any upload takes.
+    orphan_grace_seconds: float = 3600
     #: The DIMSE SCP (C-ECHO, C-STORE, C-FIND): address, port (0 turns it off), AE title.
     #: DIMSE carries no identity: open the port to the PACS and modalities only.
     dimse_host: str = "127.0.0.1"
