@@ -9,7 +9,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,14 @@ class RecordingIngest(ingest_grpc.IngestServiceServicer):
         async for _ in request_iterator:
             pass
         return ingest_pb2.UploadInstancesResponse()
+
+    async def GetSeriesPixels(
+        self,
+        request: ingest_pb2.GetSeriesPixelsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[ingest_pb2.SeriesPixels]:
+        self._record("GetSeriesPixels", context)
+        yield ingest_pb2.SeriesPixels()
 
     async def ReidentifyPatient(
         self,

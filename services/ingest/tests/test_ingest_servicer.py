@@ -14,11 +14,13 @@ from io import BytesIO
 from pathlib import Path
 
 import grpc
+import numpy
 import pydicom
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from medimg.audit.v1 import audit_service_pb2 as audit_pb
 from medimg.audit.v1 import audit_service_pb2_grpc as audit_grpc
@@ -391,3 +393,54 @@ async def test_only_an_admin_with_a_reason_reidentifies_and_it_is_audited(ingest
 
 def pydicom_value(name: str, keyword: str) -> str:
     return str(pydicom.dcmread(BytesIO(dicom_file(name))).get(keyword))
+
+
+def ct_series(count: int) -> list[bytes]:
+    """`count` slices of one CT series, 2.5 mm apart, sent in shuffled order."""
+    study, series = generate_uid(), generate_uid()
+    slices = []
+    for n in range(count):
+        dataset = pydicom.dcmread(BytesIO(dicom_file("CT_small.dcm")))
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        x, y, z = (float(v) for v in dataset.ImagePositionPatient)
+        dataset.ImagePositionPatient = [x, y, z + 2.5 * n]
+        out = BytesIO()
+        dataset.save_as(out, enforce_file_format=True)
+        slices.append(out.getvalue())
+    return [slices[i] for i in (2, 0, 1)] if count == 3 else slices
+
+
+async def test_a_series_streams_back_as_one_volume_in_modality_values(ingest: Ingest) -> None:
+    response = await ingest.stub.UploadInstances(
+        upload(*ct_series(3)), metadata=CLINICIAN, timeout=10
+    )
+    assert {r.outcome for r in response.results} == {pb.InstanceResult.OUTCOME_STORED}
+    series = response.results[0].instance.rsplit("/instances/", 1)[0]
+    reader = workload("training")
+    messages = [
+        m
+        async for m in ingest.stub.GetSeriesPixels(
+            pb.GetSeriesPixelsRequest(name=series), metadata=reader, timeout=10
+        )
+    ]
+    header = messages[0].header
+    assert list(header.shape) == [3, 128, 128]
+    assert header.spacing[0] == pytest.approx(2.5)
+    assert header.patient_pseudonym == response.results[0].patient_pseudonym
+    volume = numpy.frombuffer(b"".join(m.data for m in messages[1:]), "<f4").reshape(3, 128, 128)
+    original = pydicom.dcmread(BytesIO(dicom_file("CT_small.dcm")))
+    hounsfield = original.pixel_array * float(original.RescaleSlope) + float(
+        original.RescaleIntercept
+    )
+    assert numpy.array_equal(volume[0], hounsfield.astype(numpy.float32))
+    # Slices come back in order along their normal, whatever order they were sent in.
+    assert header.origin[2] == pytest.approx(float(original.ImagePositionPatient[2]))
+    assert ingest.audit.events[-1].resource == series
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in ingest.stub.GetSeriesPixels(
+            pb.GetSeriesPixelsRequest(name="studies/1/series/2"), metadata=reader, timeout=5
+        ):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from medimg_core.errors import DataLoss
 from medimg_ingest.objects import ObjectStore
 
 
@@ -73,3 +74,14 @@ def test_get_of_an_unknown_key_fails(tmp_path: Path) -> None:
 def test_the_root_is_created(tmp_path: Path) -> None:
     ObjectStore(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_a_read_is_checked_against_the_stored_hash(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path)
+    key, digest = store.key_for(b"pixels")
+    store.put(key, b"pixels")
+    assert store.get_verified(key, digest) == b"pixels"
+    (tmp_path / key).write_bytes(b"pixelz")  # a bit flipped on disk
+    with pytest.raises(DataLoss) as caught:
+        store.get_verified(key, digest)
+    assert caught.value.reason == "OBJECT_CORRUPTED"

@@ -64,3 +64,9 @@ class Unavailable(MedimgError):
 
 class Unimplemented(MedimgError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class DataLoss(MedimgError):
+    """Stored data that no longer matches what was stored (e.g. a content hash)."""
+
+    code = grpc.StatusCode.DATA_LOSS

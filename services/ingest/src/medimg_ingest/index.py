@@ -167,3 +167,27 @@ async def get_study(pool: asyncpg.Pool, study_uid: str) -> StudySummary | None:
         f"{_STUDY_SUMMARY} WHERE s.study_uid = $1 GROUP BY s.study_uid", study_uid
     )
     return None if row is None else _summary(row)
+
+
+@dataclass(frozen=True)
+class SeriesObjects:
+    patient_pseudonym: str
+    objects: list[tuple[str, str]]  # (object key, sha256) of each instance
+
+
+async def series_objects(
+    pool: asyncpg.Pool, study_uid: str, series_uid: str
+) -> SeriesObjects | None:
+    """The stored objects of a series (quarantined instances are not in it)."""
+    rows = await pool.fetch(
+        "SELECT i.object_key, i.sha256, s.patient_pseudonym FROM instances i "
+        "JOIN studies s USING (study_uid) WHERE i.study_uid = $1 AND i.series_uid = $2 "
+        "ORDER BY i.sop_instance_uid",
+        study_uid,
+        series_uid,
+    )
+    if not rows:
+        return None
+    return SeriesObjects(
+        rows[0]["patient_pseudonym"], [(r["object_key"], r["sha256"]) for r in rows]
+    )

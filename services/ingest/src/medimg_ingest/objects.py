@@ -18,6 +18,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from medimg_core.errors import DataLoss
+
 
 class ObjectStore:
     def __init__(self, root: Path) -> None:
@@ -56,6 +58,13 @@ class ObjectStore:
 
     def get(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
+
+    def get_verified(self, key: str, sha256: str) -> bytes:
+        """The object, checked against the hash recorded when it was stored."""
+        data = self.get(key)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise DataLoss("OBJECT_CORRUPTED", f"stored object {key} no longer matches its hash")
+        return data
 
     def orphan_candidates(self, older_than: float) -> list[str]:
         """Keys of objects, and temporary files, last written before `older_than` (epoch s)."""

@@ -34,7 +34,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import Access, Action
 from medimg_core.errors import InvalidArgument
-from medimg_ingest import deid, dicom, index, pixels
+from medimg_ingest import deid, dicom, index, pixels, volumes
 from medimg_ingest.identities import IdentityVault
 from medimg_ingest.objects import ObjectStore
 
@@ -171,6 +171,19 @@ class Pipeline:
             quarantine=quarantine,
             identity=(self._vault.key_id, sealed),
         )
+
+    async def volume(self, stored: Sequence[tuple[str, str]]) -> volumes.Volume:
+        """The stored instances (object key, sha256), each checked against its hash, as one
+        volume (see volumes.series_volume), built in a worker thread."""
+
+        def build() -> volumes.Volume:
+            datasets = [
+                pydicom.dcmread(BytesIO(self._objects.get_verified(key, sha256)))
+                for key, sha256 in stored
+            ]
+            return volumes.series_volume(datasets)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, build)
 
     async def _announce(self, instances: Sequence[str]) -> None:
         # The index is the record; the stream is a notification. A Redis outage must not

@@ -26,7 +26,10 @@ POLICY = {
     "ListStudies": _READERS,
     "GetStudy": _READERS,
     "ReidentifyPatient": frozenset({Role("admin")}),
+    "GetSeriesPixels": _READERS,
 }
+#: Bytes of volume data per streamed message.
+PIXEL_CHUNK_BYTES = 1024 * 1024
 #: A reason shorter than this says nothing an auditor could check.
 MIN_REASON_CHARS = 10
 
@@ -153,3 +156,32 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if sealed is None:
             raise NotFound("PATIENT_NOT_FOUND", f"{request.name} is not a known pseudonym")
         return pb.ReidentifyPatientResponse(patient_id=self._vault.open(pseudonym, sealed))
+
+    async def GetSeriesPixels(
+        self, request: pb.GetSeriesPixelsRequest, context: Context
+    ) -> AsyncIterator[pb.SeriesPixels]:
+        parts = request.name.split("/")
+        if len(parts) != 4 or parts[0] != "studies" or parts[2] != "series" or "" in parts:
+            raise InvalidArgument(
+                "INVALID_NAME", "name must look like studies/{study}/series/{series}"
+            )
+        found = await index.series_objects(self._pool, parts[1], parts[3])
+        pseudonym = found.patient_pseudonym if found else ""
+        outcome = AuditOutcome.OUTCOME_SUCCESS if found else AuditOutcome.OUTCOME_FAILURE
+        await self._audit.report([Access(Action.ACTION_READ, request.name, outcome, pseudonym)])
+        if found is None:
+            raise NotFound("SERIES_NOT_FOUND", f"{request.name} is not in the index")
+        volume = await self._pipeline.volume(found.objects)
+        yield pb.SeriesPixels(
+            header=pb.VolumeHeader(
+                shape=list(volume.array.shape),
+                spacing=list(volume.spacing),
+                origin=list(volume.origin),
+                direction=list(volume.direction),
+                sop_instance_uids=volume.sop_instance_uids,
+                patient_pseudonym=pseudonym,
+            )
+        )
+        data = memoryview(volume.array.astype("<f4", copy=False).tobytes())
+        for start in range(0, len(data), PIXEL_CHUNK_BYTES):
+            yield pb.SeriesPixels(data=bytes(data[start : start + PIXEL_CHUNK_BYTES]))
