@@ -48,12 +48,13 @@ def run(platform: Platform) -> None:
     data = sample_file().read_bytes()
     print(
         f"\n1. gRPC: upload {sample_file().name} ({len(data)} bytes) to ingest through its sidecar"
+        " (de-identified at the door: new UIDs, a patient pseudonym)"
     )
     with grpc.secure_channel(platform.sidecar("ingest"), platform.credentials("ops")) as channel:
         answer = ingest_grpc.IngestServiceStub(channel).UploadInstances(chunks(data), timeout=30)
     for result in answer.results:
         outcome = ingest_pb.InstanceResult.Outcome.Name(result.outcome)
-        print(f"   {outcome}: {result.instance}")
+        print(f"   {outcome}: {result.instance} (patient {result.patient_pseudonym})")
 
     print(f"\n2. REST: GET {platform.gateway_url}/v1/studies as a clinician")
     headers = {"Authorization": f"Bearer {token(platform, 'dr-demo', 'clinician')}"}
