@@ -17,8 +17,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PROTOS = ROOT / "protos"
 GOOGLEAPIS = ROOT / "third_party" / "googleapis"
-#: Envoy's access log service, the part the audit service reads (see its proto).
-ENVOY_ALS = ROOT / "third_party" / "envoy-als"
+#: The parts of Envoy's APIs medimg reads (each file says which and why).
+ENVOY = ROOT / "third_party" / "envoy"
 OUT = HERE / "src"
 DESCRIPTOR_SET = OUT / "medimg_protos" / "descriptor_set.binpb"
 #: Not generated (googleapis-common-protos has them) but in the descriptor set, so the
@@ -34,11 +34,11 @@ def main() -> int:
     plugin = Path(sysconfig.get_path("scripts")) / "protoc-gen-mypy_grpc"
     well_known = Path(protoc.__file__).parent / "_proto"
     includes = [f"-I{PROTOS}", f"-I{GOOGLEAPIS}", f"-I{well_known}"]
-    envoy = sorted(str(p.relative_to(ENVOY_ALS)) for p in ENVOY_ALS.rglob("*.proto"))
+    envoy = sorted(str(p.relative_to(ENVOY)) for p in ENVOY.rglob("*.proto"))
     stubs = [
         "protoc",
         *includes,
-        f"-I{ENVOY_ALS}",
+        f"-I{ENVOY}",
         f"--python_out={OUT}",
         f"--pyi_out={OUT}",
         f"--grpc_python_out={OUT}",

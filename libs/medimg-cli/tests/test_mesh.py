@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.api import httpbody_pb2
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -210,6 +211,48 @@ class RecordingIngest(ingest_grpc.IngestServiceServicer):
     ) -> ingest_pb2.ReidentifyPatientResponse:
         self._record("ReidentifyPatient", context)
         return ingest_pb2.ReidentifyPatientResponse()
+
+    async def StoreInstances(
+        self, request: ingest_pb2.StoreInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> httpbody_pb2.HttpBody:
+        self._record("StoreInstances", context)
+        return httpbody_pb2.HttpBody()
+
+    async def SearchStudies(
+        self, request: ingest_pb2.SearchStudiesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> httpbody_pb2.HttpBody:
+        self._record("SearchStudies", context)
+        return httpbody_pb2.HttpBody()
+
+    async def SearchSeries(
+        self, request: ingest_pb2.SearchSeriesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> httpbody_pb2.HttpBody:
+        self._record("SearchSeries", context)
+        return httpbody_pb2.HttpBody()
+
+    async def SearchInstances(
+        self,
+        request: ingest_pb2.SearchInstancesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> httpbody_pb2.HttpBody:
+        self._record("SearchInstances", context)
+        return httpbody_pb2.HttpBody()
+
+    async def RetrieveMetadata(
+        self,
+        request: ingest_pb2.RetrieveMetadataRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> httpbody_pb2.HttpBody:
+        self._record("RetrieveMetadata", context)
+        return httpbody_pb2.HttpBody()
+
+    async def RetrieveInstances(
+        self,
+        request: ingest_pb2.RetrieveInstancesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        self._record("RetrieveInstances", context)
+        yield httpbody_pb2.HttpBody()
 
 
 class Services:

@@ -18,6 +18,7 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 
 from medimg_cli.pki import Pki, spiffe_id
+from medimg_core.calls import HTTP_STATUS_HEADER
 
 __all__ = [
     "GATEWAY_IDENTITY",
@@ -104,6 +105,7 @@ class GatewaySpec:
     jwt_audience: str
     user_header: str  # carries the verified JWT payload (base64url JSON) to the services
     audit: str  # the service the gateway reports the logins it refuses to
+    dicomweb: str  # the service behind /dicomweb/ (DICOMweb, PS3.18)
 
     def with_offset(self, offset: int) -> GatewaySpec:
         """A copy with both ports moved by offset."""
@@ -198,7 +200,9 @@ def _parse(data: dict[str, Any]) -> Mesh:
 
     gw = _table(data, "gateway")
     _keys(
-        gw, "gateway.", {"port", "admin_port", "jwt_issuer", "jwt_audience", "user_header", "audit"}
+        gw,
+        "gateway.",
+        {"port", "admin_port", "jwt_issuer", "jwt_audience", "user_header", "audit", "dicomweb"},
     )
     gateway = GatewaySpec(
         port=_port(gw, "port", "gateway."),
@@ -207,6 +211,7 @@ def _parse(data: dict[str, Any]) -> Mesh:
         jwt_audience=_str(gw, "jwt_audience", "gateway."),
         user_header=_str(gw, "user_header", "gateway.", pattern=_HEADER),
         audit=_str(gw, "audit", "gateway.", pattern=_NAME),
+        dicomweb=_str(gw, "dicomweb", "gateway.", pattern=_NAME),
     )
 
     tables = _table(data, "services")
@@ -219,6 +224,8 @@ def _parse(data: dict[str, Any]) -> Mesh:
             raise ValueError(f"services.{name}: also listed in identities")
     if gateway.audit not in tables:
         raise ValueError(f"gateway.audit: unknown service {gateway.audit!r}")
+    if gateway.dicomweb not in tables:
+        raise ValueError(f"gateway.dicomweb: unknown service {gateway.dicomweb!r}")
     known = [*tables, *identities]
     services = {name: _service(name, _table(tables, name, "services."), known) for name in tables}
     for name, spec in services.items():
@@ -577,33 +584,21 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
                 "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": provider}}],
             },
         },
-        {
-            "name": "envoy.filters.http.grpc_json_transcoder",
-            "typed_config": {
-                "@type": "type.googleapis.com/"
-                "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-                "proto_descriptor": str(descriptor_set),
-                "services": [spec.grpc_service for spec in mesh.services.values()],
-                "print_options": {
-                    "add_whitespace": False,
-                    "always_print_primitive_fields": True,
-                    "always_print_enums_as_ints": False,
-                    "preserve_proto_field_names": False,
-                },
-                "convert_grpc_status": True,
-                # Routes then match the gRPC path, so one route per service covers both
-                # REST and direct gRPC calls.
-                "match_incoming_request_route": False,
-                "request_validation_options": {
-                    "reject_unknown_method": True,
-                    "reject_unknown_query_parameters": True,
-                },
-            },
-        },
+        # Before the transcoder, so that on the way back it sees the transcoded answer.
+        _HTTP_STATUS_FROM_SERVICE,
+        _transcoder(mesh, descriptor_set),
         _grpc_stats(),
         _ROUTER,
     ]
-    routes = [
+    # DICOMweb has its own transcoder settings (a per-route config replaces the filter's):
+    # QIDO-RS query keys are DICOM keywords and tags, so every query parameter is handed to
+    # the service, which checks them itself. After transcoding, the route is chosen again
+    # on the gRPC path, among the routes below.
+    dicomweb = _route_to({"prefix": "/dicomweb/"}, f"outbound_{gw.dicomweb}")
+    dicomweb["typed_per_filter_config"] = {
+        _TRANSCODER: _transcoder(mesh, descriptor_set, capture_query=True)["typed_config"]
+    }
+    routes = [dicomweb] + [
         _route_to({"prefix": f"/{spec.grpc_service}/"}, f"outbound_{name}")
         for name, spec in mesh.services.items()
     ]
@@ -659,6 +654,59 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
         "overload_manager": _OVERLOAD_MANAGER,
         "static_resources": {"listeners": [listener], "clusters": clusters},
     }
+
+
+_TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+
+#: A service sets the HTTP status of a transcoded answer with a response header, where the
+#: protocol wants another success code than 200 (STOW-RS: 202 when some instances failed,
+#: 409 when all did). Only answers from the mesh's services reach this filter.
+_HTTP_STATUS_FROM_SERVICE = {
+    "name": "envoy.filters.http.lua",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        "default_source_code": {
+            "inline_string": f"""
+function envoy_on_response(handle)
+  local status = handle:headers():get("{HTTP_STATUS_HEADER}")
+  if status ~= nil then
+    handle:headers():remove("{HTTP_STATUS_HEADER}")
+    if string.match(status, "^[1-5][0-9][0-9]$") then
+      handle:headers():replace(":status", status)
+    end
+  end
+end
+"""
+        },
+    },
+}
+
+
+def _transcoder(mesh: Mesh, descriptor_set: Path, *, capture_query: bool = False) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "@type": "type.googleapis.com/"
+        "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+        "proto_descriptor": str(descriptor_set),
+        "services": [spec.grpc_service for spec in mesh.services.values()],
+        "print_options": {
+            "add_whitespace": False,
+            "always_print_primitive_fields": True,
+            "always_print_enums_as_ints": False,
+            "preserve_proto_field_names": False,
+        },
+        "convert_grpc_status": True,
+        # Routes then match the gRPC path, so one route per service covers both
+        # REST and direct gRPC calls.
+        "match_incoming_request_route": False,
+        "request_validation_options": {
+            "reject_unknown_method": True,
+            "reject_unknown_query_parameters": not capture_query,
+        },
+    }
+    if capture_query:
+        # Into the request's google.api.HttpBody extensions (medimg/envoy/transcoder.proto).
+        config["capture_unknown_query_parameters"] = True
+    return {"name": _TRANSCODER, "typed_config": config}
 
 
 def _refused_logins(mesh: Mesh) -> dict[str, Any]:

@@ -31,3 +31,13 @@ def enter(call: Call) -> None:
 
 def current() -> Call | None:
     return _current.get()
+
+
+#: A transcoded answer's HTTP status, where a protocol wants another success code than 200
+#: (the gateway turns this response header into the status; see medimg_cli.mesh).
+HTTP_STATUS_HEADER = "x-medimg-http-status"
+
+
+async def set_http_status(context: Context, status: int) -> None:
+    """Sets the HTTP status the gateway answers a transcoded call with. Before any reply."""
+    await context.send_initial_metadata(((HTTP_STATUS_HEADER, str(status)),))

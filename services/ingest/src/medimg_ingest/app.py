@@ -62,7 +62,15 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
         dimse.start()
         # Stops first at shutdown (the stack unwinds in reverse), while the pipeline works.
         resources.callback(dimse.stop)
-    servicer = IngestServicer(pool, pipeline, audit, settings, vault)
+    servicer = IngestServicer(
+        pool=pool,
+        pipeline=pipeline,
+        audit=audit,
+        settings=settings,
+        vault=vault,
+        objects=objects,
+        executor=executor,
+    )
     return ServiceDefinition(
         names=[ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name],
         add_to_server=lambda server: ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(

@@ -46,6 +46,18 @@ class SeriesQuery:
 
 
 @dataclass(frozen=True)
+class InstanceQuery:
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_instance_uids: Sequence[str] = ()
+    sop_class_uids: Sequence[str] = ()
+    modality: str = ""
+    instance_number: int | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True)
 class StudyRecord:
     study_uid: str
     patient_id: str
@@ -209,3 +221,64 @@ def _series(r: asyncpg.Record) -> SeriesRecord:
         body_part_examined=r["body_part_examined"],
         instance_count=r["instance_count"],
     )
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    modality: str
+    patient_id: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    object_key: str
+    sha256: str
+
+
+async def find_instances(pool: asyncpg.Pool, query: InstanceQuery) -> list[InstanceRecord]:
+    """Matching instances, by study, series, instance number, one page."""
+    where = _Where()
+    if query.study_uid:
+        where.add("i.study_uid = {}", query.study_uid)
+    if query.series_uid:
+        where.add("i.series_uid = {}", query.series_uid)
+    if query.sop_instance_uids:
+        where.add("i.sop_instance_uid = ANY({})", list(query.sop_instance_uids))
+    if query.sop_class_uids:
+        where.add("i.sop_class_uid = ANY({})", list(query.sop_class_uids))
+    where.text("se.modality", query.modality)
+    if query.instance_number is not None:
+        where.add("i.instance_number = {}", query.instance_number)
+    limit, offset = _page(query.limit, query.offset)
+    where.args += [limit, offset]
+    rows = await pool.fetch(
+        "SELECT i.*, se.modality, s.patient_pseudonym FROM instances i "
+        "JOIN series se USING (series_uid) JOIN studies s ON s.study_uid = i.study_uid "
+        f"WHERE {where.sql()} "
+        "ORDER BY i.study_uid, i.series_uid, i.instance_number NULLS LAST, i.sop_instance_uid "
+        f"LIMIT ${len(where.args) - 1} OFFSET ${len(where.args)}",
+        *where.args,
+    )
+    return [
+        InstanceRecord(
+            study_uid=r["study_uid"],
+            series_uid=r["series_uid"],
+            sop_instance_uid=r["sop_instance_uid"],
+            sop_class_uid=r["sop_class_uid"],
+            transfer_syntax=r["transfer_syntax"],
+            modality=r["modality"],
+            patient_id=r["patient_pseudonym"],
+            instance_number=r["instance_number"],
+            rows=r["rows"],
+            columns=r["columns"],
+            number_of_frames=r["number_of_frames"],
+            object_key=r["object_key"],
+            sha256=r["sha256"],
+        )
+        for r in rows
+    ]
