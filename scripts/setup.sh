@@ -18,7 +18,11 @@ quiet "${pip[@]}" install --quiet -c constraints.txt \
   -e libs/medimg-protos -e libs/medimg-core -e libs/medimg-cli \
   -e services/audit -e services/ingest -e services/inference -e services/training \
   pytest pytest-asyncio ruff mypy grpc-stubs types-protobuf \
-  lxml rnc2rng fhir.resources pydicom-data dicomweb-client  # test-only: audit exports vs DICOM/FHIR; deid corpus; a stock DICOMweb client
+  lxml rnc2rng fhir.resources pydicom-data dicomweb-client \
+  onnxscript  # test-only: audit exports vs DICOM/FHIR; deid corpus; a stock DICOMweb client; ONNX export
+# test-only: deepbet's wheel ships TorchScript networks that inference serves as they are; its
+# own dependencies (GUI, nibabel, ...) are not needed for that.
+quiet "${pip[@]}" install --quiet --no-deps -c constraints.txt deepbet
 
 # buf (lint and breaking-change checks of the protos) comes from npm.
 # `npm ci` refuses a lock whose optional per-platform binaries the registry lacks; buf is

@@ -1,0 +1,403 @@
+"""Execution backends: run one batch of named arrays through a model file.
+
+Every backend has the lifecycle of a Triton backend: `load` (once, from a ModelConfig),
+`execute` (a batch in, a batch out; called from one thread at a time, never on the event
+loop) and `close`. A batch maps each input name of the model to a numpy array whose axis 0
+is the batch axis, followed by the tensor's own axes (channel first), in the dtype the
+metadata declares; the outputs come back the same way. Backends import their runtime when
+they load, so a missing optional runtime (TensorRT) fails only the models that need it,
+with FAILED_PRECONDITION, and never falls back to another device or runtime silently.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from medimg_core.errors import FailedPrecondition
+from medimg_inference.repository import ModelConfig, Platform, Precision, TensorSpec
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
+
+#: A tensor of any dtype; axis 0 is the batch axis.
+Array = npt.NDArray[Any]
+Batch = Mapping[str, Array]
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How backends use the machine. `intra_op_threads` is the threads one execution may use
+    (torch's intra-op pool, which is process-wide, and each ONNX Runtime session's); size it
+    with the instances in mind, as instances x threads beyond the cores only adds contention."""
+
+    intra_op_threads: int = field(default_factory=_available_cores)
+
+
+class Backend(ABC):
+    """One loaded copy of a model."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    @classmethod
+    @abstractmethod
+    def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
+        """Loads the model file; FAILED_PRECONDITION if it cannot run here."""
+
+    @abstractmethod
+    def execute(self, batch: Batch) -> dict[str, Array]:
+        """Runs one batch: every input of the model by name, all with the same batch size.
+        Returns every output of the model by name, with that batch size in axis 0."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Frees the model; the backend is not used afterwards."""
+
+
+def load_backend(config: ModelConfig, options: BackendOptions) -> Backend:
+    """A loaded backend for the model's platform. Blocking (reads and compiles the model):
+    call it from a thread."""
+    backends: dict[Platform, type[Backend]] = {
+        Platform.TORCHSCRIPT: TorchScriptBackend,
+        Platform.ONNX: OnnxRuntimeBackend,
+        Platform.TENSORRT: TensorRTBackend,
+    }
+    return backends[config.execution.platform].load(config, options)
+
+
+def _unloadable(config: ModelConfig, error: Exception) -> FailedPrecondition:
+    return FailedPrecondition(
+        "MODEL_FILE_UNLOADABLE",
+        f"{config.execution.model_file.name} cannot be loaded: {type(error).__name__}: {error}",
+        model=config.name,
+        version=config.version,
+    )
+
+
+def _mismatch(config: ModelConfig, message: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "MODEL_SIGNATURE_MISMATCH",
+        f"the model file does not match metadata.json: {message}",
+        model=config.name,
+        version=config.version,
+    )
+
+
+def _device_unavailable(config: ModelConfig, message: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "DEVICE_UNAVAILABLE", message, model=config.name, version=config.version
+    )
+
+
+def _torch_device(config: ModelConfig) -> torch.device:
+    import torch
+
+    device = torch.device(config.execution.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _device_unavailable(config, "medimg.device is cuda but torch sees no CUDA GPU")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise _device_unavailable(
+                config,
+                f"medimg.device is cuda:{index} but torch sees "
+                f"{torch.cuda.device_count()} CUDA GPU(s)",
+            )
+    return device
+
+
+def _writable(array: Array) -> Array:
+    """`array`, copied only if torch cannot share it: arrays made from request bytes are
+    read-only, and torch.from_numpy warns about (and cannot protect) those."""
+    return np.require(array, requirements=("C_CONTIGUOUS", "WRITEABLE"))
+
+
+class TorchScriptBackend(Backend):
+    """A TorchScript module (models/model.ts) on the CPU or a CUDA GPU.
+
+    The module is called with the inputs positionally, in metadata order, each a tensor of
+    the declared dtype; it returns one tensor, a tuple or list in output order, or a dict by
+    output name. With precision fp16/bf16 (CUDA only) the weights and the floating-point
+    inputs are cast to it and the outputs cast back to their declared dtype."""
+
+    def __init__(
+        self, config: ModelConfig, module: torch.jit.ScriptModule, device: torch.device
+    ) -> None:
+        super().__init__(config)
+        self.module = module
+        self.device = device
+        self.compute_dtype = _torch_compute_dtype(config.execution.precision)
+
+    @classmethod
+    def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
+        import torch
+
+        device = _torch_device(config)
+        # torch has one intra-op pool per process: every torch model shares this setting.
+        torch.set_num_threads(options.intra_op_threads)
+        try:
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(config.execution.model_file), map_location=device
+            )
+        except Exception as error:  # torch raises RuntimeError, ValueError, zip errors...
+            raise _unloadable(config, error) from error
+        module.eval()
+        backend = cls(config, module, device)
+        if backend.compute_dtype is not None:
+            module.to(backend.compute_dtype)
+        return backend
+
+    def execute(self, batch: Batch) -> dict[str, Array]:
+        import torch
+
+        with torch.inference_mode():
+            arguments = [self._tensor(batch[spec.name]) for spec in self.config.inputs]
+            result = self.module(*arguments)
+            tensors = self._by_name(result)
+            return {spec.name: _numpy(tensors[spec.name], spec) for spec in self.config.outputs}
+
+    def close(self) -> None:
+        del self.module
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _tensor(self, array: Array) -> torch.Tensor:
+        import torch
+
+        tensor = torch.from_numpy(_writable(array)).to(self.device)
+        if self.compute_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.compute_dtype)
+        return tensor
+
+    def _by_name(self, result: Any) -> Mapping[str, torch.Tensor]:
+        import torch
+
+        names = [spec.name for spec in self.config.outputs]
+        if isinstance(result, torch.Tensor):
+            result = (result,)
+        if isinstance(result, tuple | list) and len(result) == len(names):
+            return dict(zip(names, result, strict=True))
+        if isinstance(result, Mapping) and all(name in result for name in names):
+            return result
+        raise _mismatch(
+            self.config,
+            f"the module returned {_describe(result)}, not the {len(names)} declared "
+            f"output(s) {', '.join(names)}",
+        )
+
+
+def _torch_compute_dtype(precision: Precision) -> torch.dtype | None:
+    import torch
+
+    return {Precision.FP32: None, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}[
+        precision
+    ]
+
+
+def _numpy(tensor: torch.Tensor, spec: TensorSpec) -> Array:
+    import torch
+
+    declared = torch.from_numpy(np.empty(0, spec.dtype)).dtype
+    # Cast on the device: numpy has no bfloat16, and the copy to the host is then smaller.
+    return tensor.to(declared).cpu().numpy()
+
+
+def _describe(result: Any) -> str:
+    if isinstance(result, tuple | list):
+        return f"a {type(result).__name__} of {len(result)}"
+    if isinstance(result, Mapping):
+        return f"a dict of {', '.join(map(str, result))}"
+    return type(result).__name__
+
+
+#: ONNX tensor element types, as onnxruntime spells them, and their numpy dtypes.
+_ONNX_DTYPES: Mapping[str, np.dtype[Any]] = {
+    f"tensor({onnx_name})": np.dtype(numpy_name)
+    for onnx_name, numpy_name in (
+        ("bool", "bool"),
+        ("uint8", "uint8"),
+        ("uint16", "uint16"),
+        ("uint32", "uint32"),
+        ("uint64", "uint64"),
+        ("int8", "int8"),
+        ("int16", "int16"),
+        ("int32", "int32"),
+        ("int64", "int64"),
+        ("float16", "float16"),
+        ("float", "float32"),
+        ("double", "float64"),
+    )
+}
+
+
+class OnnxRuntimeBackend(Backend):
+    """An ONNX model (models/model.onnx) in ONNX Runtime: the CPU provider, or the CUDA
+    provider (onnxruntime-gpu) for a cuda device. The graph's inputs and outputs must carry
+    the names, dtypes and ranks (batch axis first) that metadata.json declares."""
+
+    def __init__(self, config: ModelConfig, session: onnxruntime.InferenceSession) -> None:
+        super().__init__(config)
+        self.session = session
+        self.output_names = [spec.name for spec in config.outputs]
+
+    @classmethod
+    def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
+        import onnxruntime
+
+        session_options = onnxruntime.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = 1
+        # Idle pool threads otherwise spin on the cores that the event loop and the other
+        # instances need.
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers: list[str | tuple[str, dict[str, Any]]] = ["CPUExecutionProvider"]
+        if config.execution.uses_cuda:
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise _device_unavailable(
+                    config,
+                    "medimg.device is cuda but this onnxruntime has no CUDAExecutionProvider "
+                    "(it comes with the onnxruntime-gpu package)",
+                )
+            device_id = int(config.execution.device.partition(":")[2] or 0)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        try:
+            session = onnxruntime.InferenceSession(
+                str(config.execution.model_file), sess_options=session_options, providers=providers
+            )
+        except Exception as error:  # onnxruntime's own exception types, not exported
+            raise _unloadable(config, error) from error
+        # ONNX Runtime falls back to the CPU when the CUDA provider fails to start.
+        if config.execution.uses_cuda and "CUDAExecutionProvider" not in session.get_providers():
+            raise _device_unavailable(config, "onnxruntime could not start its CUDA provider")
+        _check_onnx_signature(config, "input", config.inputs, session.get_inputs())
+        _check_onnx_signature(config, "output", config.outputs, session.get_outputs())
+        return cls(config, session)
+
+    def execute(self, batch: Batch) -> dict[str, Array]:
+        feed = {spec.name: batch[spec.name] for spec in self.config.inputs}
+        results = self.session.run(self.output_names, feed)
+        return dict(zip(self.output_names, results, strict=True))
+
+    def close(self) -> None:
+        del self.session
+
+
+def _check_onnx_signature(
+    config: ModelConfig,
+    kind: str,
+    specs: Sequence[TensorSpec],
+    graph_tensors: Sequence[onnxruntime.NodeArg],
+) -> None:
+    graph = {tensor.name: tensor for tensor in graph_tensors}
+    for spec in specs:
+        tensor = graph.get(spec.name)
+        if tensor is None:
+            raise _mismatch(
+                config,
+                f"the graph has no {kind} {spec.name!r} (it has {', '.join(graph) or 'none'})",
+            )
+        if _ONNX_DTYPES.get(tensor.type) != spec.dtype:
+            raise _mismatch(config, f"{kind} {spec.name!r} is {tensor.type}, not {spec.dtype}")
+        # ONNX shapes hold ints for fixed sizes and names (or None) for dynamic ones.
+        graph_shape = [size if isinstance(size, int) else -1 for size in tensor.shape]
+        declared = [-1, *spec.shape]
+        if kind == "input" and (
+            len(graph_shape) != len(declared)
+            or any(
+                -1 not in (ours, theirs) and ours != theirs
+                for ours, theirs in zip(declared, graph_shape, strict=True)
+            )
+        ):
+            raise _mismatch(
+                config,
+                f"input {spec.name!r} has shape {tensor.shape} in the graph, metadata.json "
+                f"declares (batch, {', '.join(map(str, spec.shape))})",
+            )
+    if kind == "input" and len(graph) != len(specs):
+        extra = sorted(set(graph) - {spec.name for spec in specs})
+        raise _mismatch(config, f"the graph also needs input(s) {', '.join(extra)}")
+
+
+class TensorRTBackend(Backend):
+    """A serialized TensorRT engine (models/model.plan) on a CUDA GPU, through the TensorRT
+    10 tensor API, with torch allocating the device buffers. Needs the `tensorrt` package,
+    which is imported only here."""
+
+    def __init__(self, config: ModelConfig, engine: Any, device: torch.device) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.device = device
+
+    @classmethod
+    def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
+        try:
+            import tensorrt
+        except ImportError as error:
+            raise FailedPrecondition(
+                "TENSORRT_NOT_INSTALLED",
+                f"model {config.name} version {config.version} is a TensorRT engine "
+                f"({config.execution.model_file.name}) but the `tensorrt` package is not "
+                "installed",
+                model=config.name,
+                version=config.version,
+            ) from error
+        if not config.execution.uses_cuda:
+            raise _device_unavailable(config, 'a TensorRT engine needs medimg.device "cuda"')
+        device = _torch_device(config)
+        runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(config.execution.model_file.read_bytes())
+        if engine is None:
+            raise _unloadable(config, ValueError("TensorRT could not deserialize the engine"))
+        names = {engine.get_tensor_name(index) for index in range(engine.num_io_tensors)}
+        missing = [
+            spec.name for spec in (*config.inputs, *config.outputs) if spec.name not in names
+        ]
+        if missing:
+            raise _mismatch(config, f"the engine has no tensor(s) {', '.join(missing)}")
+        return cls(config, engine, device)
+
+    def execute(self, batch: Batch) -> dict[str, Array]:
+        import tensorrt
+        import torch
+
+        with torch.cuda.device(self.device):
+            keep_alive = []
+            for spec in self.config.inputs:
+                tensor = torch.from_numpy(_writable(batch[spec.name])).to(self.device)
+                keep_alive.append(tensor)
+                self.context.set_input_shape(spec.name, tuple(tensor.shape))
+                self.context.set_tensor_address(spec.name, tensor.data_ptr())
+            outputs = {}
+            for spec in self.config.outputs:
+                dtype = np.dtype(tensorrt.nptype(self.engine.get_tensor_dtype(spec.name)))
+                outputs[spec.name] = torch.from_numpy(np.empty(0, dtype)).new_empty(
+                    tuple(self.context.get_tensor_shape(spec.name)), device=self.device
+                )
+                self.context.set_tensor_address(spec.name, outputs[spec.name].data_ptr())
+            stream = torch.cuda.current_stream(self.device)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT could not enqueue the batch")
+            stream.synchronize()
+            return {
+                name: _numpy(tensor, self.config.outputs[index])
+                for index, (name, tensor) in enumerate(outputs.items())
+            }
+
+    def close(self) -> None:
+        del self.context
+        del self.engine

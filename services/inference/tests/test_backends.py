@@ -1,0 +1,281 @@
+"""The backends on real networks: a classifier trained in this session, exported to
+TorchScript and ONNX, must answer as it does in process; a brain-extraction network shipped
+in the deepbet wheel serves from a bundle with no code written for it; what cannot run here
+fails with a reason."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from medimg_core.errors import FailedPrecondition, InvalidArgument
+from medimg_inference.backends import BackendOptions, load_backend
+from medimg_inference.repository import ModelRepository, Platform
+from medimg_inference.serving import ModelServer
+from services.inference.tests.support import (
+    TORCHSCRIPT_DEPRECATED,
+    TrainedClassifier,
+    classifier_metadata,
+    deepbet_model,
+    metadata_json,
+    tensor_json,
+    write_bundle,
+)
+
+pytestmark = pytest.mark.filterwarnings(TORCHSCRIPT_DEPRECATED)
+
+OPTIONS = BackendOptions(intra_op_threads=2)
+MODEL_FILES = {Platform.TORCHSCRIPT: "model.ts", Platform.ONNX: "model.onnx"}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+
+
+def _exported(classifier: TrainedClassifier, platform: Platform) -> Path:
+    return classifier.torchscript if platform is Platform.TORCHSCRIPT else classifier.onnx
+
+
+def test_the_classifier_learned_its_task(classifier: TrainedClassifier) -> None:
+    predicted = classifier.expected(classifier.patches).argmax(axis=1)
+    assert (predicted == classifier.labels).mean() > 0.9
+
+
+@pytest.mark.parametrize("platform", [Platform.TORCHSCRIPT, Platform.ONNX])
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_a_backend_answers_as_the_network_does_in_process(
+    tmp_path: Path, classifier: TrainedClassifier, platform: Platform, batch_size: int
+) -> None:
+    model_file = {MODEL_FILES[platform]: _exported(classifier, platform)}
+    write_bundle(tmp_path, "patches", 1, classifier_metadata(), model_file)
+    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    patches = classifier.patches[:batch_size]
+
+    outputs = backend.execute({"patch": patches})
+    backend.close()
+
+    assert list(outputs) == ["probabilities"]
+    assert outputs["probabilities"].shape == (batch_size, 2)
+    assert outputs["probabilities"].dtype == np.float32
+    np.testing.assert_allclose(
+        outputs["probabilities"], classifier.expected(patches), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_read_only_inputs_are_accepted(tmp_path: Path, classifier: TrainedClassifier) -> None:
+    # Arrays made from request bytes (np.frombuffer) are read-only.
+    write_bundle(
+        tmp_path, "patches", 1, classifier_metadata(), {"model.ts": classifier.torchscript}
+    )
+    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    patches = np.frombuffer(classifier.patches[:2].tobytes(), np.float32).reshape(2, 1, 16, 16)
+
+    outputs = backend.execute({"patch": patches})
+
+    np.testing.assert_allclose(outputs["probabilities"], classifier.expected(patches), atol=1e-6)
+
+
+def _brain_mr_volume() -> np.ndarray:
+    """emri_small.dcm of pydicom-data: a real multi-frame head MR, (frames, rows, columns)."""
+    path = get_testdata_file("emri_small.dcm", download=False)
+    if path is None:
+        pytest.skip("pydicom-data is not installed")
+    return dcmread(path).pixel_array.astype(np.float32)
+
+
+async def test_deepbet_serves_from_a_bundle_without_code(tmp_path: Path) -> None:
+    """deepbet's bounding-box network (a TorchScript 3D U-Net, (N, 1, D, H, W) -> softmax
+    (N, 2, D, H, W), each spatial size a multiple of 32) from its wheel, described by a
+    metadata.json alone. Its intensity normalization is written as MONAI transforms in the
+    bundle (the percentile window, z-score, then 0.226 x + 0.449 as deepbet.utils.normalize);
+    the volume is resized to 64 cubed rather than resampled to RAS, so the mask only has to
+    be plausible: some brain, not all of the volume."""
+    network = deepbet_model()
+    if network is None:
+        pytest.skip("deepbet is not installed (scripts/setup.sh installs it)")
+    volume = tensor_json(1, ["32*n", "32*n", "32*n"])
+    mask = tensor_json(
+        2, ["32*n", "32*n", "32*n"], kind="image", channel_def={"0": "background", "1": "brain"}
+    )
+    preprocessing = [
+        {"_target_": "Resize", "spatial_size": [64, 64, 64]},
+        {
+            "_target_": "ScaleIntensityRangePercentiles",
+            "lower": 0.5,
+            "upper": 99.5,
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+        },
+        {"_target_": "NormalizeIntensity"},
+        {"_target_": "ScaleIntensity", "minv": None, "maxv": None, "factor": -0.774},
+        {"_target_": "ShiftIntensity", "offset": 0.449},
+    ]
+    metadata = metadata_json(
+        {"image": volume}, {"pred": mask}, {"max_batch_size": 2, "preprocessing": preprocessing}
+    )
+    write_bundle(tmp_path, "deepbet", 1, metadata, {"model.ts": network})
+    server = ModelServer(ModelRepository(tmp_path), OPTIONS)
+    await server.load("deepbet")
+    image = np.asarray(server.model("deepbet").preprocessing(_brain_mr_volume()[None]))
+
+    outputs = await server.infer("deepbet", None, {"image": image[None]})
+    with pytest.raises(InvalidArgument) as refused:  # 48 is no multiple of 32
+        await server.infer("deepbet", 1, {"image": np.zeros((1, 1, 48, 48, 48), np.float32)})
+    await server.close()
+
+    prediction = outputs["pred"]
+    assert prediction.shape == (1, 2, 64, 64, 64)
+    np.testing.assert_allclose(prediction.sum(axis=1), 1.0, atol=1e-5)
+    with torch.inference_mode():
+        deepbet = torch.jit.load(str(network))  # type: ignore[no-untyped-call]
+        expected = deepbet(torch.from_numpy(image[None])).numpy()
+    np.testing.assert_allclose(prediction, expected, atol=1e-6)
+    brain_fraction = (prediction[0, 1] > 0.5).mean()
+    assert 0.01 < brain_fraction < 0.6
+    assert refused.value.reason == "MODEL_EXECUTION_FAILED"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")
+def test_a_tensorrt_engine_without_tensorrt_fails_clearly(tmp_path: Path) -> None:
+    metadata = classifier_metadata({"device": "cuda"})
+    write_bundle(tmp_path, "engine", 1, metadata, {"model.plan": b"serialized engine"})
+
+    with pytest.raises(FailedPrecondition) as error:
+        load_backend(ModelRepository(tmp_path).config("engine"), OPTIONS)
+
+    assert error.value.reason == "TENSORRT_NOT_INSTALLED"
+    assert "`tensorrt` package is not installed" in error.value.message
+
+
+@pytest.mark.parametrize("platform", [Platform.TORCHSCRIPT, Platform.ONNX])
+def test_a_corrupt_model_file_cannot_load(tmp_path: Path, platform: Platform) -> None:
+    write_bundle(tmp_path, "broken", 1, classifier_metadata(), {MODEL_FILES[platform]: b"\0junk"})
+
+    with pytest.raises(FailedPrecondition) as error:
+        load_backend(ModelRepository(tmp_path).config("broken"), OPTIONS)
+
+    assert error.value.reason == "MODEL_FILE_UNLOADABLE"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(
+            lambda inputs: inputs.update(image=inputs.pop("patch")),
+            "the graph has no input 'image'",
+            id="input name",
+        ),
+        pytest.param(
+            lambda inputs: inputs["patch"].update(dtype="float64"),
+            "input 'patch' is tensor(float), not float64",
+            id="input dtype",
+        ),
+        pytest.param(
+            lambda inputs: inputs["patch"].update(spatial_shape=[32, 32]),
+            "input 'patch' has shape",
+            id="input shape",
+        ),
+    ],
+)
+def test_an_onnx_graph_must_match_its_metadata(
+    tmp_path: Path,
+    classifier: TrainedClassifier,
+    change: Callable[[dict[str, Any]], object],
+    message: str,
+) -> None:
+    metadata = classifier_metadata()
+    change(metadata["network_data_format"]["inputs"])
+    write_bundle(tmp_path, "patches", 1, metadata, {"model.onnx": classifier.onnx})
+
+    with pytest.raises(FailedPrecondition) as error:
+        load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+
+    assert error.value.reason == "MODEL_SIGNATURE_MISMATCH"
+    assert message in error.value.message
+
+
+def test_a_torchscript_module_must_return_the_declared_outputs(
+    tmp_path: Path, classifier: TrainedClassifier
+) -> None:
+    metadata = classifier_metadata()
+    outputs = metadata["network_data_format"]["outputs"]
+    outputs["logits"] = outputs["probabilities"]
+    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
+    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+
+    with pytest.raises(FailedPrecondition) as error:
+        backend.execute({"patch": classifier.patches[:1]})
+
+    assert error.value.reason == "MODEL_SIGNATURE_MISMATCH"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+@pytest.mark.parametrize("platform", [Platform.TORCHSCRIPT, Platform.ONNX])
+def test_a_cuda_device_without_a_gpu_fails_clearly(
+    tmp_path: Path, classifier: TrainedClassifier, platform: Platform
+) -> None:
+    model_file = {MODEL_FILES[platform]: _exported(classifier, platform)}
+    write_bundle(tmp_path, "patches", 1, classifier_metadata({"device": "cuda"}), model_file)
+
+    with pytest.raises(FailedPrecondition) as error:
+        load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+
+    assert error.value.reason == "DEVICE_UNAVAILABLE"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    ("precision", "tolerance"), [("fp32", 1e-5), ("fp16", 1e-2), ("bf16", 5e-2)]
+)
+def test_torchscript_on_cuda_answers_as_on_the_cpu(
+    tmp_path: Path, classifier: TrainedClassifier, precision: str, tolerance: float
+) -> None:
+    metadata = classifier_metadata({"device": "cuda", "precision": precision})
+    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
+    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    patches = classifier.patches[:8]
+
+    outputs = backend.execute({"patch": patches})
+    backend.close()
+
+    # Reduced precision computes in fp16/bf16 but answers in the declared float32.
+    assert outputs["probabilities"].dtype == np.float32
+    np.testing.assert_allclose(
+        outputs["probabilities"], classifier.expected(patches), atol=tolerance
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_onnx_on_cuda_answers_as_on_the_cpu(tmp_path: Path, classifier: TrainedClassifier) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDA provider (onnxruntime-gpu)")
+    metadata = classifier_metadata({"device": "cuda"})
+    write_bundle(tmp_path, "patches", 1, metadata, {"model.onnx": classifier.onnx})
+    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    patches = classifier.patches[:8]
+
+    outputs = backend.execute({"patch": patches})
+
+    np.testing.assert_allclose(outputs["probabilities"], classifier.expected(patches), atol=1e-4)
+
+
+def test_torch_uses_the_threads_it_is_given(tmp_path: Path, classifier: TrainedClassifier) -> None:
+    write_bundle(
+        tmp_path, "patches", 1, classifier_metadata(), {"model.ts": classifier.torchscript}
+    )
+    before = torch.get_num_threads()
+    try:
+        load_backend(ModelRepository(tmp_path).config("patches"), BackendOptions(1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
