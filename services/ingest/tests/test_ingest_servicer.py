@@ -123,6 +123,7 @@ async def running_ingest(database_url: str, redis: str, tmp_path: Path) -> Async
         identity_key_file=secret(tmp_path / "identity.key", bytes(32)),
         max_instance_bytes=100_000,
         grace_seconds=1,
+        dimse_port=0,  # no DIMSE door here (test_dimse.py has it): 11112 may be taken
     )
     async with AsyncExitStack() as resources:
         server = Server(settings, await build(settings, resources))
