@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from importlib.resources import files
@@ -92,3 +93,25 @@ async def test_concurrent_batches_in_opposite_orders_do_not_deadlock(pool: async
         )
         placements = [p.value for p in (*first, *second)]
         assert sorted(placements) == ["duplicate", "duplicate", "new", "new"]
+
+
+async def test_a_batch_is_placed_as_if_its_instances_came_one_by_one(pool: asyncpg.Pool) -> None:
+    first = stored("5.1", "5.1.1", "5.1.1.1")
+    again = stored("5.1", "5.1.1", "5.1.1.1")
+    changed = dataclasses.replace(stored("5.1", "5.1.1", "5.1.1.1"), sha256="1" * 64)
+    neighbour = stored("5.1", "5.1.1", "5.1.1.2")
+    held = dataclasses.replace(stored("5.1", "5.1.2", "5.1.2.1"), quarantine="BURNED_IN")
+    batch = [neighbour, first, again, changed, held]
+    assert await index.add_instances(pool, batch) == [
+        NEW, NEW, index.Placement.DUPLICATE, index.Placement.CONFLICT, NEW
+    ]  # fmt: skip
+    study = await index.get_study(pool, "5.1")
+    assert study is not None
+    assert (study.series_count, study.instance_count) == (1, 2)  # nothing of the held one
+    assert await pool.fetchval("SELECT count(*) FROM quarantined_instances") == 1
+    assert await pool.fetchval(
+        "SELECT sha256 FROM instances WHERE sop_instance_uid = '5.1.1.1'"
+    ) == ("0" * 64)
+    assert await index.add_instances(pool, [held, changed]) == [
+        index.Placement.DUPLICATE, index.Placement.CONFLICT
+    ]  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -15,8 +15,11 @@ import asyncpg
 import pydicom
 import pytest
 import redis.asyncio as aioredis
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import generate_uid
 
-from medimg_core.errors import InvalidArgument
+from medimg_core.audit import Access
+from medimg_core.errors import InvalidArgument, Unavailable
 from medimg_ingest import deid
 from medimg_ingest.deid.keyed import replacement_uid
 from medimg_ingest.objects import ObjectStore
@@ -30,6 +33,7 @@ from medimg_ingest.pipeline import (
 )
 from services.ingest.tests.support import (
     DEID_KEY,
+    POLICY,
     VAULT,
     MakePipeline,
     Recorded,
@@ -345,3 +349,192 @@ async def test_the_sweep_removes_what_a_crash_left_and_nothing_else(
     assert left == {indexed, recent, rewritten}
     assert objects.get(indexed)  # the indexed object stays, however old
     assert stored.outcome is Outcome.STORED
+
+
+# --- group commit -------------------------------------------------------------------------
+
+
+def distinct_copies(name: str, count: int) -> list[bytes]:
+    """`count` copies of a corpus file, each with a SOP Instance UID of its own."""
+    template = pydicom.dcmread(BytesIO(dicom_file(name)))
+    copies = []
+    for _ in range(count):
+        template.SOPInstanceUID = generate_uid()
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        out = BytesIO()
+        template.save_as(out, enforce_file_format=True)
+        copies.append(out.getvalue())
+    return copies
+
+
+class Gated(Recorded):
+    """An audit hook that holds each report until the gate opens, and refuses the reports
+    that name a refused instance (as audit refuses an event)."""
+
+    def __init__(self, pool: asyncpg.Pool, refused: Iterable[str] = ()) -> None:
+        super().__init__(pool)
+        self.reports: list[list[str]] = []
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.refused = set(refused)
+
+    async def __call__(self, accesses: Sequence[Access]) -> None:
+        self.reports.append([a.resource for a in accesses])
+        self.entered.set()
+        await self.gate.wait()
+        if self.refused & {a.resource for a in accesses}:
+            raise Unavailable("AUDIT_UNAVAILABLE", "the audit log refused to record the access")
+        await super().__call__(accesses)
+
+
+@pytest.fixture
+def gated(
+    pool: asyncpg.Pool, objects: ObjectStore, events: aioredis.Redis, executor: ThreadPoolExecutor
+) -> Callable[..., tuple[Pipeline, Gated]]:
+    def make(refused: Iterable[str] = ()) -> tuple[Pipeline, Gated]:
+        audit = Gated(pool, refused)
+        pipeline = Pipeline(
+            pool=pool, objects=objects, events=events, executor=executor, report=audit,
+            policy=POLICY, deid_key=DEID_KEY, vault=VAULT,
+        )  # fmt: skip
+        return pipeline, audit
+
+    return make
+
+
+async def uploads_behind_a_commit(
+    ingest: Pipeline, audit: Gated, objects: ObjectStore, files: Sequence[bytes]
+) -> list[asyncio.Task[list[Result]]]:
+    """The first file's call commits alone and is held there, while the other files are
+    uploaded one per call and wait behind it; then the gate opens. The calls, in order."""
+    first = asyncio.create_task(ingest.ingest(files[:1]))
+    await audit.entered.wait()
+    others = [asyncio.create_task(ingest.ingest([data])) for data in files[1:]]
+    await all_stored(objects, len(files))
+    audit.gate.set()
+    return [first, *others]
+
+
+async def all_stored(objects: ObjectStore, count: int) -> None:
+    """Returns once `count` objects are stored and their calls wait for a commit."""
+    for _ in range(3000):
+        if len(stored_files(objects)) >= count:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # from a stored object to a waiting call: a few loop turns
+
+
+async def transactions(pool: asyncpg.Pool) -> int:
+    """How many transactions wrote the index's instances (rows written together share
+    their transaction's id, xmin)."""
+    count: int = await pool.fetchval("SELECT count(DISTINCT xmin::text) FROM instances")
+    return count
+
+
+async def test_concurrent_calls_share_an_audit_report_and_an_index_transaction(
+    gated: Callable[..., tuple[Pipeline, Gated]],
+    pool: asyncpg.Pool,
+    objects: ObjectStore,
+    events: aioredis.Redis,
+) -> None:
+    files = distinct_copies("CT_small.dcm", 6)
+    ingest, audit = gated()
+    calls = await uploads_behind_a_commit(ingest, audit, objects, files)
+    results = [result for [result] in await asyncio.gather(*calls)]
+    # Each call has its own result, as if it had been alone.
+    assert [(r.outcome, r.instance) for r in results] == [
+        (Outcome.STORED, stored_name(data)) for data in files
+    ]
+    assert [len(report) for report in audit.reports] == [1, 5]
+    assert audit.indexed_before == [0, 1]  # each group audited before it is indexed
+    assert await transactions(pool) == 2
+    assert sorted(e["instance"] for e in await announced(events)) == sorted(
+        r.instance for r in results
+    )
+
+
+async def test_a_refused_audit_report_fails_only_the_call_it_names(
+    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: ObjectStore
+) -> None:
+    files = distinct_copies("CT_small.dcm", 6)
+    ingest, audit = gated(refused={stored_name(files[3])})
+    calls = await uploads_behind_a_commit(ingest, audit, objects, files)
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    refused = answers.pop(3)
+    assert isinstance(refused, Unavailable) and refused.reason == "AUDIT_UNAVAILABLE"
+    assert [a[0].outcome for a in answers if isinstance(a, list)] == [Outcome.STORED] * 5
+    # The group's report was refused: each of its calls was then reported alone.
+    assert [len(report) for report in audit.reports] == [1, 5, 1, 1, 1, 1, 1]
+    assert len(recorded_resources := [a.resource for a in audit.accesses]) == 5
+    assert stored_name(files[3]) not in recorded_resources
+    indexed = await pool.fetch("SELECT sop_instance_uid FROM instances")
+    assert len(indexed) == 5 and stored_name(files[3]).rsplit("/", 1)[1] not in {
+        row["sop_instance_uid"] for row in indexed
+    }
+
+
+async def test_an_index_failure_fails_only_the_call_it_comes_from(
+    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: ObjectStore
+) -> None:
+    files = distinct_copies("CT_small.dcm", 6)
+    bad = stored_name(files[2]).rsplit("/", 1)[1]
+    await pool.execute(
+        "CREATE FUNCTION refuse_instance() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF NEW.sop_instance_uid = '{bad}' THEN RAISE EXCEPTION 'refused by the test'; "
+        "END IF; RETURN NEW; END $$; "
+        "CREATE TRIGGER refuse BEFORE INSERT ON instances FOR EACH ROW "
+        "EXECUTE FUNCTION refuse_instance()"
+    )
+    ingest, audit = gated()
+    calls = await uploads_behind_a_commit(ingest, audit, objects, files)
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(answers.pop(2), asyncpg.RaiseError)
+    assert [a[0].outcome for a in answers if isinstance(a, list)] == [Outcome.STORED] * 5
+    assert await pool.fetchval("SELECT count(*) FROM instances") == 5
+    # The group's transaction failed: each of its calls was then indexed on its own.
+    assert await transactions(pool) == 1 + 4
+
+
+async def test_a_call_that_gives_up_before_its_group_commits_is_left_out(
+    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: ObjectStore
+) -> None:
+    first, second = distinct_copies("CT_small.dcm", 2)
+    ingest, audit = gated()
+    held = asyncio.create_task(ingest.ingest([first]))
+    await audit.entered.wait()
+    gives_up = asyncio.create_task(ingest.ingest([second]))
+    await all_stored(objects, 2)
+    gives_up.cancel()
+    audit.gate.set()
+    [result] = await held
+    with pytest.raises(asyncio.CancelledError):
+        await gives_up
+    assert result.outcome is Outcome.STORED
+    assert audit.reports == [[result.instance]]
+    assert await pool.fetchval("SELECT count(*) FROM instances") == 1
+    assert len(stored_files(objects)) == 2  # unindexed: the orphan sweep's
+
+
+# --- at the door: pixels and bytes --------------------------------------------------------
+
+
+async def test_a_broken_compressed_file_is_refused_as_undecodable(
+    pipeline: tuple[Pipeline, Recorded], objects: ObjectStore
+) -> None:
+    ingest, recorded = pipeline
+    dataset = pydicom.dcmread(BytesIO(dicom_file("SC_rgb_jpeg_dcmtk.dcm")))
+    [frame] = generate_frames(dataset.PixelData, number_of_frames=1)
+    dataset.PixelData = encapsulate([frame[: len(frame) // 2]])
+    out = BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    cut = dicom_file("MR_small.dcm")
+    native = pydicom.dcmread(BytesIO(cut))
+    native.PixelData = native.PixelData[:-100]
+    short = BytesIO()
+    native.save_as(short, enforce_file_format=True)
+    results = await ingest.ingest([out.getvalue(), short.getvalue()])
+    assert [(r.outcome, r.reason) for r in results] == [
+        (Outcome.REJECTED, "UNDECODABLE_PIXEL_DATA"),
+        (Outcome.REJECTED, "INCONSISTENT_PIXEL_DATA"),
+    ]
+    assert stored_files(objects) == [] and recorded.accesses == []

@@ -45,6 +45,9 @@ from medimg_ingest import search
 from medimg_ingest.pipeline import Outcome, Result
 
 log = logging.getLogger(__name__)
+# pynetdicom logs each association and request at INFO (and identifiers, PHI among them, at
+# DEBUG): a log line per instance costs CPU the pipeline needs, and says nothing ours do not.
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 SUCCESS = 0x0000
@@ -55,6 +58,11 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 #: Seconds a handler waits for the pipeline before telling the sender to retry.
 WAIT_SECONDS = 120
+#: Seconds an association's DUL reactor sleeps when it found nothing to do. pynetdicom polls
+#: every millisecond: a thread per association waking a thousand times a second, each time
+#: taking the GIL from the pipeline. Longer adds at most this much before a PDU is read or
+#: sent, against tens of milliseconds an instance takes.
+POLL_SECONDS = 0.005
 
 
 class DimseServer:
@@ -99,6 +107,7 @@ class DimseServer:
             self._address,
             block=False,
             evt_handlers=[
+                (evt.EVT_CONN_OPEN, _poll_less),
                 (evt.EVT_C_ECHO, lambda event: SUCCESS),
                 (evt.EVT_C_STORE, self._store),
                 (evt.EVT_C_FIND, self._find),
@@ -207,6 +216,11 @@ class DimseServer:
             }
             for s in series
         ]
+
+
+def _poll_less(event: Any) -> None:
+    # `_run_loop_delay` is the DUL's own knob for this trade (see pynetdicom's dul.py).
+    event.assoc.dul._run_loop_delay = POLL_SECONDS
 
 
 async def _awaited(work: Awaitable[T]) -> T:

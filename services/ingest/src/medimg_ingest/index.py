@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 
 from medimg_ingest.dicom import InstanceHeader
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,15 @@ class StudySummary:
 
 
 async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> list[Placement]:
-    """Indexes the instances (or quarantines them) in one transaction; where each one went."""
-    # Rows are locked in one global order (study, series, instance), so two uploads that
-    # share studies cannot deadlock whatever order their files came in.
+    """Indexes the instances (or quarantines them) in one transaction; where each one went.
+
+    A statement per table, whatever the number of instances (a group commit may bring
+    hundreds). Within the batch the first instance of a study, series or patient (in the
+    order below) gives its row, and a SOP Instance UID that comes twice is new once, then a
+    duplicate or a conflict, as if the instances had been indexed one after the other."""
+    # Rows are locked in one global order (study, series, instance within each table, and
+    # tables always in the same order), so two uploads that share studies cannot deadlock
+    # whatever order their files came in.
     order = sorted(
         range(len(objects)),
         key=lambda i: (
@@ -54,71 +63,145 @@ async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> 
             objects[i].header.sop_instance_uid,
         ),
     )
-    placements = [Placement.NEW] * len(objects)
+    ordered = [objects[i] for i in order]
+    indexed = [obj for obj in ordered if not obj.quarantine]
+    held = [obj for obj in ordered if obj.quarantine]
     async with pool.acquire() as conn, conn.transaction():
-        for i in order:
-            obj = objects[i]
-            if obj.identity is not None:
-                await conn.execute(
-                    "INSERT INTO identities (patient_pseudonym, key_id, sealed) "
-                    "VALUES ($1, $2, $3) ON CONFLICT (patient_pseudonym) DO NOTHING",
-                    obj.header.patient_id,
-                    *obj.identity,
-                )
-            add = _quarantine if obj.quarantine else _index
-            placements[i] = await add(conn, obj)
+        await _add_identities(conn, ordered)
+        if indexed:
+            await _add_studies(conn, indexed)
+            await _add_series(conn, indexed)
+        placed = dict(
+            zip(
+                map(id, indexed + held),
+                await _add_rows(conn, "instances", indexed)
+                + await _add_rows(conn, "quarantined_instances", held),
+                strict=True,
+            )
+        )
+    return [placed[id(obj)] for obj in objects]
+
+
+async def _add_identities(conn: asyncpg.Connection, objects: Sequence[StoredObject]) -> None:
+    first: dict[str, tuple[str, bytes]] = {}
+    for obj in objects:
+        if obj.identity is not None:
+            first.setdefault(obj.header.patient_id, obj.identity)
+    if first:
+        pseudonyms = sorted(first)
+        await conn.execute(
+            "INSERT INTO identities (patient_pseudonym, key_id, sealed) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) "
+            "ON CONFLICT (patient_pseudonym) DO NOTHING",
+            pseudonyms,
+            [first[p][0] for p in pseudonyms],
+            [first[p][1] for p in pseudonyms],
+        )
+
+
+async def _add_studies(conn: asyncpg.Connection, objects: Sequence[StoredObject]) -> None:
+    studies = _first_of_each([obj.header for obj in objects], lambda h: h.study_uid)
+    await conn.execute(
+        "INSERT INTO studies (study_uid, patient_pseudonym, study_date, study_time, "
+        "accession_number, study_id, study_description) SELECT * FROM unnest($1::text[], "
+        "$2::text[], $3::date[], $4::text[], $5::text[], $6::text[], $7::text[]) "
+        "ON CONFLICT (study_uid) DO UPDATE SET update_time = now()",
+        *_columns(
+            studies,
+            lambda h: (
+                h.study_uid, h.patient_id, h.study_date, h.study_time, h.accession_number,
+                h.study_id, h.study_description,
+            ),
+        ),
+    )  # fmt: skip
+
+
+async def _add_series(conn: asyncpg.Connection, objects: Sequence[StoredObject]) -> None:
+    series = _first_of_each([obj.header for obj in objects], lambda h: h.series_uid)
+    await conn.execute(
+        "INSERT INTO series (series_uid, study_uid, modality, series_number, "
+        "series_description, body_part_examined) SELECT * FROM unnest($1::text[], $2::text[], "
+        "$3::text[], $4::integer[], $5::text[], $6::text[]) ON CONFLICT (series_uid) DO NOTHING",
+        *_columns(
+            series,
+            lambda h: (
+                h.series_uid, h.study_uid, h.modality, h.series_number, h.series_description,
+                h.body_part_examined,
+            ),
+        ),
+    )  # fmt: skip
+
+
+_INSERT_ROWS = {
+    "instances": (
+        "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, "
+        "transfer_syntax, size_bytes, sha256, object_key, instance_number, rows, columns, "
+        "number_of_frames) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "
+        "$4::text[], $5::text[], $6::bigint[], $7::text[], $8::text[], $9::integer[], "
+        "$10::integer[], $11::integer[], $12::integer[]) "
+        "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid",
+        lambda o: (
+            o.header.sop_instance_uid, o.header.series_uid, o.header.study_uid,
+            o.header.sop_class_uid, o.header.transfer_syntax, o.size_bytes, o.sha256,
+            o.object_key, o.header.instance_number, o.header.rows, o.header.columns,
+            o.header.number_of_frames,
+        ),
+    ),
+    "quarantined_instances": (
+        "INSERT INTO quarantined_instances (sop_instance_uid, series_uid, study_uid, "
+        "sop_class_uid, patient_pseudonym, reason, size_bytes, sha256, object_key) "
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        "$6::text[], $7::bigint[], $8::text[], $9::text[]) "
+        "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid",
+        lambda o: (
+            o.header.sop_instance_uid, o.header.series_uid, o.header.study_uid,
+            o.header.sop_class_uid, o.header.patient_id, o.quarantine, o.size_bytes, o.sha256,
+            o.object_key,
+        ),
+    ),
+}  # fmt: skip
+
+
+async def _add_rows(
+    conn: asyncpg.Connection, table: str, objects: Sequence[StoredObject]
+) -> list[Placement]:
+    """Inserts the instances' rows into `table` (instances or quarantined_instances); where
+    each one went."""
+    if not objects:
+        return []
+    insert, row = _INSERT_ROWS[table]
+    firsts = _first_of_each(range(len(objects)), lambda i: objects[i].header.sop_instance_uid)
+    rows = [objects[i] for i in firsts]
+    inserted = {r["sop_instance_uid"] for r in await conn.fetch(insert, *_columns(rows, row))}
+    # New: the first of the batch's objects with an inserted row, not a later copy.
+    new = {i for i in firsts if objects[i].header.sop_instance_uid in inserted}
+    others = [obj.header.sop_instance_uid for i, obj in enumerate(objects) if i not in new]
+    known: dict[str, str] = {}
+    if others:
+        query = f"SELECT sop_instance_uid, sha256 FROM {table} WHERE sop_instance_uid = ANY($1)"
+        known = {r["sop_instance_uid"]: r["sha256"] for r in await conn.fetch(query, others)}
+    placements = []
+    for i, obj in enumerate(objects):
+        if i in new:
+            placements.append(Placement.NEW)
+        elif known.get(obj.header.sop_instance_uid) == obj.sha256:
+            placements.append(Placement.DUPLICATE)
+        else:
+            placements.append(Placement.CONFLICT)
     return placements
 
 
-async def _index(conn: asyncpg.Connection, obj: StoredObject) -> Placement:
-    h = obj.header
-    await conn.execute(
-        "INSERT INTO studies (study_uid, patient_pseudonym, study_date, study_time, "
-        "accession_number, study_id, study_description) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-        "ON CONFLICT (study_uid) DO UPDATE SET update_time = now()",
-        h.study_uid, h.patient_id, h.study_date, h.study_time, h.accession_number, h.study_id,
-        h.study_description,
-    )  # fmt: skip
-    await conn.execute(
-        "INSERT INTO series (series_uid, study_uid, modality, series_number, "
-        "series_description, body_part_examined) VALUES ($1, $2, $3, $4, $5, $6) "
-        "ON CONFLICT (series_uid) DO NOTHING",
-        h.series_uid, h.study_uid, h.modality, h.series_number, h.series_description,
-        h.body_part_examined,
-    )  # fmt: skip
-    inserted = await conn.fetchval(
-        "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, "
-        "transfer_syntax, size_bytes, sha256, object_key, instance_number, rows, columns, "
-        "number_of_frames) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
-        "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING true",
-        h.sop_instance_uid, h.series_uid, h.study_uid, h.sop_class_uid, h.transfer_syntax,
-        obj.size_bytes, obj.sha256, obj.object_key, h.instance_number, h.rows, h.columns,
-        h.number_of_frames,
-    )  # fmt: skip
-    if inserted:
-        return Placement.NEW
-    known = await conn.fetchval(
-        "SELECT sha256 FROM instances WHERE sop_instance_uid = $1", h.sop_instance_uid
-    )
-    return Placement.DUPLICATE if known == obj.sha256 else Placement.CONFLICT
+def _first_of_each(items: Iterable[T], key: Callable[[T], str]) -> list[T]:
+    """The first item of each key, in order."""
+    first: dict[str, T] = {}
+    for item in items:
+        first.setdefault(key(item), item)
+    return list(first.values())
 
 
-async def _quarantine(conn: asyncpg.Connection, obj: StoredObject) -> Placement:
-    h = obj.header
-    inserted = await conn.fetchval(
-        "INSERT INTO quarantined_instances (sop_instance_uid, series_uid, study_uid, "
-        "sop_class_uid, patient_pseudonym, reason, size_bytes, sha256, object_key) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-        "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING true",
-        h.sop_instance_uid, h.series_uid, h.study_uid, h.sop_class_uid, h.patient_id,
-        obj.quarantine, obj.size_bytes, obj.sha256, obj.object_key,
-    )  # fmt: skip
-    if inserted:
-        return Placement.NEW
-    known = await conn.fetchval(
-        "SELECT sha256 FROM quarantined_instances WHERE sop_instance_uid = $1", h.sop_instance_uid
-    )
-    return Placement.DUPLICATE if known == obj.sha256 else Placement.CONFLICT
+def _columns(items: Sequence[T], row: Callable[[T], tuple[object, ...]]) -> list[list[object]]:
+    """The rows of `items` as one list per column (for unnest)."""
+    return [list(column) for column in zip(*map(row, items), strict=True)] if items else []
 
 
 _STUDY_SUMMARY = """

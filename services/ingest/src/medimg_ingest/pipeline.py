@@ -3,12 +3,14 @@ de-identified, stored, indexed, announced and audited, exactly once.
 
 Per file, in a worker thread: parse and validate, check that the pixels decode, decide on
 quarantine, de-identify by the policy, and write the de-identified bytes to the object
-store (durable before anything points at them). Then for the batch: report the stores to
-audit (before the index makes anything visible: fail closed), index them in one
+store (durable before anything points at them). Then for the batch, together with the
+batches of every other call in flight (group commit, see `Pipeline._commit`): report the
+stores to audit (before the index makes anything visible: fail closed), index them in one
 transaction with the sealed pseudonym links, and announce the new ones. A file that fails
-gets its own result; its neighbours go on. An instance is acknowledged only once its
-object and its index row are durable; an object whose indexing then fails is
-content-addressed and unindexed: a retry reuses it, and nothing serves it.
+gets its own result, and a call whose report or index rows fail gets its own error; their
+neighbours go on. An instance is acknowledged only once its object, its audit record and
+its index row are durable; an object whose indexing then fails is content-addressed and
+unindexed: a retry reuses it, and nothing serves it.
 
 The stored bytes depend only on the file and the policy and key, never on the door:
 the file meta is rebuilt here, so the same file sent through any door is stored once.
@@ -17,6 +19,7 @@ the file meta is rebuilt here, so the same file sent through any door is stored 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import time
@@ -31,7 +34,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medimg_core import redis as medimg_redis
+from medimg_core import calls, telemetry
 from medimg_core.audit import Access, Action
 from medimg_core.errors import InvalidArgument
 from medimg_ingest import deid, dicom, index, pixels, volumes
@@ -42,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: Redis stream that announces each newly stored instance (resource names only).
 INSTANCE_STORED_STREAM = "medimg:ingest:instance-stored"
+#: About how many entries the stream keeps (as medimg_core.redis.publish trims).
+INSTANCE_STORED_MAX_LENGTH = 100_000
+#: The most instances one group commit takes (audit takes at most 1000 events a report).
+MAX_GROUP_INSTANCES = 500
 #: Written into the file meta of every stored instance (Implementation Class UID).
 IMPLEMENTATION_CLASS_UID = UID("2.25.304611008311148645742061647993512004849")
 IMPLEMENTATION_VERSION_NAME = "MEDIMG_1"
@@ -81,8 +88,9 @@ async def collect_files(
 
     `max_bytes` bounds each file, `max_total_bytes` the whole upload (held in memory)."""
     files: list[bytes] = []
-    current = bytearray()
-    total = 0
+    # The chunks of the current file, joined once it ends: one copy of each file.
+    current: list[bytes] = []
+    size = total = 0
     async for chunk, last in chunks:
         total += len(chunk)
         if max_total_bytes is not None and total > max_total_bytes:
@@ -92,19 +100,21 @@ async def collect_files(
                 "files per stream",
                 limit=max_total_bytes,
             )
-        if len(current) + len(chunk) > max_bytes:
+        size += len(chunk)
+        if size > max_bytes:
             raise InvalidArgument(
                 "INSTANCE_TOO_LARGE",
                 f"file {len(files)} is larger than the limit of {max_bytes} bytes",
                 index=len(files),
                 limit=max_bytes,
             )
-        current += chunk
+        if chunk:
+            current.append(chunk)
         if last:
-            files.append(bytes(current))
-            current = bytearray()
+            files.append(b"".join(current))
+            current, size = [], 0
     if current:
-        files.append(bytes(current))
+        files.append(b"".join(current))
     if not files:
         raise InvalidArgument("EMPTY_UPLOAD", "the upload stream carried no file")
     return files
@@ -122,6 +132,7 @@ class Pipeline:
         policy: deid.Policy,
         deid_key: bytes,
         vault: IdentityVault,
+        max_group_instances: int = MAX_GROUP_INSTANCES,
     ) -> None:
         self._pool = pool
         self._objects = objects
@@ -132,6 +143,10 @@ class Pipeline:
         self._policy = policy
         self._deid_key = deid_key
         self._vault = vault
+        self._max_group = max_group_instances
+        #: Calls whose objects are stored and wait for the next group commit.
+        self._waiting: list[_Waiting] = []
+        self._committing: asyncio.Task[None] | None = None
 
     async def ingest(self, files: Sequence[bytes]) -> list[Result]:
         """Each file's result, in order."""
@@ -143,12 +158,9 @@ class Pipeline:
         stored = [p for p in prepared if isinstance(p, index.StoredObject)]
         placements: dict[int, index.Placement] = {}
         if stored:
-            await self._report([_stored(o) for o in stored])
-            placed = await index.add_instances(self._pool, stored)
+            placed = await self._commit(stored)
             placements = {id(o): p for o, p in zip(stored, placed, strict=True)}
-        results = [p if isinstance(p, Result) else _result(p, placements[id(p)]) for p in prepared]
-        await self._announce([r.instance for r in results if r.outcome is Outcome.STORED])
-        return results
+        return [p if isinstance(p, Result) else _result(p, placements[id(p)]) for p in prepared]
 
     def _prepare(self, data: bytes, position: int) -> index.StoredObject | Result:
         """Validates, de-identifies and stores one file; a Result when it is refused."""
@@ -185,16 +197,192 @@ class Pipeline:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, build)
 
+    # Group commit ----------------------------------------------------------------------
+
+    async def _commit(self, objects: Sequence[index.StoredObject]) -> list[index.Placement]:
+        """Audits, indexes and announces the stored objects of one call, together with those
+        of every other call in flight (group commit); where each object went.
+
+        The objects wait while the group before them commits, then commit with everything
+        that arrived meanwhile: one audit report per caller, one index transaction and one
+        announcement for the whole group. Under light load a group is a single call, and
+        none waits for more than the one commit ahead of it. A caller that gives up
+        (cancelled) before its group starts is left out of it; its objects stay unindexed,
+        for the orphan sweep, as they would after any failure between store and index."""
+        waiting = _Waiting(
+            list(objects),
+            # Each access is audited as made by its own caller, in its own trace.
+            context=contextvars.copy_context(),
+            caller=(calls.current(), telemetry.current_trace_id()),
+            placed=asyncio.get_running_loop().create_future(),
+        )
+        self._waiting.append(waiting)
+        if self._committing is None:
+            # A context of its own: the committer acts for no caller in particular.
+            self._committing = asyncio.create_task(
+                self._commit_waiting(), name="ingest-group-commit", context=contextvars.Context()
+            )
+        return await waiting.placed
+
+    async def _commit_waiting(self) -> None:
+        try:
+            while self._waiting:
+                group = self._next_group()
+                try:
+                    await self._commit_group(group)
+                except Exception as error:
+                    # A fault of this group (its calls have their answer): the next goes on.
+                    log.exception("group commit failed")
+                    for waiting in group:
+                        _settle(waiting, error)
+        finally:
+            self._committing = None
+            for waiting in self._waiting:  # cancelled (shutdown): no commit will come
+                waiting.placed.cancel()
+            self._waiting.clear()
+
+    def _next_group(self) -> list[_Waiting]:
+        """The calls that wait (those still waiting for an answer), oldest first, up to the
+        group's limit of instances; a call larger than the limit is a group of its own."""
+        group: list[_Waiting] = []
+        size = 0
+        while self._waiting:
+            waiting = self._waiting[0]
+            if waiting.placed.done():  # its caller gave up
+                self._waiting.pop(0)
+                continue
+            if group and size + len(waiting.objects) > self._max_group:
+                break
+            group.append(self._waiting.pop(0))
+            size += len(waiting.objects)
+        return group
+
+    async def _commit_group(self, group: list[_Waiting]) -> None:
+        try:
+            indexed = await self._index(await self._audit(group))
+            await self._announce(
+                [
+                    instance_name(obj.header)
+                    for waiting, placements in indexed
+                    for obj, placement in zip(waiting.objects, placements, strict=True)
+                    if placement is index.Placement.NEW and not obj.quarantine
+                ]
+            )
+        except asyncio.CancelledError:
+            for waiting in group:
+                waiting.placed.cancel()
+            raise
+        for waiting, placements in indexed:
+            _settle(waiting, placements)
+
+    async def _audit(self, group: list[_Waiting]) -> list[_Waiting]:
+        """Reports the stores of the group, one report per caller; the calls whose stores are
+        on record. The others get their error (audit before index: fail closed)."""
+        by_caller: dict[tuple[object, str], list[_Waiting]] = {}
+        for waiting in group:
+            by_caller.setdefault(waiting.caller, []).append(waiting)
+        parts = list(by_caller.values())
+        failures = await asyncio.gather(*(self._report_for(part) for part in parts))
+        audited: list[_Waiting] = []
+        alone: list[_Waiting] = []
+        for part, failure in zip(parts, failures, strict=True):
+            if failure is None:
+                audited += part
+            elif len(part) == 1:
+                _settle(part[0], failure)
+            else:  # not one call's bad event failing its neighbours: each reported alone
+                alone += part
+        failures = await asyncio.gather(*(self._report_for([waiting]) for waiting in alone))
+        for waiting, failure in zip(alone, failures, strict=True):
+            if failure is None:
+                audited.append(waiting)
+            else:
+                _settle(waiting, failure)
+        return audited
+
+    async def _report_for(self, part: list[_Waiting]) -> Exception | None:
+        """Reports the stores of calls of one caller, in that caller's context."""
+        accesses = [_stored(obj) for waiting in part for obj in waiting.objects]
+
+        async def report() -> None:
+            await self._report(accesses)
+
+        try:
+            await asyncio.create_task(report(), context=part[0].context)
+        except Exception as error:  # noqa: BLE001 - the calls' own error, given back to them
+            return error
+        return None
+
+    async def _index(self, audited: list[_Waiting]) -> list[tuple[_Waiting, list[index.Placement]]]:
+        """Indexes the audited calls' objects in one transaction; if it fails, each call's in
+        a transaction of its own, so that no call's objects fail its neighbours. A call
+        whose own transaction fails gets its error."""
+        if not audited:
+            return []
+        objects = [obj for waiting in audited for obj in waiting.objects]
+        try:
+            placed = await index.add_instances(self._pool, objects)
+        except Exception as error:  # noqa: BLE001 - each call is answered with its own
+            if len(audited) == 1:
+                _settle(audited[0], error)
+                return []
+            indexed = []
+            for waiting in audited:
+                try:
+                    indexed.append(
+                        (waiting, await index.add_instances(self._pool, waiting.objects))
+                    )
+                except Exception as alone:  # noqa: BLE001 - this call's own error
+                    _settle(waiting, alone)
+            return indexed
+        indexed, start = [], 0
+        for waiting in audited:
+            end = start + len(waiting.objects)
+            indexed.append((waiting, placed[start:end]))
+            start = end
+        return indexed
+
     async def _announce(self, instances: Sequence[str]) -> None:
         # The index is the record; the stream is a notification. A Redis outage must not
         # turn a stored instance into a failed upload (the client would retry in vain).
+        if not instances:
+            return
         try:
-            for name in instances:
-                await medimg_redis.publish(self._events, INSTANCE_STORED_STREAM, {"instance": name})
+            async with self._events.pipeline(transaction=False) as pipe:
+                for name in instances:
+                    pipe.xadd(
+                        INSTANCE_STORED_STREAM,
+                        {"instance": name},
+                        maxlen=INSTANCE_STORED_MAX_LENGTH,
+                        approximate=True,
+                    )
+                await pipe.execute()
         except redis.exceptions.RedisError as error:
             log.warning(
                 "instance events not published", extra={"fields": {"error": type(error).__name__}}
             )
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """One call's stored objects, waiting to be committed with a group."""
+
+    objects: list[index.StoredObject]
+    #: The caller's context (its identity, trace and deadline), for its audit report.
+    context: contextvars.Context
+    #: Who the audit names, and in which trace: calls with the same share one report.
+    caller: tuple[object, str]
+    placed: asyncio.Future[list[index.Placement]]
+
+
+def _settle(waiting: _Waiting, outcome: list[index.Placement] | Exception) -> None:
+    """Answers a waiting call, unless it has its answer already or gave up waiting."""
+    if waiting.placed.done():
+        return
+    if isinstance(outcome, Exception):
+        waiting.placed.set_exception(outcome)
+    else:
+        waiting.placed.set_result(outcome)
 
 
 def _stored(obj: index.StoredObject) -> Access:
