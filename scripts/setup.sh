@@ -19,7 +19,8 @@ quiet "${pip[@]}" install --quiet -c constraints.txt \
   -e services/audit -e services/ingest -e services/inference -e services/training \
   pytest pytest-asyncio ruff mypy grpc-stubs types-protobuf \
   lxml rnc2rng fhir.resources pydicom-data dicomweb-client \
-  onnxscript  # test-only: audit exports vs DICOM/FHIR; deid corpus; a stock DICOMweb client; ONNX export
+  onnxscript tritonclient  # test-only: audit exports vs DICOM/FHIR; deid corpus; a stock DICOMweb client; ONNX export; the stock KServe client
+# (tritonclient without its [grpc] extra, which pins protobuf<7: the grpcio and protobuf above serve it)
 # test-only: deepbet's wheel ships TorchScript networks that inference serves as they are; its
 # own dependencies (GUI, nibabel, ...) are not needed for that.
 quiet "${pip[@]}" install --quiet --no-deps -c constraints.txt deepbet

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import uuid
 
-import grpc
 import httpx
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -160,22 +159,21 @@ def test_a_file_far_larger_than_4_mib_streams_in_chunks(
     assert any(p.stat().st_size > 8 * 1024 * 1024 for p in stored)
 
 
-def test_inference_and_training_answer_unimplemented(
+def test_inference_and_training_answer_through_the_mesh(
     platform: Platform, rest: httpx.Client
 ) -> None:
     from medimg.inference.v1 import inference_service_pb2 as inf_pb
     from medimg.inference.v1 import inference_service_pb2_grpc as inf_grpc
 
     with channel(platform, "inference") as ch:
-        try:
-            inf_grpc.InferenceServiceStub(ch).ListModels(inf_pb.ListModelsRequest(), timeout=10)
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-        else:
-            raise AssertionError("ListModels should be UNIMPLEMENTED")
-    answer = rest.get("/v1/trainingJobs", headers=bearer(platform, "ml-1", "ml-engineer"))
-    assert answer.status_code == 501
-    assert answer.json()["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+        answer = inf_grpc.InferenceServiceStub(ch).ListModels(
+            inf_pb.ListModelsRequest(), timeout=10
+        )
+        assert all(model.name.startswith("models/") for model in answer.models)
+    jobs = rest.get("/v1/trainingJobs", headers=bearer(platform, "ml-1", "ml-engineer"))
+    assert jobs.status_code == 200, jobs.text
+    models = rest.get("/v1/models", headers=bearer(platform, "ml-1", "ml-engineer"))
+    assert models.status_code == 200, models.text
 
 
 def test_trace_context_crosses_the_gateway_and_the_mesh(

@@ -31,6 +31,8 @@ from medimg_cli import mesh as meshlib
 from medimg_cli.pki import Pki, create_ca, issue_certificate, mint_token
 
 INGEST = "medimg.ingest.v1.IngestService"
+INFERENCE = "medimg.inference.v1.InferenceService"
+KSERVE = "inference.GRPCInferenceService"
 USER_HEADER = "x-medimg-jwt-payload"
 XFCC = "x-forwarded-client-cert"
 
@@ -45,6 +47,10 @@ def test_load_mesh_reads_the_repository_description(base_mesh: meshlib.Mesh) -> 
     assert base_mesh.all_identities() == [*services, "gateway", "ops"]
     ingest = base_mesh.services["ingest"]
     assert ingest.grpc_service == INGEST
+    assert ingest.grpc_services == (INGEST,)
+    inference = base_mesh.services["inference"]
+    assert inference.grpc_services == (INFERENCE, KSERVE)
+    assert inference.grpc_service == INFERENCE  # the gateway's, the service's own API
     assert ingest.sidecar_port == 7001
     assert dict(ingest.upstreams) == {"audit": 7211}
     assert ingest.allowed("UploadInstances") == ("gateway", "ops")
@@ -101,6 +107,21 @@ def test_with_offset_moves_every_port(base_mesh: meshlib.Mesh) -> None:
         ("admin_port = 7300", 'admin_port = "7300"', r"gateway\.admin_port: must be a port"),
         ('identities = ["gateway", "ops"]', 'identities = ["ops"]', r"must include 'gateway'"),
         ('audit = "audit"', 'audit = "audti"', r"gateway\.audit: unknown service 'audti'"),
+        (
+            f'grpc_services = ["{INFERENCE}", "{KSERVE}"]',
+            f'grpc_services = ["{INFERENCE}", "{INFERENCE}"]',
+            r"services\.inference\.grpc_services: a service is listed twice",
+        ),
+        (
+            f'grpc_services = ["{INFERENCE}", "{KSERVE}"]',
+            "grpc_services = []",
+            r"services\.inference\.grpc_services: must be a non-empty list",
+        ),
+        (
+            f'grpc_services = ["{INFERENCE}", "{KSERVE}"]',
+            f'grpc_service = "{INFERENCE}"\ngrpc_services = ["{KSERVE}"]',
+            r"unknown key services\.inference\.grpc_service\b",
+        ),
     ],
 )
 def test_load_mesh_rejects_a_bad_description(
@@ -120,6 +141,59 @@ def test_render_rejects_a_method_the_service_does_not_have(
     bad = tmp_path / "mesh.toml"
     bad.write_text(mesh_toml.read_text().replace("GetStudy = ", "GetStudies = ", 1))
     with pytest.raises(ValueError, match=r"IngestService has no method 'GetStudies'"):
+        meshlib.render(meshlib.load_mesh(bad), pki, descriptor_set)
+
+
+def test_render_resolves_methods_across_a_services_grpc_services(
+    tmp_path: Path, mesh_toml: Path, pki: Pki, descriptor_set: Path
+) -> None:
+    configs = meshlib.render(meshlib.load_mesh(mesh_toml), pki, descriptor_set)
+    listener = configs["sidecar-inference"]["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    rbac = hcm["http_filters"][0]["typed_config"]["rules"]["policies"]
+
+    def paths(policy: str) -> list[str]:
+        return [next(iter(p["url_path"]["path"].values())) for p in rbac[policy]["permissions"]]
+
+    assert paths("method-ModelInfer") == [f"/{KSERVE}/ModelInfer"]
+    assert paths("method-ListModels") == [f"/{INFERENCE}/ListModels"]
+    assert {f"/{INFERENCE}/", f"/{KSERVE}/"} <= set(paths("all-methods"))
+    # The gateway routes and transcodes the service's own API only: no REST for KServe.
+    gateway = json.dumps(configs["gateway"])
+    assert KSERVE not in gateway
+    assert INFERENCE in gateway
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        (
+            "ModelInfer = ",
+            "ModelInferr = ",
+            rf"services\.inference\.callers: {INFERENCE} and {KSERVE} have no method "
+            r"'ModelInferr'",
+        ),
+        (
+            f'grpc_services = ["{INFERENCE}", "{KSERVE}"]',
+            f'grpc_services = ["{INFERENCE}", "medimg.training.v1.TrainingService"]',
+            rf"'ListModels' is ambiguous: {INFERENCE} and medimg\.training\.v1\.TrainingService",
+        ),
+        (
+            f'grpc_services = ["{INFERENCE}", "{KSERVE}"]',
+            f'grpc_services = ["{INFERENCE}", "inference.KServe"]',
+            r"services\.inference\.grpc_services: inference\.KServe is not in",
+        ),
+    ],
+)
+def test_render_rejects_a_method_none_or_two_of_the_services_have(
+    tmp_path: Path, mesh_toml: Path, pki: Pki, descriptor_set: Path, change: tuple[str, str, str]
+) -> None:
+    old, new, message = change
+    text = mesh_toml.read_text()
+    assert old in text
+    bad = tmp_path / "mesh.toml"
+    bad.write_text(text.replace(old, new, 1))
+    with pytest.raises(ValueError, match=message):
         meshlib.render(meshlib.load_mesh(bad), pki, descriptor_set)
 
 

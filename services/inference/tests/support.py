@@ -27,6 +27,7 @@ import numpy.typing as npt
 import torch
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from torch.jit._trace import TracerWarning
 
 from medimg_inference.backends import Array, Backend, BackendOptions, Batch, load_backend
 from medimg_inference.repository import METADATA_PATH, ModelConfig
@@ -307,3 +308,46 @@ class GatedBackend(Backend):
     @property
     def rows_executed(self) -> int:
         return sum(len(batch) for batch in self.executed)
+
+
+#: The voxel value above which ThresholdSegmenter labels a voxel "bright".
+THRESHOLD = 200.0
+
+
+class ThresholdSegmenter(torch.nn.Module):
+    """A 1x1x1 convolution whose two logits are (0, x - THRESHOLD): its argmax labels the
+    voxels above THRESHOLD, an answer a test knows. (N, 1, X, Y, Z) -> (N, 2, X, Y, Z)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        weight = torch.tensor([0.0, 1.0]).reshape(2, 1, 1, 1, 1)
+        self.conv.weight = torch.nn.Parameter(weight)
+        self.conv.bias = torch.nn.Parameter(torch.tensor([0.0, -THRESHOLD]))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.conv(image)
+        return logits
+
+
+def export_traced(network: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """`network` in eval mode, traced on `example` and saved as TorchScript."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", category=TracerWarning)
+        torch.jit.trace(network.eval(), example).save(str(path))  # type: ignore[no-untyped-call]
+    return path
+
+
+def segmenter_metadata(preprocessing: list[Any] | None = None) -> dict[str, Any]:
+    """metadata.json of ThresholdSegmenter: any 3D size, labels background and bright."""
+    spatial: list[int | str] = ["*", "*", "*"]
+    return metadata_json(
+        {"image": tensor_json(1, spatial)},
+        {"logits": tensor_json(2, spatial, kind="segmentation")},
+        {
+            "labels": ["background", "bright"],
+            "preprocessing": preprocessing or [],
+            "postprocessing": [{"_target_": "AsDiscrete", "argmax": True}],
+        },
+    )

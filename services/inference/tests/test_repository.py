@@ -43,6 +43,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
         "instances": 2,
         "labels": ["computed tomography", "magnetic resonance"],
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": True}],
+        "response_cache": True,
     }
     write_bundle(tmp_path, "patches", 3, classifier_metadata(medimg), ONNX)
 
@@ -63,6 +64,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
     assert (config.execution.instances, config.execution.device) == (2, "cpu")
     assert config.labels == ("computed tomography", "magnetic resonance")
     assert config.metadata["task"] == "test model"
+    assert config.response_cache
 
 
 def test_a_plain_monai_bundle_loads_with_defaults(tmp_path: Path) -> None:
@@ -79,6 +81,7 @@ def test_a_plain_monai_bundle_loads_with_defaults(tmp_path: Path) -> None:
     # Class names come from the output's channel_def.
     assert config.labels == ("CT", "MR")
     assert config.preprocessing == config.postprocessing == ()
+    assert not config.response_cache
 
 
 def test_the_preprocessing_is_a_monai_compose_of_the_configs(tmp_path: Path) -> None:
@@ -292,6 +295,12 @@ MALFORMED: list[tuple[str, Callable[[Metadata], object], str, str]] = [
         lambda m: _medimg(m).update(max_batch_size=0),
         "INVALID_METADATA",
         "medimg.max_batch_size",
+    ),
+    (
+        "response_cache not a bool",
+        lambda m: _medimg(m).update(response_cache="yes"),
+        "INVALID_METADATA",
+        "medimg.response_cache",
     ),
     (
         "negative delay",

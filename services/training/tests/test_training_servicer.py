@@ -1,4 +1,4 @@
-"""Training as its app builds it: permission first, then UNIMPLEMENTED until jobs exist."""
+"""Training as its app builds it: permission first, specific refusals, a job watched to its end."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -18,6 +20,7 @@ from medimg.training.v1 import training_service_pb2_grpc as pb_grpc
 from medimg_core.identity import USER_HEADER, XFCC_HEADER
 from medimg_core.server import Server
 from medimg_training.app import build
+from medimg_training.datasets import Dataset
 from medimg_training.settings import TrainingSettings
 
 SPIFFE = "spiffe://medimg.local/ns/medimg/sa/"
@@ -42,8 +45,8 @@ def reason(error: grpc.aio.AioRpcError) -> str:
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    settings = TrainingSettings(port=0, grace_seconds=1)
+async def channel(settings: TrainingSettings) -> AsyncIterator[grpc.aio.Channel]:
+    settings = settings.model_copy(update={"grace_seconds": 1})
     async with AsyncExitStack() as resources:
         server = Server(settings, await build(settings, resources))
         port = await server.start()
@@ -56,21 +59,103 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
 CALLS = [
     ("ListTrainingJobs", pb.ListTrainingJobsRequest(page_size=10)),
     ("GetTrainingJob", pb.GetTrainingJobRequest(name="trainingJobs/1")),
+    ("CreateTrainingJob", pb.CreateTrainingJobRequest()),
+    ("ListModels", pb.ListModelsRequest()),
 ]
 
 
-@pytest.mark.parametrize(("method", "request_"), CALLS)
 @pytest.mark.parametrize(
     "caller", [workload("ops"), user("rita", "researcher"), user("max", "ml-engineer")]
 )
-async def test_an_allowed_caller_gets_unimplemented(
-    channel: grpc.aio.Channel, method: str, request_: object, caller: Metadata
+async def test_an_allowed_caller_lists_jobs(channel: grpc.aio.Channel, caller: Metadata) -> None:
+    stub = pb_grpc.TrainingServiceStub(channel)
+    reply = await stub.ListTrainingJobs(pb.ListTrainingJobsRequest(), metadata=caller, timeout=5)
+    assert list(reply.training_jobs) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetTrainingJob(
+            pb.GetTrainingJobRequest(name="trainingJobs/nothing"), metadata=caller, timeout=5
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert reason(caught.value) == "TRAINING_JOB_NOT_FOUND"
+
+
+def job_request(of: Dataset, **spec: Any) -> pb.CreateTrainingJobRequest:
+    given = {
+        "dataset": of.name,
+        "network": {"name": "DenseNet"},
+        "image_size": [32, 32],
+        "batch_size": 4,
+        **spec,
+    }
+    return pb.CreateTrainingJobRequest(
+        training_job=pb.TrainingJob(spec=json_format.ParseDict(given, pb.TrainingJobSpec()))
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "expected"),
+    [
+        ({"network": {"name": "NoSuchNet"}}, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_NETWORK"),
+        (
+            {"network": {"name": "DenseNet", "arguments": {"out_channels": 5}}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "WRONG_LABEL_COUNT",
+        ),
+        ({"resources": {"gpus": 2}}, grpc.StatusCode.INVALID_ARGUMENT, "IMPOSSIBLE_RESOURCES"),
+        ({"dataset": "datasets/none/versions/1"}, grpc.StatusCode.NOT_FOUND, "DATASET_NOT_FOUND"),
+    ],
+)
+async def test_a_bad_spec_is_refused_and_nothing_starts(
+    channel: grpc.aio.Channel,
+    dataset: Dataset,
+    spec: dict[str, Any],
+    code: grpc.StatusCode,
+    expected: str,
 ) -> None:
     stub = pb_grpc.TrainingServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await getattr(stub, method)(request_, metadata=caller, timeout=5)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert reason(caught.value) == "NOT_IMPLEMENTED"
+        await stub.CreateTrainingJob(
+            job_request(dataset, **spec), metadata=user("max", "ml-engineer"), timeout=30
+        )
+    assert caught.value.code() == code
+    assert reason(caught.value) == expected
+    jobs = await stub.ListTrainingJobs(
+        pb.ListTrainingJobsRequest(), metadata=user("max", "ml-engineer"), timeout=5
+    )
+    assert list(jobs.training_jobs) == []
+
+
+@pytest.mark.slow
+async def test_a_job_is_watched_to_its_end(channel: grpc.aio.Channel, dataset: Dataset) -> None:
+    stub = pb_grpc.TrainingServiceStub(channel)
+    max_ = user("max", "ml-engineer")
+    job = await stub.CreateTrainingJob(job_request(dataset, epochs=2), metadata=max_, timeout=30)
+    assert job.state == pb.TrainingJob.STATE_QUEUED
+    assert job.creator == "max"
+    seen = [
+        p
+        async for p in stub.WatchTrainingJob(
+            pb.WatchTrainingJobRequest(name=job.name), metadata=max_, timeout=240
+        )
+    ]
+    assert seen[-1].state == pb.TrainingJob.STATE_SUCCEEDED
+    assert seen[-1].step == seen[-1].total_steps == 4
+    assert "accuracy" in seen[-1].metrics
+    done = await stub.GetTrainingJob(pb.GetTrainingJobRequest(name=job.name), metadata=max_)
+    assert done.state == pb.TrainingJob.STATE_SUCCEEDED
+    assert done.model_version == "registeredModels/ct-or-mr/versions/1"
+    version = await stub.GetModelVersion(
+        pb.GetModelVersionRequest(name=done.model_version), metadata=max_
+    )
+    assert version.training_job == job.name
+    assert version.spec.dataset == dataset.name
+    versions = await stub.ListModelVersions(
+        pb.ListModelVersionsRequest(parent="registeredModels/ct-or-mr"), metadata=max_
+    )
+    assert [v.name for v in versions.model_versions] == [done.model_version]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CancelTrainingJob(pb.CancelTrainingJobRequest(name=job.name), metadata=max_)
+    assert reason(caught.value) == "JOB_ALREADY_ENDED"
 
 
 @pytest.mark.parametrize(("method", "request_"), CALLS)

@@ -68,7 +68,9 @@ class ServiceSpec:
     """One service of the mesh: its ports and who may call which of its methods."""
 
     name: str
-    grpc_service: str
+    #: The gRPC services it serves: its own API first (the one the gateway routes to and
+    #: transcodes), then any protocol it also speaks (KServe v2 for inference).
+    grpc_services: tuple[str, ...]
     sidecar_port: int  # inbound mTLS, what other workloads dial
     service_port: int  # the service itself, plaintext HTTP/2 on 127.0.0.1
     admin_port: int  # the sidecar's Envoy admin (/ready, /stats/prometheus)
@@ -88,6 +90,11 @@ class ServiceSpec:
                 {name: port(value, offset) for name, value in self.upstreams.items()}
             ),
         )
+
+    @property
+    def grpc_service(self) -> str:
+        """The service's own API: the first of grpc_services."""
+        return self.grpc_services[0]
 
     def allowed(self, method: str) -> tuple[str, ...]:
         """The identities allowed to call method: callers[method] and callers["*"]."""
@@ -248,11 +255,13 @@ def _parse(data: dict[str, Any]) -> Mesh:
 
 def _service(name: str, table: dict[str, Any], known: Sequence[str]) -> ServiceSpec:
     where = f"services.{name}."
+    # One gRPC service (`grpc_service = "..."`) or several (`grpc_services = [...]`).
+    several = "grpc_services" in table
     _keys(
         table,
         where,
-        {"grpc_service", "sidecar_port", "service_port", "admin_port", "metrics_port"}
-        | {"upstreams", "callers"},
+        {"grpc_services" if several else "grpc_service"}
+        | {"sidecar_port", "service_port", "admin_port", "metrics_port", "upstreams", "callers"},
     )
     upstreams = _table(table, "upstreams", where)
     for upstream in upstreams:
@@ -271,7 +280,11 @@ def _service(name: str, table: dict[str, Any], known: Sequence[str]) -> ServiceS
                 )
     return ServiceSpec(
         name=name,
-        grpc_service=_str(table, "grpc_service", where, pattern=_GRPC_SERVICE),
+        grpc_services=(
+            _grpc_services(table, where)
+            if several
+            else (_str(table, "grpc_service", where, pattern=_GRPC_SERVICE),)
+        ),
         sidecar_port=_port(table, "sidecar_port", where),
         service_port=_port(table, "service_port", where),
         admin_port=_port(table, "admin_port", where),
@@ -279,6 +292,20 @@ def _service(name: str, table: dict[str, Any], known: Sequence[str]) -> ServiceS
         upstreams=MappingProxyType(dict(upstreams)),
         callers=MappingProxyType(callers),
     )
+
+
+def _grpc_services(table: dict[str, Any], where: str) -> tuple[str, ...]:
+    value = table.get("grpc_services")
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}grpc_services: must be a non-empty list of gRPC service names")
+    for service in value:
+        if not _GRPC_SERVICE.fullmatch(service):
+            raise ValueError(
+                f"{where}grpc_services: {service!r} does not match {_GRPC_SERVICE.pattern}"
+            )
+    if len(set(value)) != len(value):
+        raise ValueError(f"{where}grpc_services: a service is listed twice")
+    return tuple(value)
 
 
 def _check_ports(mesh: Mesh) -> None:
@@ -347,21 +374,49 @@ def _grpc_methods(descriptor_set: Path) -> dict[str, set[str]]:
     }
 
 
-def _check_against_descriptors(mesh: Mesh, descriptor_set: Path) -> None:
-    # A typo in a method name would otherwise render an RBAC rule that silently never
-    # matches, and an unknown service would only fail when the gateway's Envoy starts.
+#: Per mesh service: method name in `callers` -> its full gRPC path (`/pkg.Service/Method`).
+MethodPaths = Mapping[str, Mapping[str, str]]
+
+
+def _check_against_descriptors(mesh: Mesh, descriptor_set: Path) -> MethodPaths:
+    """Resolves every method of `callers` among its service's gRPC services.
+
+    A typo in a method name would otherwise render an RBAC rule that silently never
+    matches, and an unknown service would only fail when the gateway's Envoy starts. A
+    method name two of a service's gRPC services both have is refused: the rule would not
+    say which one it allows."""
     methods = _grpc_methods(descriptor_set)
+    served: dict[str, str] = {}
+    resolved: dict[str, dict[str, str]] = {}
     for name, spec in mesh.services.items():
-        if spec.grpc_service not in methods:
-            raise ValueError(
-                f"services.{name}.grpc_service: {spec.grpc_service} is not in {descriptor_set}"
-            )
-        for method in spec.callers:
-            if method != "*" and method not in methods[spec.grpc_service]:
+        key = "grpc_service" if len(spec.grpc_services) == 1 else "grpc_services"
+        for service in spec.grpc_services:
+            if service not in methods:
+                raise ValueError(f"services.{name}.{key}: {service} is not in {descriptor_set}")
+            if service in served:
                 raise ValueError(
-                    f"services.{name}.callers: {spec.grpc_service} has no method {method!r} "
-                    f"(methods: {', '.join(sorted(methods[spec.grpc_service]))})"
+                    f"services.{name}.{key}: {service} is also served by services.{served[service]}"
                 )
+            served[service] = name
+        resolved[name] = {}
+        for method in spec.callers:
+            if method == "*":
+                continue
+            owners = [service for service in spec.grpc_services if method in methods[service]]
+            if not owners:
+                offered = sorted({m for service in spec.grpc_services for m in methods[service]})
+                raise ValueError(
+                    f"services.{name}.callers: {' and '.join(spec.grpc_services)} "
+                    f"{'has' if len(spec.grpc_services) == 1 else 'have'} no method {method!r} "
+                    f"(methods: {', '.join(offered)})"
+                )
+            if len(owners) > 1:
+                raise ValueError(
+                    f"services.{name}.callers: {method!r} is ambiguous: "
+                    f"{' and '.join(owners)} both have it"
+                )
+            resolved[name][method] = f"/{owners[0]}/{method}"
+    return resolved
 
 
 # --- rendering ------------------------------------------------------------------------
@@ -376,12 +431,12 @@ def render(
     so a second platform can run beside one on the default ports.
     """
     mesh = mesh.with_offset(port_offset)
-    _check_against_descriptors(mesh, descriptor_set)
+    paths = _check_against_descriptors(mesh, descriptor_set)
     # Envoy resolves relative paths against its own working directory, not ours.
     pki = Pki(pki.root.resolve())
     configs = {"gateway": _gateway(mesh, pki, descriptor_set.resolve())}
     for name, spec in mesh.services.items():
-        configs[f"sidecar-{name}"] = _sidecar(mesh, pki, spec)
+        configs[f"sidecar-{name}"] = _sidecar(mesh, pki, spec, paths[name])
     return configs
 
 
@@ -433,12 +488,12 @@ def envoy_command(
     return command
 
 
-def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec) -> dict[str, Any]:
+def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec, paths: Mapping[str, str]) -> dict[str, Any]:
     inbound_hcm = _hcm(
         "inbound",
         codec="HTTP2",
         routes=[_route_to({"prefix": "/"}, "local_service")],
-        http_filters=[_rbac(mesh, spec), _grpc_stats(), _ROUTER],
+        http_filters=[_rbac(mesh, spec, paths), _grpc_stats(), _ROUTER],
         # The service learns its verified caller from XFCC and nothing else: a client-sent
         # XFCC is replaced, never passed on.
         forward_client_cert_details="SANITIZE_SET",
@@ -500,7 +555,9 @@ def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec) -> dict[str, Any]:
     }
 
 
-def _rbac(mesh: Mesh, spec: ServiceSpec) -> dict[str, Any]:
+def _rbac(mesh: Mesh, spec: ServiceSpec, paths: Mapping[str, str]) -> dict[str, Any]:
+    """Envoy RBAC of one sidecar; `paths` maps each method of `callers` to its gRPC path."""
+
     def principals(names: Sequence[str]) -> list[dict[str, Any]]:
         # principal_name matches the certificate's URI SAN, which the TLS handshake verified.
         return [{"authenticated": {"principal_name": {"exact": mesh.spiffe(n)}}} for n in names]
@@ -517,7 +574,10 @@ def _rbac(mesh: Mesh, spec: ServiceSpec) -> dict[str, Any]:
         policies["all-methods"] = {
             "permissions": [
                 {"url_path": {"path": {"prefix": prefix}}}
-                for prefix in (f"/{spec.grpc_service}/", *REFLECTION_PREFIXES)
+                for prefix in (
+                    *(f"/{service}/" for service in spec.grpc_services),
+                    *REFLECTION_PREFIXES,
+                )
             ],
             "principals": principals(everything),
         }
@@ -529,9 +589,7 @@ def _rbac(mesh: Mesh, spec: ServiceSpec) -> dict[str, Any]:
     for method, names in spec.callers.items():
         if method != "*" and names:
             policies[f"method-{method}"] = {
-                "permissions": [
-                    {"url_path": {"path": {"exact": f"/{spec.grpc_service}/{method}"}}}
-                ],
+                "permissions": [{"url_path": {"path": {"exact": paths[method]}}}],
                 "principals": principals(names),
             }
     return {

@@ -36,9 +36,9 @@ from medimg_protos import DESCRIPTOR_SET_PATH
 #: Start order: audit first, since the others report to it.
 SERVICES = ("audit", "ingest", "inference", "training")
 #: Services with a database of their own (no service reads another's database).
-DATABASES = {"audit": "medimg_audit", "ingest": "medimg_ingest"}
+DATABASES = {"audit": "medimg_audit", "ingest": "medimg_ingest", "training": "medimg_training"}
 #: Services that publish or read events on Redis.
-REDIS_USERS = ("ingest",)
+REDIS_USERS = ("ingest", "training")
 REDIS_PORT = 7400
 #: Ingest's DIMSE port (PACS and modalities send here), AE title MEDIMG.
 DIMSE_PORT = 11112
@@ -240,6 +240,10 @@ class Platform:
         }
         if "audit" in spec.upstreams:
             settings["AUDIT_TARGET"] = f"127.0.0.1:{self.port(spec.upstreams['audit'])}"
+        if service == "inference":
+            settings["INGEST_TARGET"] = f"127.0.0.1:{self.port(spec.upstreams['ingest'])}"
+            settings["MODEL_REPOSITORY"] = str(self.model_repository)
+            settings["REDIS_URL"] = self.server_redis_url
         if service in DATABASES:
             settings["DATABASE_URL"] = with_database(self.server_database_url, DATABASES[service])
         if service in REDIS_USERS:
@@ -250,6 +254,9 @@ class Platform:
             settings["DEID_KEY_FILE"] = str(self.pki.deid_key)
             settings["DIMSE_PORT"] = str(self.port(DIMSE_PORT))
             settings["IDENTITY_KEY_FILE"] = str(self.pki.identity_key)
+        if service == "training":
+            settings["OBJECT_DIR"] = str(self.state / "training")
+            settings["INGEST_TARGET"] = f"127.0.0.1:{self.port(spec.upstreams['ingest'])}"
         if service == "audit":
             assert self.pki is not None
             settings["SIGNING_KEY_FILE"] = str(self.pki.audit_key)
@@ -309,6 +316,11 @@ class Platform:
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway is not ready")
             time.sleep(0.1)
+
+    @property
+    def model_repository(self) -> Path:
+        """The inference service's model repository: `<model>/<version>/` MONAI bundles."""
+        return self.state / "models"
 
     def log(self, name: str) -> Path:
         return self.state / "logs" / f"{name}.log"

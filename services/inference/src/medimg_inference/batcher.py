@@ -48,7 +48,13 @@ class ModelStatistics:
     outputs), counted once for each request in it, as Triton counts them.
     `inference_count` counts rows (batch items) answered, `execution_count` model
     executions; `executions_by_batch_size` maps rows per execution to executions.
-    `last_inference_ms` is the Unix time in milliseconds of the last success (0: none)."""
+    `last_inference_ms` is the Unix time in milliseconds of the last success (0: none).
+
+    With the response cache on, a hit is a success (counted in `success_count` and
+    `success_ns`, and in `cache_hit_count`/`cache_hit_ns`, the lookup's duration) that never
+    queues nor runs, so it adds to no queue, compute, inference or execution counter; a miss
+    adds to `cache_miss_count`, and the lookup and the insertion to `cache_miss_ns`, as
+    Triton counts them."""
 
     success_count: int = 0
     success_ns: int = 0
@@ -62,9 +68,29 @@ class ModelStatistics:
     execution_count: int = 0
     executions_by_batch_size: dict[int, int] = field(default_factory=dict)
     last_inference_ms: int = 0
+    cache_hit_count: int = 0
+    cache_hit_ns: int = 0
+    cache_miss_count: int = 0
+    cache_miss_ns: int = 0
 
     def snapshot(self) -> ModelStatistics:
         return replace(self, executions_by_batch_size=dict(self.executions_by_batch_size))
+
+    def record_cache_hit(self, arrived_ns: int, lookup_ns: int) -> None:
+        """A request answered from the response cache; `arrived_ns` is its time.monotonic_ns()."""
+        self.success_count += 1
+        self.success_ns += time.monotonic_ns() - arrived_ns
+        self.cache_hit_count += 1
+        self.cache_hit_ns += lookup_ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_cache_miss(self, lookup_ns: int) -> None:
+        self.cache_miss_count += 1
+        self.cache_miss_ns += lookup_ns
+
+    def record_cache_insert(self, insert_ns: int) -> None:
+        """The time a missed request's outputs took to go into the cache."""
+        self.cache_miss_ns += insert_ns
 
 
 @dataclass(eq=False)
@@ -128,22 +154,33 @@ class DynamicBatcher:
         ]
 
     async def infer(
-        self, inputs: Mapping[str, Array], deadline: float | None = None
+        self,
+        inputs: Mapping[str, Array],
+        deadline: float | None = None,
+        *,
+        arrived_ns: int | None = None,
     ) -> dict[str, Array]:
         """The outputs for `inputs`, by output name, with the request's rows in axis 0.
 
         Raises INVALID_ARGUMENT for inputs that do not fit the model, RESOURCE_EXHAUSTED
         when `queue_limit` requests already wait, DEADLINE_EXCEEDED when `deadline` passes
-        before the request runs, UNAVAILABLE once the batcher closes."""
+        before the request runs, UNAVAILABLE once the batcher closes. `arrived_ns` (a
+        time.monotonic_ns() value, default now) is when the request reached the server,
+        where its durations start."""
         # No await before the request is queued: a caller that found this batcher in a
         # table cannot see it close in between.
-        return await self.submit(inputs, deadline)
+        return await self.submit(inputs, deadline, arrived_ns=arrived_ns)
 
     def submit(
-        self, inputs: Mapping[str, Array], deadline: float | None = None
+        self,
+        inputs: Mapping[str, Array],
+        deadline: float | None = None,
+        *,
+        arrived_ns: int | None = None,
     ) -> asyncio.Future[dict[str, Array]]:
         """Queues a request at once and returns the future of its outputs (see `infer`)."""
-        arrived_ns = time.monotonic_ns()
+        if arrived_ns is None:
+            arrived_ns = time.monotonic_ns()
         try:
             if not self._accepting:
                 raise Unavailable("MODEL_UNLOADING", f"model {self.name} is being unloaded")

@@ -30,7 +30,9 @@ plain MONAI bundle loads::
         "precision": "fp32",           # "fp32" | "fp16" | "bf16" (reduced: TorchScript on CUDA)
         "labels": ["CT", "MR"],        # class names; default: the first output's channel_def
         "preprocessing": [{"_target_": "ScaleIntensityRange", "a_min": -1000, ...}],
-        "postprocessing": [{"_target_": "AsDiscrete", "argmax": true}]
+        "postprocessing": [{"_target_": "AsDiscrete", "argmax": true}],
+        "response_cache": false        # answer repeated identical requests from the
+                                       #   response cache (Redis), as Triton's does
     }
 
 Pre- and postprocessing are MONAI array transforms, instantiated by `monai.bundle.ConfigParser`.
@@ -197,6 +199,8 @@ class ModelConfig:
     preprocessing: tuple[Mapping[str, Any], ...]
     postprocessing: tuple[Mapping[str, Any], ...]
     metadata: Mapping[str, Any]
+    #: Whether identical requests are answered from the response cache (see cache.py).
+    response_cache: bool = False
 
 
 def check_model_name(name: str) -> ModelName:
@@ -295,6 +299,7 @@ def load_bundle(path: Path, name: ModelName, version: ModelVersion) -> ModelConf
         preprocessing=medimg.transforms("preprocessing"),
         postprocessing=medimg.transforms("postprocessing"),
         metadata=MappingProxyType(dict(metadata)),
+        response_cache=medimg.boolean("response_cache", False),
     )
     # Instantiating now turns a bad transform into a load failure, not a failure per request.
     for stage in ("preprocessing", "postprocessing"):
@@ -503,6 +508,12 @@ class _MedimgSection:
 
     def positive_int(self, key: str, default: int) -> int:
         return self.int_at_least(key, default, 1)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.section.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fields.invalid(f"medimg.{key}", "must be true or false")
+        return value
 
     def choice(self, key: str, default: str, allowed: Sequence[str]) -> str:
         value = self.section.get(key, default)

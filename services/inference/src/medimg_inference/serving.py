@@ -5,11 +5,16 @@ one (backends, batcher, a warmup request), then swaps it in with one assignment:
 that arrive after the swap go to the new version, those already queued on the old one are
 answered by it, and only then is it closed. So a version switch under load fails no
 request, and a load that fails anywhere leaves the old version serving.
+
+With a response cache, a model whose metadata turns it on is looked up there before its
+batcher (a hit never queues), and its outputs are stored there after a success.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -19,6 +24,7 @@ from monai.transforms.compose import Compose
 from medimg_core.errors import FailedPrecondition, MedimgError, NotFound, Unavailable
 from medimg_inference.backends import Array, Backend, BackendOptions, load_backend
 from medimg_inference.batcher import DynamicBatcher, ModelStatistics
+from medimg_inference.cache import ResponseCache, input_digest, off_loop
 from medimg_inference.repository import (
     ModelConfig,
     ModelName,
@@ -64,12 +70,27 @@ class LoadedModel:
         return self.config.version
 
 
-class ModelServer:
-    """Loads models from `repository` and answers inference requests with them."""
+#: Opens one backend of a model version (blocking; called in a thread).
+BackendLoader = Callable[[ModelConfig, BackendOptions], Backend]
 
-    def __init__(self, repository: ModelRepository, options: BackendOptions | None = None) -> None:
+
+class ModelServer:
+    """Loads models from `repository` and answers inference requests with them, through
+    `cache` for the models that turn the response cache on. `load_backend` opens backends
+    (tests put a gate in front of the real one)."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        options: BackendOptions | None = None,
+        *,
+        cache: ResponseCache | None = None,
+        backend_loader: BackendLoader = load_backend,
+    ) -> None:
         self.repository = repository
         self.options = options or BackendOptions()
+        self.cache = cache
+        self._load_backend = backend_loader
         self._serving: dict[ModelName, LoadedModel] = {}
         self._loading: dict[ModelName, ModelVersion] = {}
         # Why a version is not serving, for the index: the error of its last load, or that
@@ -149,13 +170,53 @@ class ModelServer:
         `deadline` is an absolute time.monotonic() value."""
         # No await between finding the model and queueing the request (batcher.infer
         # queues first), so a version switch cannot close the batcher in between.
-        return await self.model(name, version).batcher.infer(inputs, deadline)
+        loaded = self.model(name, version)
+        if self.cache is None or not loaded.config.response_cache:
+            return await loaded.batcher.infer(inputs, deadline)
+        return await self._infer_cached(self.cache, loaded, version, inputs, deadline)
+
+    async def _infer_cached(
+        self,
+        cache: ResponseCache,
+        loaded: LoadedModel,
+        version: int | None,
+        inputs: dict[str, Array],
+        deadline: float | None,
+    ) -> dict[str, Array]:
+        arrived_ns = time.monotonic_ns()
+        arrays = all(isinstance(array, np.ndarray) for array in inputs.values())
+        if not arrays or (deadline is not None and deadline <= time.monotonic()):
+            # The batcher refuses these with the right error; there is nothing to look up.
+            return await loaded.batcher.infer(inputs, deadline, arrived_ns=arrived_ns)
+        size = sum(array.nbytes for array in inputs.values())
+        digest = await off_loop(size, input_digest, inputs)
+        name = loaded.config.name
+        cached = await cache.lookup(
+            cache.key(name, loaded.version, digest), loaded.config.outputs, deadline
+        )
+        lookup_ns = time.monotonic_ns() - arrived_ns
+        if cached is not None:
+            loaded.batcher.statistics.record_cache_hit(arrived_ns, lookup_ns)
+            return cached
+        loaded.batcher.statistics.record_cache_miss(lookup_ns)
+        # The lookup awaited, so the version may have switched meanwhile: find it again, and
+        # queue without an await in between.
+        current = self.model(name, version)
+        outputs = await current.batcher.infer(inputs, deadline, arrived_ns=arrived_ns)
+        if not current.config.response_cache:
+            return outputs
+        storing_ns = time.monotonic_ns()
+        await cache.store(cache.key(name, current.version, digest), outputs, deadline)
+        current.batcher.statistics.record_cache_insert(time.monotonic_ns() - storing_ns)
+        return outputs
 
     def statistics(self) -> dict[tuple[ModelName, ModelVersion], ModelStatistics]:
-        """The statistics of every version serving, since it loaded (warmup excluded)."""
+        """The statistics of every version serving, since it loaded (warmup excluded). Safe
+        to call from another thread (the metrics server's)."""
+        # list() copies the table in one step, so a load or unload cannot change it mid-loop.
         return {
             (name, loaded.version): loaded.batcher.statistics.snapshot()
-            for name, loaded in self._serving.items()
+            for name, loaded in list(self._serving.items())
         }
 
     async def index(self) -> list[IndexEntry]:
@@ -194,7 +255,7 @@ class ModelServer:
         backends: list[Backend] = []
         try:
             for _ in range(config.execution.instances):
-                backends.append(await asyncio.to_thread(load_backend, config, self.options))
+                backends.append(await asyncio.to_thread(self._load_backend, config, self.options))
             preprocessing, postprocessing = await asyncio.to_thread(_pipelines, config)
         except BaseException:
             for backend in backends:

@@ -1,19 +1,72 @@
-"""Assembles the training service from its settings."""
+"""Assembles the training service from its settings: database, Redis, audit, the channel
+to ingest, the job runner and the servicer."""
 
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from importlib.metadata import version
+from importlib.resources import files
 
 from medimg.training.v1 import training_service_pb2, training_service_pb2_grpc
+from medimg_core import channels, db
+from medimg_core import redis as medimg_redis
+from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition
-from medimg_training.servicer import POLICY, TrainingServicer
+from medimg_training.runner import Runner, code_version
+from medimg_training.servicer import POLICY, IngestProbe, TrainingServicer
 from medimg_training.settings import TrainingSettings
 
 
+def _count_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 async def build(settings: TrainingSettings, resources: AsyncExitStack) -> ServiceDefinition:
-    servicer = TrainingServicer()
+    pool = await db.connect(settings.database_url)
+    resources.push_async_callback(pool.close)
+    await db.migrate(pool, files("medimg_training.migrations"))
+    events = medimg_redis.connect(settings.redis_url)
+    resources.push_async_callback(events.aclose)
+    executor = resources.enter_context(ThreadPoolExecutor(settings.worker_threads, "training"))
+    audit_channel = channels.outbound(settings.audit_target, settings)
+    resources.push_async_callback(audit_channel.close, None)
+    audit = await resources.enter_async_context(
+        AuditClient.for_service(audit_channel, service="training", settings=settings, redis=events)
+    )
+    ingest_channel = channels.outbound(settings.ingest_target, settings)
+    resources.push_async_callback(ingest_channel.close, None)
+    loop = asyncio.get_running_loop()
+    gpus = (
+        settings.gpus if settings.gpus >= 0 else await loop.run_in_executor(executor, _count_gpus)
+    )
+    code = await loop.run_in_executor(executor, code_version, version("medimg-training"))
+    settings.object_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(
+        pool=pool, events=events, settings=settings, executor=executor, code_version=code
+    )
+    await runner.start()
+    # Closes first at shutdown (the stack unwinds in reverse): workers stop, jobs stay
+    # RUNNING for the next start to resume or fail.
+    resources.push_async_callback(runner.close)
+    servicer = TrainingServicer(
+        pool=pool,
+        events=events,
+        audit=audit,
+        runner=runner,
+        probe=IngestProbe(ingest_channel, settings.default_deadline_seconds),
+        settings=settings,
+        executor=executor,
+        gpus=gpus,
+    )
     return ServiceDefinition(
         names=[training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name],
         add_to_server=lambda server: (
             training_service_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
         ),
         policy=POLICY,
+        on_denied=audit.record_denial,
     )

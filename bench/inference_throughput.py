@@ -1,0 +1,572 @@
+"""Inference throughput: medimg served through its sidecar, the same backend raw in-process,
+and TorchServe serving the same TorchScript model, side by side in one run.
+
+Models (random weights: throughput does not depend on them), built here with MONAI:
+
+    densenet121-2d   DenseNet121, 2D, input 1x224x224 float32, 2 classes
+    unet-3d          UNet, 3D, input 1x96x96x96 float32, channels (16, 32, 64, 128), 2 classes
+
+Each is exported to TorchScript (traced) and ONNX (torch.export, dynamic batch) and written as
+a model bundle. What is measured, per model:
+
+    raw-<platform>     medimg's own backend class (medimg_inference.backends) loaded in this
+                       process, run back to back on batches of 1, 2, 4, 8 and 16 rows: the
+                       best images/s over those batch sizes is the ceiling a server can reach
+    medimg-<platform>  the whole local platform; the stock tritonclient gRPC (asyncio) client
+                       sends one image per ModelInfer request through the inference sidecar
+                       (mTLS, ops identity), with N requests in flight (closed loop), the
+                       model's dynamic batcher at max batch 16
+    torchserve         TorchServe 0.12 (installed by this script into a folder of its own,
+                       pinned by constraints.txt) serving the same TorchScript file with its
+                       batching on (batch 16, 2 workers, 1 torch thread each, as FACTS.md
+                       found best on 2 cores); httpx (asyncio) posts the same float32 bytes,
+                       N in flight
+
+Each served path runs at concurrency 1, 8 and 64 for `--seconds` after `--warmup` seconds, in
+rounds whose order rotates; figures are medians over rounds. Latency percentiles are over all
+requests of all rounds. Goals (issue 5): medimg at least 0.9 of raw at its best batch size,
+and at least 1.5x TorchServe's throughput at a lower p99.
+
+Run from the repository root, after `make setup`:
+
+    .venv/bin/python bench/inference_throughput.py [--models densenet121-2d unet-3d]
+        [--seconds 20] [--warmup 5] [--rounds 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import os
+import platform as pyplatform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from medimg_cli import mesh as meshlib
+from medimg_cli.platform import Platform
+from medimg_cli.testing import free_port_offset
+from medimg_inference.backends import BackendOptions, load_backend
+from medimg_inference.repository import METADATA_PATH, load_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = (1, 8, 64)
+BATCHES = (1, 2, 4, 8, 16)
+MAX_BATCH = 16
+TORCHSERVE_PACKAGES = ("torchserve", "torch-model-archiver", "enum-compat", "pyyaml")
+GOAL_OF_RAW = 0.9
+GOAL_OF_TORCHSERVE = 1.5
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    shape: tuple[int, ...]  # one item, channel first
+
+    def network(self) -> torch.nn.Module:
+        from monai.networks.nets.densenet import DenseNet121
+        from monai.networks.nets.unet import UNet
+
+        if len(self.shape) == 3:
+            return DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)
+        return UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=2,
+            channels=(16, 32, 64, 128),
+            strides=(2, 2, 2),
+            num_res_units=2,
+        )
+
+
+MODELS = {
+    spec.name: spec
+    for spec in (ModelSpec("densenet121-2d", (1, 224, 224)), ModelSpec("unet-3d", (1, 96, 96, 96)))
+}
+
+
+# Bundles -------------------------------------------------------------------------------
+
+
+def _tensor(channels: int, spatial: list[int]) -> dict[str, Any]:
+    return {
+        "type": "image",
+        "format": "magnitude",
+        "modality": "n/a",
+        "num_channels": channels,
+        "spatial_shape": spatial,
+        "dtype": "float32",
+        "value_range": [],
+        "is_patch_data": False,
+        "channel_def": {"0": "image"},
+    }
+
+
+def write_bundles(spec: ModelSpec, root: Path) -> dict[str, Path]:
+    """`<root>/<name>-<platform>/1/` for TorchScript and ONNX; the bundle per platform."""
+    torch.manual_seed(0)
+    network = spec.network().eval()
+    example = torch.zeros(2, *spec.shape)
+    out_spatial = [] if len(spec.shape) == 3 else list(spec.shape[1:])
+    bundles = {}
+    for platform, file_name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
+        bundle = root / f"{spec.name}-{platform}" / "1"
+        (bundle / "models").mkdir(parents=True)
+        (bundle / METADATA_PATH).parent.mkdir(parents=True)
+        model_file = bundle / "models" / file_name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if platform == "torchscript":
+                torch.jit.trace(network, example).save(str(model_file))  # type: ignore[no-untyped-call]
+            else:
+                program = torch.onnx.export(
+                    network,
+                    (example,),
+                    input_names=["image"],
+                    output_names=["pred"],
+                    dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}},
+                    verbose=False,
+                )
+                assert program is not None
+                program.save(str(model_file))
+        metadata = {
+            "version": "0.1.0",
+            "monai_version": "1.6.1",
+            "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": np.__version__,
+            "optional_packages_version": {},
+            "task": f"{spec.name} throughput benchmark",
+            "description": "random weights",
+            "authors": "medimg bench",
+            "copyright": "medimg",
+            "network_data_format": {
+                "inputs": {"image": _tensor(1, list(spec.shape[1:]))},
+                "outputs": {"pred": _tensor(2, out_spatial)},
+            },
+            "medimg": {
+                "platform": platform,
+                "max_batch_size": MAX_BATCH,
+                "max_queue_delay_us": 5000,
+                "queue_limit": 256,
+            },
+        }
+        (bundle / METADATA_PATH).write_text(json.dumps(metadata, indent=2))
+        bundles[platform] = bundle
+    return bundles
+
+
+# Raw, in process -----------------------------------------------------------------------
+
+
+def raw_throughput(bundle: Path, name: str, seconds: float) -> dict[str, Any]:
+    """Images/s of medimg's backend in this process, per batch size, and the best."""
+    config = load_bundle(bundle, name, 1)  # type: ignore[arg-type]
+    backend = load_backend(config, BackendOptions())
+    spec_shape = config.inputs[0].shape
+    per_batch = {}
+    try:
+        for batch in BATCHES:
+            data = {"image": np.random.default_rng(0).random((batch, *spec_shape), np.float32)}
+            backend.execute(data)  # warm
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / len(BATCHES):
+                backend.execute(data)
+                done += batch
+            per_batch[batch] = done / (time.perf_counter() - start)
+    finally:
+        backend.close()
+    best = max(per_batch, key=lambda b: per_batch[b])
+    return {"per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best]}
+
+
+# Closed-loop load ----------------------------------------------------------------------
+
+
+async def closed_loop(
+    send: Callable[[], Awaitable[None]], concurrency: int, warmup: float, seconds: float
+) -> dict[str, Any]:
+    """`concurrency` senders back to back; rate and latencies of the timed window."""
+    latencies: list[float] = []
+    failures = 0
+    timed = False
+    stop_at = time.perf_counter() + warmup + seconds
+    window_start = time.perf_counter() + warmup
+
+    async def sender() -> None:
+        nonlocal failures
+        while (now := time.perf_counter()) < stop_at:
+            try:
+                await send()
+            except Exception:  # noqa: BLE001 - counted: a failure is a result here
+                failures += 1
+                continue
+            if now >= window_start and timed:
+                latencies.append(time.perf_counter() - now)
+
+    async def mark() -> None:
+        nonlocal timed
+        await asyncio.sleep(warmup)
+        timed = True
+
+    await asyncio.gather(mark(), *(sender() for _ in range(concurrency)))
+    if failures:
+        raise RuntimeError(f"{failures} requests failed")
+    return {
+        "images_per_s": len(latencies) / seconds,
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)) if latencies else None,
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)) if latencies else None,
+        "latencies": latencies,
+    }
+
+
+# medimg --------------------------------------------------------------------------------
+
+
+class Medimg:
+    def __init__(self, state: Path) -> None:
+        self.platform = Platform(
+            state=state,
+            port_offset=free_port_offset(meshlib.load_mesh()),
+            service_settings={"LOG_LEVEL": "WARNING"},
+        )
+
+    @property
+    def repository(self) -> Path:
+        return self.platform.state / "models"
+
+    def start(self) -> None:
+        self.platform.start()
+        atexit.register(self.platform.stop)
+
+    def client(self) -> Any:
+        import tritonclient.grpc.aio as triton
+
+        pki = self.platform.pki
+        assert pki is not None
+        return triton.InferenceServerClient(
+            self.platform.sidecar("inference"),
+            ssl=True,
+            root_certificates=str(pki.ca_cert),
+            private_key=str(pki.key("ops")),
+            certificate_chain=str(pki.cert("ops")),
+        )
+
+    async def run(
+        self, model: str, shape: tuple[int, ...], concurrency: int, warmup: float, seconds: float
+    ) -> dict[str, Any]:
+        import tritonclient.grpc.aio as triton
+
+        client = self.client()
+        try:
+            await client.load_model(model)
+            data = np.random.default_rng(1).random((1, *shape), np.float32)
+            tensor = triton.InferInput("image", list(data.shape), "FP32")
+            tensor.set_data_from_numpy(data)
+
+            async def send() -> None:
+                await client.infer(model, [tensor], client_timeout=60)
+
+            return await closed_loop(send, concurrency, warmup, seconds)
+        finally:
+            await client.close()
+
+
+# TorchServe ----------------------------------------------------------------------------
+
+HANDLER = '''
+"""TorchServe handler of the benchmark: float32 bytes in, float32 bytes out, batched."""
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+SHAPE = {shape!r}
+
+
+class Handler(BaseHandler):
+    def preprocess(self, data):
+        rows = [np.frombuffer(row.get("body") or row.get("data"), np.float32) for row in data]
+        return torch.from_numpy(np.stack(rows).reshape(len(rows), *SHAPE))
+
+    def inference(self, data, *args, **kwargs):
+        with torch.inference_mode():
+            return self.model(data)
+
+    def postprocess(self, data):
+        return [row.numpy().tobytes() for row in data]
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class TorchServe:
+    """TorchServe from its own folder of packages, on free ports, token auth off."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.site = home / "site"
+        self.store = home / "model-store"
+        self.port = _free_port()
+        self.management = _free_port()
+        self.metrics = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def install(self) -> None:
+        self.site.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "--no-deps", "-c", str(ROOT / "constraints.txt"), "--target", str(self.site),
+             *TORCHSERVE_PACKAGES],
+            check=True,
+        )  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        path = os.pathsep.join([str(self.site), os.environ.get("PYTHONPATH", "")])
+        return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+    def archive(self, name: str, torchscript: Path, shape: tuple[int, ...]) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        handler = self.home / f"{name}_handler.py"
+        handler.write_text(HANDLER.format(shape=shape))
+        # TorchServe's handler takes a TorchScript file by its .pt extension.
+        serialized = self.home / f"{name}.pt"
+        shutil.copyfile(torchscript, serialized)
+        subprocess.run(
+            [sys.executable, str(self.site / "bin" / "torch-model-archiver"), "--force",
+             "--model-name", name, "--version", "1", "--serialized-file", str(serialized),
+             "--handler", str(handler), "--export-path", str(self.store)],
+            check=True, env=self.env(),
+        )  # fmt: skip
+
+    def start(self, models: list[str]) -> None:
+        config = self.home / "config.properties"
+        model_config = {
+            name: {"1": {"batchSize": MAX_BATCH, "maxBatchDelay": 5, "minWorkers": 2,
+                         "maxWorkers": 2, "responseTimeout": 120, "marName": f"{name}.mar"}}
+            for name in models
+        }  # fmt: skip
+        config.write_text(
+            "\n".join(
+                [
+                    f"inference_address=http://127.0.0.1:{self.port}",
+                    f"management_address=http://127.0.0.1:{self.management}",
+                    f"metrics_address=http://127.0.0.1:{self.metrics}",
+                    "disable_token_authorization=true",
+                    "enable_envvars_config=false",
+                    f"model_store={self.store}",
+                    "load_models=" + ",".join(f"{name}.mar" for name in models),
+                    f"models={json.dumps(model_config)}",
+                    "default_workers_per_model=2",
+                    "job_queue_size=1000",
+                    f"number_of_netty_threads={os.cpu_count()}",
+                ]
+            )
+            + "\n"
+        )
+        log = (self.home / "torchserve.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, str(self.site / "bin" / "torchserve"), "--start", "--foreground",
+             "--ncs", "--model-store", str(self.store), "--ts-config", str(config)],
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.home,
+            start_new_session=True,
+        )  # fmt: skip
+        atexit.register(self.stop)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{self.management}/models", timeout=2)
+                names = {m["modelName"] for m in ready.json().get("models", [])}
+                if names >= set(models) and all(self._workers_ready(m) for m in models):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited; see {self.home / 'torchserve.log'}")
+            time.sleep(1)
+        raise RuntimeError(f"TorchServe did not get ready; see {self.home / 'torchserve.log'}")
+
+    def _workers_ready(self, model: str) -> bool:
+        answer = httpx.get(f"http://127.0.0.1:{self.management}/models/{model}", timeout=2)
+        workers = answer.json()[0].get("workers", [])
+        return len(workers) >= 2 and all(w.get("status") == "READY" for w in workers)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+        self.process = None
+
+    async def run(
+        self, model: str, shape: tuple[int, ...], concurrency: int, warmup: float, seconds: float
+    ) -> dict[str, Any]:
+        body = np.random.default_rng(1).random((1, *shape), np.float32).tobytes()
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        url = f"http://127.0.0.1:{self.port}/predictions/{model}"
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+
+            async def send() -> None:
+                answer = await client.post(
+                    url, content=body, headers={"Content-Type": "application/octet-stream"}
+                )
+                answer.raise_for_status()
+
+            return await closed_loop(send, concurrency, warmup, seconds)
+
+
+# The run -------------------------------------------------------------------------------
+
+
+Runner = Callable[[str, tuple[int, ...], int, float, float], Awaitable[dict[str, Any]]]
+
+
+async def one_round(
+    index: int, models: list[str], medimg: Medimg, torchserve: TorchServe, args: Any
+) -> dict[str, dict[str, Any]]:
+    """Every served path of every model at every concurrency, the path order rotated."""
+    measured: dict[str, dict[str, Any]] = {}
+    for name in models:
+        paths: list[tuple[str, Runner, str]] = [
+            (f"{name} medimg-{platform}", medimg.run, f"{name}-{platform}")
+            for platform in ("torchscript", "onnx")
+        ]
+        paths.append((f"{name} torchserve", torchserve.run, name))
+        shift = index % len(paths)
+        for label, run, model in paths[shift:] + paths[:shift]:
+            for concurrency in CONCURRENCY:
+                figures = await run(
+                    model, MODELS[name].shape, concurrency, args.warmup, args.seconds
+                )
+                measured[f"{label} c={concurrency}"] = figures
+                print(
+                    f"round {index + 1} {label} c={concurrency}: "
+                    f"{figures['images_per_s']:.1f} images/s, p50 {figures['p50_ms']:.1f} ms, "
+                    f"p99 {figures['p99_ms']:.1f} ms",
+                    flush=True,
+                )
+    return measured
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median images/s over rounds; p50/p99 over every request of every round."""
+    out: dict[str, Any] = {}
+    for key in rounds[0]:
+        rates = [r[key]["images_per_s"] for r in rounds]
+        latencies = [lat for r in rounds for lat in r[key].get("latencies", [])]
+        out[key] = {"images_per_s": statistics.median(rates), "per_round": rates}
+        if latencies:
+            out[key]["p50_ms"] = 1000 * float(np.percentile(latencies, 50))
+            out[key]["p99_ms"] = 1000 * float(np.percentile(latencies, 99))
+            out[key]["requests"] = len(latencies)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    print(
+        f"machine: {os.cpu_count()} cpus, {pyplatform.processor() or pyplatform.machine()}, "
+        f"{pyplatform.platform()}, load before {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    home = Path(tempfile.mkdtemp(prefix="medimg-bench-inference-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    medimg = Medimg(home / "medimg")
+    torchserve = TorchServe(home / "torchserve")
+    torchserve.install()
+
+    bundles = {spec: write_bundles(MODELS[spec], medimg.repository) for spec in args.models}
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "models": {}}
+    for name, by_platform in bundles.items():
+        raw = {
+            platform: raw_throughput(bundle, f"{name}-{platform}", args.seconds)
+            for platform, bundle in by_platform.items()
+        }
+        results["models"][name] = {"raw": raw}
+        for platform, figures in raw.items():
+            batches = ", ".join(
+                f"{batch}: {rate:.1f}" for batch, rate in figures["per_batch"].items()
+            )
+            print(f"{name} raw-{platform}: images/s by batch {batches}")
+        torchserve.archive(name, by_platform["torchscript"] / "models" / "model.ts",
+                           MODELS[name].shape)  # fmt: skip
+
+    medimg.start()
+    torchserve.start(list(bundles))
+
+    rounds = [
+        asyncio.run(one_round(index, list(bundles), medimg, torchserve, args))
+        for index in range(args.rounds)
+    ]
+    served = summarize(rounds)
+    results["served"] = served
+    torchserve.stop()
+    medimg.platform.stop()
+
+    print("\nmedians over rounds (p50/p99 over every request):")
+    goals: dict[str, bool] = {}
+    for name in bundles:
+        raw = results["models"][name]["raw"]
+        for concurrency in CONCURRENCY:
+            peer = served[f"{name} torchserve c={concurrency}"]
+            print(
+                f"  {name} torchserve c={concurrency}: {peer['images_per_s']:.1f} images/s, "
+                f"p99 {peer['p99_ms']:.1f} ms"
+            )
+            for platform in ("torchscript", "onnx"):
+                ours = served[f"{name} medimg-{platform} c={concurrency}"]
+                of_raw = ours["images_per_s"] / raw[platform]["images_per_s"]
+                of_peer = ours["images_per_s"] / peer["images_per_s"]
+                print(
+                    f"  {name} medimg-{platform} c={concurrency}: {ours['images_per_s']:.1f} "
+                    f"images/s, p50 {ours['p50_ms']:.1f} ms, p99 {ours['p99_ms']:.1f} ms; "
+                    f"{of_raw:.2f} of raw-{platform} (best batch "
+                    f"{raw[platform]['best_batch']}, {raw[platform]['images_per_s']:.1f}/s); "
+                    f"{of_peer:.2f}x torchserve"
+                )
+                ours["of_raw"], ours["of_torchserve"] = of_raw, of_peer
+                if concurrency == max(CONCURRENCY):
+                    goals[f"{name} medimg-{platform} >= {GOAL_OF_RAW} of raw"] = (
+                        of_raw >= GOAL_OF_RAW
+                    )
+                if platform == "torchscript" and concurrency == max(CONCURRENCY):
+                    goals[
+                        f"{name} medimg-torchscript >= {GOAL_OF_TORCHSERVE}x torchserve, lower p99"
+                    ] = of_peer >= GOAL_OF_TORCHSERVE and ours["p99_ms"] < peer["p99_ms"]
+    print("\ngoals:")
+    for goal, met in goals.items():
+        print(f"  {'PASS' if met else 'FAIL'}  {goal}")
+    results["goals"] = goals
+    if args.json:
+        for figures in served.values():
+            figures.pop("latencies", None)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

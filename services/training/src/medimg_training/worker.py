@@ -1,0 +1,364 @@
+"""A training worker: `python -m medimg_training.worker CONFIG` (one process), or the same
+under `torchrun` (several processes, DDP over gloo on CPU, NCCL on GPUs).
+
+CONFIG is the JSON file the runner writes into the job's directory (see `runner`). The
+worker fetches the dataset's volumes from ingest's `GetSeriesPixels` through the training
+sidecar's outbound listener, caches them, trains the network of the spec, reports progress
+to Redis, checkpoints into the job's directory, and on success exports the bundle the
+inference service loads (see `bundle`). A failure writes `error-rank<N>.json` (the error's
+type and message; never pixels or pseudonyms) before the process exits non-zero.
+
+Images: each series is a float32 volume (slices, rows, columns[, samples]) in modality
+units; a 2D network sees its middle slice, samples averaged, as one channel (1, rows,
+columns); a 3D network sees the whole volume (1, slices, rows, columns). Both are scaled
+to [0, 1] per image (MONAI `ScaleIntensity`) and resized to `spec.image_size`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Config = Mapping[str, Any]
+Volume = npt.NDArray[np.float32]
+
+
+# Fetching and caching ------------------------------------------------------------------
+
+
+def cache_path(cache_dir: Path, series: str) -> Path:
+    """A cached volume's file: named by a hash of the series name, holding pixels only."""
+    return cache_dir / f"{hashlib.sha256(series.encode()).hexdigest()[:40]}.npy"
+
+
+def fetch(config: Config, series: str) -> Volume:
+    """The series' volume, from the cache or else from ingest (then cached)."""
+    import grpc
+
+    from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
+    from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+
+    path = cache_path(Path(config["cache_dir"]), series)
+    if path.is_file():
+        cached: Volume = np.load(path)
+        return cached
+    limit = int(config["max_message_bytes"])
+    options = [("grpc.max_receive_message_length", limit)]
+    with grpc.insecure_channel(config["ingest_target"], options=options) as channel:
+        stub = ingest_grpc.IngestServiceStub(channel)
+        header: Any = None
+        chunks: list[bytes] = []
+        stream = stub.GetSeriesPixels(
+            ingest_pb.GetSeriesPixelsRequest(name=series), timeout=config["fetch_deadline_seconds"]
+        )
+        for message in stream:
+            if message.HasField("header"):
+                header = message.header
+            chunks.append(message.data)
+    if header is None:
+        raise RuntimeError(f"ingest sent no volume header for {series}")
+    volume = np.frombuffer(b"".join(chunks), dtype="<f4").reshape(tuple(header.shape))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    with partial.open("wb") as out:
+        np.save(out, volume)
+    partial.replace(path)
+    return volume.astype(np.float32)
+
+
+def to_image(volume: Volume, spatial_dims: int) -> Volume:
+    """(1, rows, columns) or (1, slices, rows, columns) from a (slices, rows, columns[, samples])
+    volume; see the module docstring."""
+    array = volume.mean(axis=-1) if volume.ndim == 4 else volume
+    if spatial_dims == 2:
+        array = array[array.shape[0] // 2]
+    return np.ascontiguousarray(array[None], dtype=np.float32)
+
+
+# Training ----------------------------------------------------------------------------
+
+
+def preprocessing(image_size: Sequence[int]) -> list[dict[str, Any]]:
+    """The array transforms every image goes through, as MONAI configs (for metadata.json)."""
+    return [
+        {"_target_": "ScaleIntensity", "minv": 0.0, "maxv": 1.0},
+        {"_target_": "Resize", "spatial_size": list(image_size)},
+    ]
+
+
+class Reporter:
+    """Sends progress to the job's Redis stream (rank 0 only)."""
+
+    def __init__(self, config: Config, enabled: bool) -> None:
+        from medimg_training import progress
+
+        self.enabled = enabled
+        self.stream = progress.stream(config["job_id"])
+        self.max_entries = progress.MAX_ENTRIES
+        self.encode = progress.encode
+        if enabled:
+            import redis
+
+            self.client: Any = redis.Redis.from_url(config["redis_url"], socket_timeout=5)
+
+    def report(self, values: Mapping[str, Any]) -> None:
+        if self.enabled:
+            fields = self.encode({"state": "running", "time": time.time(), **values})
+            self.client.xadd(self.stream, fields, maxlen=self.max_entries, approximate=True)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)
+
+
+def latest_checkpoint(job_dir: Path) -> Path | None:
+    pointer = job_dir / "checkpoints" / "latest.json"
+    if not pointer.is_file():
+        return None
+    return job_dir / "checkpoints" / str(json.loads(pointer.read_text())["file"])
+
+
+def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
+    config: Config, rank: int, world: int
+) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+    from monai.data.dataset import CacheDataset
+    from monai.transforms.compose import Compose
+    from monai.transforms.intensity.dictionary import ScaleIntensityd
+    from monai.transforms.spatial.dictionary import Resized
+    from monai.transforms.utility.dictionary import EnsureTyped
+    from monai.utils.misc import set_determinism
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from medimg_training import networks
+
+    spec = config["spec"]
+    job_dir = Path(config["job_dir"])
+    image_size = list(spec["image_size"])
+    seed = int(spec["seed"])
+    set_determinism(seed=seed)
+    gpus = int(spec["resources"]["gpus"])
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if gpus else "cpu")
+
+    def records(split: str) -> list[dict[str, Any]]:
+        return [
+            {"image": to_image(fetch(config, item["series"]), len(image_size)),
+             "label": item["label_index"]}
+            for item in config["items"] if item["split"] == split
+        ]  # fmt: skip
+
+    transform = Compose(
+        [
+            ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
+            Resized(keys="image", spatial_size=image_size),
+            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        ]
+    )
+    train_set = CacheDataset(records("train"), transform, cache_rate=1.0, progress=False)
+    validation_set = CacheDataset(records("validation"), transform, cache_rate=1.0, progress=False)
+    per_rank = int(spec["batch_size"]) // world
+    # The same sampler for one process or many: rank r's k-th batch is the r-th share of
+    # the one process's k-th batch, so DDP with the same global batch follows the same path.
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed
+    )
+    loader = DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=0)
+    epochs = int(spec["epochs"])
+    steps_per_epoch = math.ceil(len(sampler) / per_rank)
+    total_steps = epochs * steps_per_epoch
+    if spec["max_steps"]:
+        total_steps = min(total_steps, int(spec["max_steps"]))
+
+    torch.manual_seed(seed)
+    model = networks.build(spec["network"]["name"], config["network_arguments"]).to(device)
+    optimizer_class = getattr(torch.optim, spec["optimizer"]["name"])
+    optimizer = optimizer_class(
+        model.parameters(),
+        lr=spec["optimizer"]["learning_rate"],
+        weight_decay=spec["optimizer"]["weight_decay"],
+    )
+    scheduler: Any = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+        if spec["schedule"] == "cosine"
+        else None
+    )
+    step, metrics = 0, {}
+    checkpoint = latest_checkpoint(job_dir) if config["resume"] else None
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        metrics = {k: float(v) for k, v in json.loads(state["metrics"]).items()}
+    core = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if gpus else None
+        )
+    loss_function = torch.nn.CrossEntropyLoss()
+    amp = bool(spec["mixed_precision"])
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    reporter = Reporter(config, enabled=rank == 0)
+    every = int(spec["checkpoint_every_steps"])
+
+    def save() -> None:
+        if rank != 0:
+            return
+        directory = job_dir / "checkpoints"
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step}.pt"
+        state = {
+            "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "step": step,
+            "metrics": json.dumps(metrics),
+        }
+        torch.save(state, directory / f"{name}.tmp")
+        (directory / f"{name}.tmp").replace(directory / name)
+        _write_json(directory / "latest.json", {"file": name, "step": step})
+
+    started, images_done = time.monotonic(), 0
+    latest: dict[str, Any] = {"epoch": step // steps_per_epoch + 1, "epochs": epochs,
+                              "step": step, "total_steps": total_steps}  # fmt: skip
+    start_epoch, skip = divmod(step, steps_per_epoch)
+    for epoch in range(start_epoch, epochs):
+        if step >= total_steps:
+            break
+        sampler.set_epoch(epoch)
+        model.train()
+        for index, batch in enumerate(loader):
+            if epoch == start_epoch and index < skip:
+                continue
+            if step >= total_steps:
+                break
+            images = batch["image"].to(device)
+            labels = torch.as_tensor(batch["label"]).long().to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                loss = loss_function(model(images), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            shown = loss.detach().float().clone()
+            if world > 1:
+                dist.all_reduce(shown)
+                shown /= world
+            images_done += images.shape[0] * world
+            elapsed = max(time.monotonic() - started, 1e-9)
+            rate = images_done / elapsed
+            seconds_per_step = elapsed / max(step - start_epoch * steps_per_epoch - skip, 1)
+            latest = {
+                    "epoch": epoch + 1, "epochs": epochs, "step": step,
+                    "total_steps": total_steps, "loss": float(shown),
+                    "metrics": metrics, "images_per_second": rate,
+                    "eta_seconds": seconds_per_step * (total_steps - step),
+            }  # fmt: skip
+            reporter.report(latest)
+            if every and step % every == 0:
+                save()
+        if rank == 0:
+            metrics = validate(core, validation_set, device, len(config["class_names"]))
+            reporter.report({**latest, "metrics": metrics})
+        if world > 1:
+            dist.barrier()
+        if not every:
+            save()
+    return metrics
+
+
+def validate(model: Any, dataset: Any, device: Any, classes: int) -> dict[str, float]:
+    """Accuracy and macro AUC over the validation split (empty if it has no items)."""
+    import torch
+    from monai.metrics.rocauc import compute_roc_auc
+
+    if len(dataset) == 0:
+        return {}
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad():
+        for record in dataset:
+            logits = model(record["image"][None].to(device))
+            scores.append(torch.softmax(logits.float(), dim=1)[0].cpu())
+            labels.append(int(record["label"]))
+    model.train()
+    predicted = torch.stack(scores)
+    truth = torch.tensor(labels)
+    metrics = {"accuracy": float((predicted.argmax(dim=1) == truth).float().mean())}
+    if len(set(labels)) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one_hot = torch.nn.functional.one_hot(truth, classes)
+            auc = compute_roc_auc(predicted, one_hot, average="macro")
+        if isinstance(auc, float) and math.isfinite(auc):
+            metrics["auc"] = auc
+    return metrics
+
+
+# Entry -------------------------------------------------------------------------------
+
+
+def run(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    job_dir = Path(config["job_dir"])
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    distributed = world > 1
+    try:
+        if distributed:
+            import torch.distributed as dist
+
+            backend = "nccl" if int(config["spec"]["resources"]["gpus"]) else "gloo"
+            dist.init_process_group(backend)
+        if rank == 0:
+            for item in config["items"]:
+                fetch(config, item["series"])
+        if distributed:
+            dist.barrier()
+        metrics = train(config, rank, world)
+        if rank == 0:
+            from medimg_training import bundle
+
+            bundle.export(config, job_dir / "bundle", metrics)
+            _write_json(job_dir / "result.json", {"metrics": metrics})
+    except BaseException as error:
+        _write_json(
+            job_dir / f"error-rank{rank}.json",
+            {"type": type(error).__name__, "message": str(error)[:2000],
+             "where": traceback.format_exc(limit=3)[-2000:]},
+        )  # fmt: skip
+        raise
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]))
