@@ -6,6 +6,7 @@ registered, then promoted (the event on Redis, the promotion in the audit log)."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -142,6 +143,24 @@ def test_a_dataset_trains_registers_and_promotes(  # noqa: PLR0915 - one story, 
     assert {"name": "registeredModels/modality", "aliases": {"production": "1"}}.items() <= next(
         m for m in models if m["name"] == "registeredModels/modality"
     ).items()
+
+    # Inference follows the promotion: it installs the version and serves it, and a
+    # clinician's Predict on an ingested series runs the network this job trained.
+    clinician = bearer(platform, "dr-who", "clinician")
+    deadline = time.monotonic() + 60
+    while True:
+        served = rest.get("/v1/models/modality", headers=clinician)
+        if served.status_code == 200 and served.json().get("loadedVersion") == "1":  # int64 in JSON
+            break
+        assert time.monotonic() < deadline, served.text
+        time.sleep(0.5)
+    prediction = rest.post(
+        "/v1/models/modality:predict", json={"target": items[0]["series"]}, headers=clinician
+    )
+    assert prediction.status_code == 200, prediction.text
+    labels = prediction.json()["classification"]["labels"]
+    assert [label["label"] for label in labels] == ["CT", "MR"]
+    assert abs(sum(label["probability"] for label in labels) - 1) < 1e-4
 
     events = audit_log(platform)
     promotions = [e for e in events if e.resource.endswith(":promote/production")]

@@ -6,6 +6,7 @@ fails with a reason."""
 from __future__ import annotations
 
 import importlib.util
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,20 @@ def test_torch_uses_the_threads_it_is_given(tmp_path: Path, classifier: TrainedC
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_torch_cpu_work_runs_on_one_thread_whoever_asks() -> None:
+    """Two OpenMP teams halve torch's speed on the same cores (see backends.TORCH_CPU): the
+    work of every caller thread runs on the one torch thread, and nested calls do not wait
+    on themselves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medimg_inference.backends import on_torch_cpu
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(4) as callers:
+        names = set(callers.map(lambda _: on_torch_cpu(where), range(16)))
+    assert len(names) == 1 and names.pop().startswith("torch-cpu")
+    assert on_torch_cpu(on_torch_cpu, where).startswith("torch-cpu")

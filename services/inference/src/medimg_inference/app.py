@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 
 import grpc
@@ -17,6 +16,7 @@ from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition
 from medimg_inference import kserve
+from medimg_inference.backends import TORCH_CPU
 from medimg_inference.cache import ResponseCache
 from medimg_inference.metrics import register_metrics
 from medimg_inference.predict import Predictor
@@ -64,11 +64,8 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
         promoting = asyncio.create_task(follower.run(), name="inference-promotions")
         resources.push_async_callback(_cancel, promoting)
     kserve_servicer = kserve.KServeServicer(server)
-    executor = resources.enter_context(
-        ThreadPoolExecutor(settings.worker_threads, "inference-predict")
-    )
     servicer = InferenceServicer(
-        predictor=Predictor(server, executor),
+        predictor=Predictor(server, TORCH_CPU),
         audit=audit,
         ingest=ingest_service_pb2_grpc.IngestServiceStub(ingest_channel),
         settings=settings,

@@ -12,10 +12,12 @@ with FAILED_PRECONDITION, and never falls back to another device or runtime sile
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +28,31 @@ from medimg_inference.repository import ModelConfig, Platform, Precision, Tensor
 if TYPE_CHECKING:
     import onnxruntime
     import torch
+
+T = TypeVar("T")
+
+#: The one thread that runs torch's CPU work in this process. torch's CPU wheels use GNU
+#: OpenMP, which gives each thread that runs a parallel region a team of worker threads of its
+#: own; once two live threads have teams, both run about half as fast on the same cores
+#: (DenseNet121, 2 cores: 13.5 images/s on one thread, 8 on either of two). Batchers, warmup
+#: and MONAI pre- and postprocessing all run torch here instead of on their own threads.
+TORCH_CPU = ThreadPoolExecutor(1, thread_name_prefix="torch-cpu")
+_on_torch_cpu = threading.local()
+
+
+def _mark_torch_thread() -> None:
+    _on_torch_cpu.active = True
+
+
+TORCH_CPU.submit(_mark_torch_thread).result()
+
+
+def on_torch_cpu(work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` run on TORCH_CPU, waited for; at once when called from it."""
+    if getattr(_on_torch_cpu, "active", False):
+        return work(*args)
+    return TORCH_CPU.submit(work, *args).result()
+
 
 #: A tensor of any dtype; axis 0 is the batch axis.
 Array = npt.NDArray[Any]
@@ -160,6 +187,11 @@ class TorchScriptBackend(Backend):
         return backend
 
     def execute(self, batch: Batch) -> dict[str, Array]:
+        if self.device.type == "cpu":
+            return on_torch_cpu(self._execute, batch)
+        return self._execute(batch)
+
+    def _execute(self, batch: Batch) -> dict[str, Array]:
         import torch
 
         with torch.inference_mode():

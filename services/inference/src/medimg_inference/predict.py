@@ -325,7 +325,7 @@ class Prediction:
 class Predictor:
     """Runs predictions with the models of `server`. A model that does not serve yet is
     loaded (its newest version, or the one asked for) on first use. Torch work (transforms)
-    runs in `executor`, never on the event loop."""
+    runs in `executor`, never on the event loop: the service gives it backends.TORCH_CPU."""
 
     server: ModelServer
     executor: Executor | None = None

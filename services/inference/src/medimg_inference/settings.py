@@ -33,7 +33,5 @@ class InferenceSettings(AuditedServiceSettings):
     response_cache_retry_seconds: float = Field(default=5.0, ge=0)
     #: The registry alias this service serves: promotions to it are loaded as they come.
     promotion_alias: str = "production"
-    #: Threads that run the MONAI pre- and postprocessing, off the event loop.
-    worker_threads: int = Field(default=2, ge=1)
     #: The largest series volume Predict takes, in bytes of float32 voxels.
     max_volume_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)
