@@ -9,9 +9,10 @@ a graceful stop that lets in-flight calls finish within the grace period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, cast
@@ -50,6 +51,22 @@ class ServiceDefinition:
 
 #: Builds a service's definition; resources it opens go on the exit stack, closed at stop.
 Builder = Callable[[AsyncExitStack], Awaitable[ServiceDefinition]]
+
+
+def run_in_background(
+    resources: AsyncExitStack, work: Coroutine[Any, Any, None], name: str
+) -> asyncio.Task[None]:
+    """Runs `work` for the life of the service: cancelled, and waited for, when `resources`
+    unwinds, so before whatever was pushed on the stack ahead of it closes."""
+    task = asyncio.create_task(work, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    resources.push_async_callback(stop)
+    return task
 
 
 class _LateHandlers(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not generic at runtime

@@ -1,7 +1,5 @@
 """Assembles the audit service from its settings: database, migrations, signer, servicer."""
 
-import asyncio
-import contextlib
 from contextlib import AsyncExitStack
 from importlib.resources import files
 
@@ -13,7 +11,7 @@ from medimg_audit import checkpoints, logins
 from medimg_audit.servicer import POLICY, AuditServicer
 from medimg_audit.settings import AuditSettings
 from medimg_core import db
-from medimg_core.server import ServiceDefinition
+from medimg_core.server import ServiceDefinition, run_in_background
 
 
 async def build(settings: AuditSettings, resources: AsyncExitStack) -> ServiceDefinition:
@@ -26,16 +24,11 @@ async def build(settings: AuditSettings, resources: AsyncExitStack) -> ServiceDe
     # From here on the service works as a role that can only append and read.
     pool = await db.connect(settings.database_url, role=settings.database_role)
     resources.push_async_callback(pool.close)
-    signing = asyncio.create_task(
-        checkpoints.sign_periodically(pool, signer, settings.checkpoint_interval_seconds)
+    run_in_background(
+        resources,
+        checkpoints.sign_periodically(pool, signer, settings.checkpoint_interval_seconds),
+        "audit-checkpoints",
     )
-
-    async def stop_signing() -> None:
-        signing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await signing
-
-    resources.push_async_callback(stop_signing)
     servicer = AuditServicer(pool, signer)
     refused_logins = logins.RefusedLogins(pool)
 

@@ -1,7 +1,5 @@
 """Assembles the inference service from its settings: model server, audit, ingest channel."""
 
-import asyncio
-import contextlib
 from contextlib import AsyncExitStack
 
 import grpc
@@ -14,7 +12,7 @@ from medimg.ingest.v1 import ingest_service_pb2_grpc
 from medimg_core import channels
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
-from medimg_core.server import ServiceDefinition
+from medimg_core.server import ServiceDefinition, run_in_background
 from medimg_inference import kserve
 from medimg_inference.backends import TORCH_CPU
 from medimg_inference.cache import ResponseCache
@@ -61,8 +59,7 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
         # Promotions to this replica's alias are installed and loaded as they come; the task
         # stops before the model server and Redis close.
         follower = PromotionFollower(spool, server, alias=settings.promotion_alias)
-        promoting = asyncio.create_task(follower.run(), name="inference-promotions")
-        resources.push_async_callback(_cancel, promoting)
+        run_in_background(resources, follower.run(), "inference-promotions")
     kserve_servicer = kserve.KServeServicer(server)
     servicer = InferenceServicer(
         predictor=Predictor(server, TORCH_CPU),
@@ -84,9 +81,3 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
         policy={**POLICY, **kserve.POLICY},
         on_denied=audit.record_denial,
     )
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

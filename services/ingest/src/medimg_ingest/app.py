@@ -1,8 +1,6 @@
 """Assembles the ingest service from its settings: index, object store, events, audit,
 de-identification policy and keys."""
 
-import asyncio
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from importlib.resources import files
@@ -11,7 +9,7 @@ from medimg.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from medimg_core import channels, db
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
-from medimg_core.server import ServiceDefinition
+from medimg_core.server import ServiceDefinition, run_in_background
 from medimg_ingest.dimse import DimseServer
 from medimg_ingest.identities import IdentityVault
 from medimg_ingest.objects import ObjectStore
@@ -36,10 +34,11 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
     )
     vault = IdentityVault.from_file(settings.identity_key_file)
     objects = ObjectStore(settings.object_dir)
-    sweeping = asyncio.create_task(
-        sweep_forever(pool, objects, executor, settings.orphan_grace_seconds)
+    run_in_background(
+        resources,
+        sweep_forever(pool, objects, executor, settings.orphan_grace_seconds),
+        "ingest-orphan-sweep",
     )
-    resources.push_async_callback(_cancel, sweeping)
     pipeline = Pipeline(
         pool=pool,
         objects=objects,
@@ -79,9 +78,3 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
         policy=POLICY,
         on_denied=audit.record_denial,
     )
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
