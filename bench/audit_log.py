@@ -13,8 +13,12 @@ One run on one embedded PostgreSQL (durable commits: synchronous_commit on, fsyn
      costs. Goal: at least 0.5 of it, and at least 5,000 events/s.
    - `bare`: the same table with only the primary key and the unique event id, shown so
      that what the filter indexes cost is in view too.
-   Then `--appenders` concurrent appenders against as many concurrent inserters into
-   `ordinary` (the services report at once; appends serialise on the lock).
+   Then concurrent callers against as many concurrent inserters into `ordinary` (the
+   services report at once; appends serialise on the lock), twice: `--appenders`
+   callers with batches of `--batch`, and `--reporters` callers with one event each (an
+   ingested instance is one event). Each appends two ways: every batch in a transaction
+   of its own (`log.append`), and through the service's group commit (`log.Appender`,
+   one transaction for every batch that waited).
 2. Inclusion-proof latency with the log at `--events` events (default 1,000,000):
    `log.inclusion_proof` for random leaves against the full size (one query for the
    O(log n) stored nodes, then the fold). Goal: p99 under 5 ms.
@@ -26,6 +30,7 @@ One run on one embedded PostgreSQL (durable commits: synchronous_commit on, fsyn
 Run from the repository root:
 
     .venv/bin/python bench/audit_log.py [--events 1000000] [--batch 1000] [--proofs 2000]
+        [--single-events 5000] [--reporters 32]
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import grpc
@@ -140,33 +145,49 @@ async def throughput(pool: asyncpg.Pool, events_total: int, batch: int) -> dict[
 
 
 async def concurrent_throughput(
-    pool: asyncpg.Pool, events_total: int, batch: int, appenders: int
+    pool: asyncpg.Pool, events_total: int, batch: int, callers: int
 ) -> dict[str, float]:
-    """Events/s of `appenders` concurrent log.append callers and as many plain inserters."""
-    size = await log.tree_size(pool)
-    chunks = [events(size + first, batch) for first in range(0, events_total, batch)]
-    base = await pool.fetchval("SELECT coalesce(max(log_index) + 1, 0) FROM ordinary_events")
-    rows = [stored_rows(base + n * batch, chunk) for n, chunk in enumerate(chunks)]
+    """Events/s of `callers` concurrent callers appending batches of `batch` events: each
+    batch in a transaction of its own (`log.append`), through the service's group commit
+    (`log.Appender`), and as plain inserts into the ordinary table (each its own
+    transaction)."""
+    appender = log.Appender(pool)
 
-    async def append(n: int) -> None:
-        await log.append(pool, chunks[n], "ingest")
+    async def append(chunk: list[pb.AuditEvent]) -> None:
+        await log.append(pool, chunk, "ingest")
 
-    async def insert(n: int) -> None:
-        async with pool.acquire() as conn:
-            await plain_insert(conn, "ordinary_events", rows[n])
+    async def group_append(chunk: list[pb.AuditEvent]) -> None:
+        await appender.append(chunk, "ingest")
 
     rates = {}
-    for kind, work in (("append", append), ("ordinary_events", insert)):
-        todo = iter(range(len(chunks)))
+    for kind, work in (("append", append), ("appender", group_append)):
+        size = await log.tree_size(pool)
+        chunks = [events(size + first, batch) for first in range(0, events_total, batch)]
+        todo = iter(chunks)
         started = time.perf_counter()
-        await asyncio.gather(*(_work_through(todo, work) for _ in range(appenders)))
+        await asyncio.gather(*(_work_through(todo, work) for _ in range(callers)))
         rates[kind] = len(chunks) * batch / (time.perf_counter() - started)
+    base = await pool.fetchval("SELECT coalesce(max(log_index) + 1, 0) FROM ordinary_events")
+    chunks = [events(first, batch) for first in range(0, events_total, batch)]
+    rows = [stored_rows(base + n * batch, chunk) for n, chunk in enumerate(chunks)]
+
+    async def insert(chunk_rows: list[Row]) -> None:
+        async with pool.acquire() as conn:
+            await plain_insert(conn, "ordinary_events", chunk_rows)
+
+    todo_rows = iter(rows)
+    started = time.perf_counter()
+    await asyncio.gather(*(_work_through(todo_rows, insert) for _ in range(callers)))
+    rates["ordinary_events"] = len(rows) * batch / (time.perf_counter() - started)
     return rates
 
 
-async def _work_through(todo: Iterator[int], work: Callable[[int], Awaitable[None]]) -> None:
-    for n in todo:  # callers share `todo`: each takes the next batch
-        await work(n)
+T = TypeVar("T")
+
+
+async def _work_through(todo: Iterator[T], work: Callable[[T], Awaitable[None]]) -> None:
+    for item in todo:  # callers share `todo`: each takes the next batch
+        await work(item)
 
 
 async def fill(pool: asyncpg.Pool, target: int, batch: int) -> float:
@@ -267,13 +288,19 @@ async def run(args: argparse.Namespace) -> None:
                 f"   ratio to ordinary {ratio:.2f} (goal >= 0.5 and >= 5000 events/s): "
                 f"{verdict}; to bare {rates['append'] / rates['bare_events']:.2f}"
             )
-            rates = await concurrent_throughput(
-                pool, args.throughput_events, args.batch, args.appenders
-            )
-            print(f"   {args.appenders} concurrent callers:")
-            print(f"   ordinary table INSERT  {rates['ordinary_events']:>9.0f} events/s")
-            print(f"   log.append (Merkle)    {rates['append']:>9.0f} events/s")
-            print(f"   ratio to ordinary {rates['append'] / rates['ordinary_events']:.2f}")
+            for events_total, batch, callers in (
+                (args.throughput_events, args.batch, args.appenders),
+                (args.single_events, 1, args.reporters),
+            ):
+                rates = await concurrent_throughput(pool, events_total, batch, callers)
+                print(f"   {callers} concurrent callers, batches of {batch}:")
+                print(f"   ordinary table INSERT  {rates['ordinary_events']:>9.0f} events/s")
+                print(f"   log.append, each alone {rates['append']:>9.0f} events/s")
+                print(f"   Appender (grouped)     {rates['appender']:>9.0f} events/s")
+                print(
+                    f"   ratio to ordinary: alone {rates['append'] / rates['ordinary_events']:.2f}"
+                    f", grouped {rates['appender'] / rates['ordinary_events']:.2f}"
+                )
 
             seconds = await fill(pool, args.events, args.batch)
             size = await log.tree_size(pool)
@@ -303,6 +330,8 @@ def main() -> None:
     parser.add_argument("--throughput-events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--appenders", type=int, default=4, help="concurrent callers")
+    parser.add_argument("--single-events", type=int, default=5000)
+    parser.add_argument("--reporters", type=int, default=32, help="callers of one event each")
     parser.add_argument("--proofs", type=int, default=2000)
     asyncio.run(run(parser.parse_args()))
 

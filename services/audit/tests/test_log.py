@@ -212,3 +212,77 @@ async def test_concurrent_retries_of_one_batch_append_it_once(pool: asyncpg.Pool
     results = await asyncio.gather(*(log.append(pool, batch, "ingest") for _ in range(6)))
     assert all(r == [0, 1, 2, 3] for r in results)
     assert await count(pool) == 4
+
+
+# Group commit (log.Appender) ---------------------------------------------------------------
+
+
+async def record_times(pool: asyncpg.Pool) -> int:
+    """How many transactions appended: each stamps its events with one record time."""
+    return int(await pool.fetchval("SELECT count(DISTINCT record_time) FROM audit_events"))
+
+
+async def test_concurrent_callers_share_transactions(pool: asyncpg.Pool) -> None:
+    appender = log.Appender(pool)
+    batches = [[event()] for _ in range(40)]
+    results = await asyncio.gather(*(appender.append(b, "ingest") for b in batches))
+    assert sorted(i for r in results for i in r) == list(range(40))
+    # The first caller commits alone; the others wait for it and then commit together.
+    assert await record_times(pool) < 40
+    listed, _ = await log.list_events(pool, log.ALL, after=None, limit=100)
+    by_id = {e.event_id: e.log_index for e in listed}
+    for batch, indexes in zip(batches, results, strict=True):
+        assert [by_id[e.event_id] for e in batch] == indexes
+
+
+async def test_a_group_keeps_each_batch_whole_and_in_order(pool: asyncpg.Pool) -> None:
+    appender = log.Appender(pool)
+    batches = [[event() for _ in range(n)] for n in (3, 1, 5, 2, 4)]
+    results = await asyncio.gather(*(appender.append(b, "ingest") for b in batches))
+    for batch, indexes in zip(batches, results, strict=True):
+        assert indexes == list(range(indexes[0], indexes[0] + len(batch)))
+    assert await count(pool) == 15
+
+
+async def test_a_bad_batch_in_a_group_fails_alone(pool: asyncpg.Pool) -> None:
+    appender = log.Appender(pool)
+    good = [[event()] for _ in range(5)]
+    bad = [event(), event(action=pb.ACTION_UNSPECIFIED)]
+    results = await asyncio.gather(
+        *(appender.append(b, "ingest") for b in [*good[:3], bad, *good[3:]]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], InvalidArgument)
+    assert all(isinstance(r, list) for i, r in enumerate(results) if i != 3)
+    assert await count(pool) == 5
+
+
+async def test_a_nul_character_is_refused_before_it_reaches_the_database(
+    pool: asyncpg.Pool,
+) -> None:
+    """PostgreSQL text cannot hold NUL: refused as bad input, not failed as a database error."""
+    with pytest.raises(InvalidArgument) as refused:
+        await log.Appender(pool).append([event(), event(resource="studies/1\x002")], "ingest")
+    assert refused.value.reason == "INVALID_TEXT"
+    assert await count(pool) == 0
+
+
+async def test_the_same_event_from_two_callers_in_one_group_is_one_event(
+    pool: asyncpg.Pool,
+) -> None:
+    appender = log.Appender(pool)
+    same = event()
+    results = await asyncio.gather(*(appender.append([same, event()], "ingest") for _ in range(6)))
+    assert len({r[0] for r in results}) == 1
+    assert await count(pool) == 7
+
+
+async def test_grouped_appends_keep_the_tree_consistent(pool: asyncpg.Pool) -> None:
+    appender = log.Appender(pool)
+    for _ in range(3):
+        await asyncio.gather(*(appender.append([event()], "ingest") for _ in range(7)))
+    size = await log.tree_size(pool)
+    assert size == 21
+    for index in range(size):
+        proof = await log.inclusion_proof(pool, index, size)
+        assert proof is not None

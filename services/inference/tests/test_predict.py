@@ -24,14 +24,18 @@ from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from medimg_inference.backends import BackendOptions
 from medimg_inference.predict import (
+    STORE_CHUNK_BYTES,
     Classification,
+    LabelVolume,
     Predictor,
     Segmentation,
+    SeriesName,
     SeriesVolume,
     Target,
     Task,
     monai_input,
     read_volume,
+    segmentation_upload,
 )
 from medimg_inference.repository import ModelRepository
 from medimg_inference.serving import ModelServer
@@ -165,6 +169,41 @@ async def test_segmentation_counts_the_known_voxels_in_ml(
     assert (bright.label, bright.voxel_count) == ("bright", int(truth.sum()))
     assert bright.volume_ml == pytest.approx(truth.sum() * voxel_ml)
     assert result.volumes[0].voxel_count == truth.size - truth.sum()
+
+
+async def test_a_segmentation_is_uploaded_as_its_label_map_with_named_segments(
+    tmp_path: Path, server: ModelServer, volume: SeriesVolume
+) -> None:
+    network = trace(ThresholdSegmenter(), torch.zeros(2, 1, 4, 4, 4), tmp_path / "t.ts")
+    segmenter_bundle(tmp_path / "models", "bright", network, [])
+    predictor = Predictor(server)
+    result = (await predictor.predict(await predictor.model("bright", None), volume)).result
+    assert isinstance(result, Segmentation)
+
+    header, *chunks = segmentation_upload(result, SeriesName("studies/1.2/series/3.4"), "bright", 7)
+
+    assert header.HasField("header") and not header.data
+    sent = header.header
+    assert (sent.source_series, list(sent.shape)) == ("studies/1.2/series/3.4", [10, 64, 64])
+    assert sent.voxel_type == ingest_pb.SegmentationHeader.VOXEL_TYPE_UINT8
+    # Label 0 (background) is no segment; label 1 is the model's second label.
+    assert list(sent.segment_labels) == ["bright"]
+    assert (sent.algorithm_name, sent.algorithm_version) == ("bright", "7")
+    data = b"".join(chunk.data for chunk in chunks)
+    assert not any(chunk.HasField("header") for chunk in chunks)
+    np.testing.assert_array_equal(np.frombuffer(data, "<u1").reshape(10, 64, 64), result.label_map)
+
+    # Past 255 segments, two bytes a label, in chunks of STORE_CHUNK_BYTES.
+    many = Segmentation(
+        label_map=np.full((3, 512, 512), 300, dtype=np.int64),
+        volumes=tuple(LabelVolume(f"l{k}", 0, 0.0) for k in range(301)),
+    )
+    header, *chunks = segmentation_upload(many, SeriesName("studies/1/series/2"), "m", 1)
+    assert header.header.voxel_type == ingest_pb.SegmentationHeader.VOXEL_TYPE_UINT16
+    assert len(header.header.segment_labels) == 300
+    size = 3 * 512 * 512 * 2
+    assert [len(c.data) for c in chunks] == [STORE_CHUNK_BYTES, size - STORE_CHUNK_BYTES]
+    assert set(np.frombuffer(b"".join(c.data for c in chunks), "<u2")) == {300}
 
 
 async def test_segmentation_on_a_resampled_grid_is_measured_on_the_source_grid(

@@ -1,6 +1,10 @@
 """The promotion hook on a real Redis stream and real bundles: a promoted version installed
-and served under load with no failed request, every replica acting on every promotion, and
-bad entries skipped without stopping the loop."""
+and served under load with no failed request, every replica acting on every promotion, bad
+entries skipped without stopping the loop, and entries the registry does not confirm
+(forged, stale) refused.
+
+The registry here is a record of what training registered and where its aliases point (the
+real one, over the mesh, is exercised end to end by tests/test_training.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,13 @@ import redis.asyncio as aioredis
 from medimg_core import redis as medimg_redis
 from medimg_core.bundles import bundle_digest
 from medimg_inference.backends import BackendOptions
-from medimg_inference.promotion import PROMOTION_STREAM, PromotionFollower
-from medimg_inference.repository import ModelRepository, ModelVersion
+from medimg_inference.promotion import (
+    PROMOTION_STREAM,
+    PromotionFollower,
+    Registered,
+    RegistryUnavailable,
+)
+from medimg_inference.repository import ModelName, ModelRepository, ModelVersion
 from medimg_inference.serving import ModelServer, ModelState
 from services.inference.tests.support import (
     TORCHSCRIPT_DEPRECATED,
@@ -42,6 +52,37 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
+class Registry:
+    """What the training registry holds: versions, their bundles and where aliases point."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, int], Registered] = {}
+        #: How many of the next questions fail as if the registry were unreachable.
+        self.unavailable = 0
+        self.asked = 0
+
+    async def registered(self, model: ModelName, version: ModelVersion) -> Registered | None:
+        self.asked += 1
+        if self.unavailable:
+            self.unavailable -= 1
+            raise RegistryUnavailable("UNAVAILABLE")
+        return self.records.get((model, version))
+
+    def point(self, name: str, version: int, bundle: Path, sha256: str, alias: str) -> None:
+        """Registers the version (if new) and points the alias at it, as promotion does."""
+        for key, record in list(self.records.items()):
+            if key[0] == name and alias in record.aliases:
+                self.records[key] = replace(record, aliases=record.aliases - {alias})
+        old = self.records.get((name, version))
+        aliases = (old.aliases if old else frozenset()) | {alias}
+        self.records[name, version] = Registered(bundle, sha256, aliases)
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry()
+
+
 @pytest.fixture
 def stream() -> str:
     """A stream of this test's own (the production name, made unique)."""
@@ -50,7 +91,7 @@ def stream() -> str:
 
 @pytest.fixture
 async def start_replica(
-    tmp_path: Path, redis: aioredis.Redis, stream: str
+    tmp_path: Path, redis: aioredis.Redis, stream: str, registry: Registry
 ) -> AsyncIterator[StartReplica]:
     """start_replica(alias="production"): a model server over a repository of its own, and
     its follower task, caught up with the stream."""
@@ -61,7 +102,9 @@ async def start_replica(
             root.mkdir(exist_ok=True)
             server = ModelServer(ModelRepository(root), BackendOptions(intra_op_threads=1))
             stack.push_async_callback(server.close)
-            follower = PromotionFollower(redis, server, alias=alias, stream=stream, block_ms=100)
+            follower = PromotionFollower(
+                redis, server, registry, alias=alias, stream=stream, block_ms=100, retry_seconds=0.1
+            )
             task = asyncio.create_task(follower.run())
             stack.push_async_callback(_cancel, task)
             await asyncio.wait_for(follower.caught_up.wait(), 30)
@@ -84,7 +127,7 @@ def registry_bundle(
     return path, bundle_digest(path)
 
 
-async def promote(  # noqa: PLR0917 - the fields of the entry, in their order
+async def publish(  # noqa: PLR0917 - the fields of the entry, in their order
     redis: aioredis.Redis,
     stream: str,
     name: str,
@@ -93,6 +136,7 @@ async def promote(  # noqa: PLR0917 - the fields of the entry, in their order
     sha256: str,
     alias: str = "production",
 ) -> None:
+    """Writes a promotion entry, as anyone who can write to Redis could."""
     uri = bundle.as_uri() if isinstance(bundle, Path) else bundle
     fields = {
         "model": name,
@@ -102,6 +146,21 @@ async def promote(  # noqa: PLR0917 - the fields of the entry, in their order
         "sha256": sha256,
     }
     await medimg_redis.publish(redis, stream, fields)
+
+
+async def promote(  # noqa: PLR0917 - the fields of the entry, in their order
+    redis: aioredis.Redis,
+    stream: str,
+    registry: Registry,
+    name: str,
+    version: int,
+    bundle: Path,
+    sha256: str,
+    alias: str = "production",
+) -> None:
+    """Promotes as training does: the registry's alias first, then the entry."""
+    registry.point(name, version, bundle, sha256, alias)
+    await publish(redis, stream, name, version, bundle, sha256, alias)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -115,10 +174,12 @@ async def test_a_promotion_under_load_is_served_with_no_failed_request(
     tmp_path: Path,
     redis: aioredis.Redis,
     stream: str,
+    *,
+    registry: Registry,
     start_replica: StartReplica,
     classifier: TrainedClassifier,
 ) -> None:
-    registry = tmp_path / "registry"
+    bundles = tmp_path / "registry"
     repository = tmp_path / "repository"
     write_bundle(
         repository,
@@ -129,7 +190,7 @@ async def test_a_promotion_under_load_is_served_with_no_failed_request(
     )
     server, follower = await start_replica(repository=repository)
     await server.load("patches", 1)
-    bundle, digest = registry_bundle(registry, "patches", 2, classifier, instances=2)
+    bundle, digest = registry_bundle(bundles, "patches", 2, classifier, instances=2)
     failures: list[Exception] = []
     answered = {1: 0, 2: 0}
     stop = asyncio.Event()
@@ -150,7 +211,7 @@ async def test_a_promotion_under_load_is_served_with_no_failed_request(
 
     clients = [asyncio.create_task(client(index)) for index in range(12)]
     await until(lambda: answered[1] >= 30)
-    await promote(redis, stream, "patches", 2, bundle, digest)
+    await promote(redis, stream, registry, "patches", 2, bundle, digest)
     await until(lambda: server.ready("patches", 2))
     await until(lambda: answered[2] >= 30)
     stop.set()
@@ -169,12 +230,13 @@ async def test_every_replica_acts_on_every_promotion_and_catches_up_at_start(
     tmp_path: Path,
     redis: aioredis.Redis,
     stream: str,
+    *,
+    registry: Registry,
     start_replica: StartReplica,
     classifier: TrainedClassifier,
 ) -> None:
-    registry = tmp_path / "registry"
     bundles = {
-        (name, version): registry_bundle(registry, name, version, classifier)
+        (name, version): registry_bundle(tmp_path / "registry", name, version, classifier)
         for name in ("alpha", "beta")
         for version in (1, 2, 3)
     }
@@ -184,7 +246,7 @@ async def test_every_replica_acts_on_every_promotion_and_catches_up_at_start(
         ("alpha", 2, "production"),
         ("beta", 1, "staging"),
     ):
-        await promote(redis, stream, name, version, *bundles[name, version], alias=alias)
+        await promote(redis, stream, registry, name, version, *bundles[name, version], alias=alias)
 
     replicas = [await start_replica() for _ in range(2)]
 
@@ -197,8 +259,8 @@ async def test_every_replica_acts_on_every_promotion_and_catches_up_at_start(
     staging, _ = await start_replica(alias="staging")
     assert staging.ready("beta", 1) and not staging.ready("alpha")
 
-    await promote(redis, stream, "alpha", 3, *bundles["alpha", 3])
-    await promote(redis, stream, "beta", 2, *bundles["beta", 2])
+    await promote(redis, stream, registry, "alpha", 3, *bundles["alpha", 3])
+    await promote(redis, stream, registry, "beta", 2, *bundles["beta", 2])
     for server, _ in replicas:
 
         def promoted(server: ModelServer = server) -> bool:
@@ -215,34 +277,55 @@ async def test_bad_entries_are_logged_skipped_and_the_loop_goes_on(
     tmp_path: Path,
     redis: aioredis.Redis,
     stream: str,
+    *,
+    registry: Registry,
     start_replica: StartReplica,
     classifier: TrainedClassifier,
-    *,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    registry = tmp_path / "registry"
-    good, good_digest = registry_bundle(registry, "patches", 3, classifier)
-    other, other_digest = registry_bundle(registry, "patches", 5, classifier, max_batch_size=2)
-    broken = write_bundle(registry, "patches", 4, {"network_data_format": {}}, {"model.onnx": b"x"})
+    bundles = tmp_path / "registry"
+    good, good_digest = registry_bundle(bundles, "patches", 3, classifier)
+    other, other_digest = registry_bundle(bundles, "patches", 5, classifier, max_batch_size=2)
+    broken = write_bundle(bundles, "patches", 4, {"network_data_format": {}}, {"model.onnx": b"x"})
     server, follower = await start_replica()
     caplog.set_level(logging.WARNING, logger="medimg_inference.promotion")
 
+    async def refused(count: int) -> None:
+        await until(lambda: follower.refused == count)
+
+    # Entries that do not parse.
     await medimg_redis.publish(redis, stream, {"model": "patches", "version": "3"})
-    await promote(redis, stream, "patches", "03", good, good_digest)
-    await promote(redis, stream, "patches", 3, "https://registry.example/patches/3", good_digest)
-    await promote(redis, stream, "patches", 3, "file:patches/3", good_digest)
-    await promote(redis, stream, "../patches", 3, good, good_digest)
-    await promote(redis, stream, "patches", 3, good, other_digest)  # digest mismatch
-    await promote(redis, stream, "patches", 3, tmp_path / "nowhere", good_digest)
-    await promote(redis, stream, "patches", 4, broken, bundle_digest(broken))  # unloadable
-    await promote(redis, stream, "patches", 5, other, other_digest, alias="staging")  # not ours
-    await promote(redis, stream, "patches", 3, good, good_digest)
+    await publish(redis, stream, "patches", "03", good, good_digest)
+    await publish(redis, stream, "patches", 3, "https://registry.example/patches/3", good_digest)
+    await publish(redis, stream, "patches", 3, "file:patches/3", good_digest)
+    await publish(redis, stream, "../patches", 3, good, good_digest)
+    # Entries the registry does not confirm: a version it does not hold (forged), then one
+    # whose bundle is not the registry's.
+    await publish(redis, stream, "patches", 3, good, good_digest)
+    await refused(6)
+    registry.point("patches", 3, good, good_digest, "production")
+    await publish(redis, stream, "patches", 3, other, other_digest)
+    await refused(7)
+    # Confirmed, but the bundle fails: its content is no longer what was registered, it is
+    # gone, it does not load.
+    await promote(redis, stream, registry, "patches", 3, good, other_digest)
+    await refused(8)
+    await promote(redis, stream, registry, "patches", 6, tmp_path / "nowhere", good_digest)
+    await refused(9)
+    await promote(redis, stream, registry, "patches", 4, broken, bundle_digest(broken))
+    await refused(10)
+    await promote(redis, stream, registry, "patches", 5, other, other_digest, alias="staging")
+    await promote(redis, stream, registry, "patches", 3, good, good_digest)
 
-    await until(lambda: server.ready("patches"))
-    await until(lambda: follower.refused == 8)
+    await until(lambda: server.ready("patches", 3))
+    assert follower.applied == 1 and follower.refused == 10  # staging is not ours: skipped
+    # A replayed entry whose alias has moved on since.
+    await publish(redis, stream, "patches", 4, broken, bundle_digest(broken))
+    await refused(11)
+    # Promoting a version the repository holds with other content is refused too.
+    await promote(redis, stream, registry, "patches", 3, other, other_digest)
+    await refused(12)
 
-    assert server.ready("patches", 3)
-    assert follower.applied == 1
     reasons = [record.__dict__["fields"]["reason"] for record in caplog.records]
     assert reasons == [
         "PROMOTION_FIELD_MISSING",
@@ -250,9 +333,13 @@ async def test_bad_entries_are_logged_skipped_and_the_loop_goes_on(
         "UNSUPPORTED_BUNDLE_URI",
         "UNSUPPORTED_BUNDLE_URI",
         "INVALID_MODEL_NAME",
+        "PROMOTION_NOT_REGISTERED",
+        "PROMOTION_MISMATCH",
         "BUNDLE_DIGEST_MISMATCH",
         "BUNDLE_NOT_FOUND",
         "INVALID_METADATA",
+        "PROMOTION_NOT_CURRENT",
+        "VERSION_EXISTS",
     ]
     # The mismatched copy never reached the repository; the unloadable one did (it is the
     # registry's bundle, faithfully copied) and the index says why it does not serve.
@@ -263,9 +350,22 @@ async def test_bad_entries_are_logged_skipped_and_the_loop_goes_on(
     unloadable = index[ModelVersion(4)]
     assert unloadable.state is ModelState.UNAVAILABLE
     assert "network_data_format" in unloadable.reason
-
-    # Promoting a version the repository holds with other content is refused too.
-    await promote(redis, stream, "patches", 3, other, other_digest)
-    await until(lambda: follower.refused == 9)
-    assert caplog.records[-1].__dict__["fields"]["reason"] == "VERSION_EXISTS"
     assert server.ready("patches", 3)
+
+
+async def test_a_registry_out_of_reach_is_waited_out(
+    tmp_path: Path,
+    redis: aioredis.Redis,
+    stream: str,
+    *,
+    registry: Registry,
+    start_replica: StartReplica,
+    classifier: TrainedClassifier,
+) -> None:
+    server, follower = await start_replica()
+    bundle, digest = registry_bundle(tmp_path / "registry", "patches", 1, classifier)
+    registry.unavailable = 3
+    await promote(redis, stream, registry, "patches", 1, bundle, digest)
+    await until(lambda: server.ready("patches", 1))
+    assert registry.unavailable == 0 and registry.asked == 4
+    assert follower.applied == 1 and follower.refused == 0

@@ -265,6 +265,20 @@ async def test_a_refused_file_leaves_nothing_behind(
     assert recorded.accesses == []
 
 
+# As in the service (the suite turns warnings into errors, which would refuse it earlier).
+@pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR")
+async def test_a_file_that_cannot_be_written_back_fails_alone(
+    pipeline: tuple[Pipeline, Recorded], pool: asyncpg.Pool, objects: ObjectStore
+) -> None:
+    """pydicom's SC_rgb_jpeg.dcm: implicit VR elements under an explicit transfer syntax."""
+    ingest, _ = pipeline
+    bad, good = await ingest.ingest([dicom_file("SC_rgb_jpeg.dcm"), dicom_file("CT_small.dcm")])
+    assert (bad.outcome, bad.reason) == (Outcome.REJECTED, "UNENCODABLE_DATASET")
+    assert good.outcome is Outcome.STORED
+    assert await pool.fetchval("SELECT count(*) FROM instances") == 1
+    assert len(stored_files(objects)) == 1
+
+
 async def test_one_instance_twice_in_a_batch(
     pipeline: tuple[Pipeline, Recorded], events: aioredis.Redis
 ) -> None:

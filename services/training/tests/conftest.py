@@ -18,7 +18,13 @@ from medimg_core import redis as medimg_redis
 from medimg_training import datasets
 from medimg_training.datasets import Task
 from medimg_training.settings import TrainingSettings
-from services.training.tests.support import CLASSES, probe_of, series_table
+from services.training.tests.support import (
+    CLASSES,
+    SEGMENTS,
+    probe_of,
+    segmentation_table,
+    series_table,
+)
 
 
 @pytest.fixture
@@ -74,6 +80,22 @@ async def dataset(pool: asyncpg.Pool, settings: TrainingSettings) -> datasets.Da
         dataset_id="ct-or-mr",
         task=Task.CLASSIFICATION,
         class_names=CLASSES,
+        items=items,
+        fractions=(0.6, 0.4, 0.0),
+        split_seed="tests",
+        creator="max",
+    )
+
+
+@pytest.fixture
+async def segmentation_dataset(pool: asyncpg.Pool, settings: TrainingSettings) -> datasets.Dataset:
+    items, pseudonyms, volumes = segmentation_table(6, settings.cache)
+    return await datasets.create(
+        pool,
+        probe_of(pseudonyms, volumes),
+        dataset_id="bright",
+        task=Task.SEGMENTATION,
+        class_names=SEGMENTS,
         items=items,
         fractions=(0.6, 0.4, 0.0),
         split_seed="tests",

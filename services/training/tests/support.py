@@ -3,6 +3,7 @@ the worker's cache as ingest would have served them (float32, (slices, rows, col
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,11 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from medimg_training import datasets
-from medimg_training.datasets import Item, Pseudonym, SeriesName
-from medimg_training.worker import cache_path
+from medimg_training.datasets import Found, Item, Pseudonym, SeriesName
+from medimg_training.worker import cache_path, slices_path
 
 CLASSES = ("CT", "MR")
+SEGMENTS = ("background", "bright")
 
 
 def _pixels(name: str) -> np.ndarray:
@@ -41,10 +43,48 @@ def series_table(count: int, cache: Path) -> tuple[list[Item], dict[str, str]]:
     return items, pseudonyms
 
 
-def probe_of(pseudonyms: dict[str, str]) -> datasets.Probe:
-    """Pseudonyms from a table (the cross-service test asks ingest itself)."""
+def probe_of(
+    pseudonyms: dict[str, str], volumes: dict[str, tuple[tuple[int, ...], list[str]]] | None = None
+) -> datasets.Probe:
+    """Pseudonyms (and volume shapes and slice UIDs) from tables (the cross-service test
+    asks ingest itself)."""
 
-    async def probe(series: SeriesName) -> Pseudonym:
-        return Pseudonym(pseudonyms[series])
+    async def probe(series: SeriesName) -> Found:
+        shape, slices = (volumes or {}).get(series, ((), []))
+        return Found(Pseudonym(pseudonyms[series]), shape, tuple(slices))
 
     return probe
+
+
+def cache(cache_dir: Path, series: str, volume: np.ndarray, slices: list[str]) -> None:
+    path = cache_path(cache_dir, series)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, volume.astype(np.float32))
+    slices_path(cache_dir, series).write_text(json.dumps(slices))
+
+
+def segmentation_table(
+    count: int, cache_dir: Path, slices: int = 3
+) -> tuple[list[Item], dict[str, str], dict[str, tuple[tuple[int, ...], list[str]]]]:
+    """`count` CT series of `slices` slices each (CT_small.dcm, shifted and noisy), each
+    with a label series marking its bright voxels (label 1) on its own slices in reverse
+    order, as ingest serves a SEG; their volumes cached; pseudonyms and volume headers."""
+    ct = _pixels("CT_small.dcm")
+    rng = np.random.default_rng(1)
+    items: list[Item] = []
+    pseudonyms: dict[str, str] = {}
+    volumes: dict[str, tuple[tuple[int, ...], list[str]]] = {}
+    for index in range(count):
+        image = np.stack([np.roll(ct, 9 * (index + k), axis=1) for k in range(slices)])
+        image = image + rng.normal(0, 5, image.shape)
+        labels = (image > 1100).astype(np.float32)
+        series = f"studies/2.{index}/series/2.{index}.1"
+        label_series = f"studies/2.{index}/series/2.{index}.2"
+        uids = [f"2.{index}.1.{k}" for k in range(slices)]
+        cache(cache_dir, series, image, uids)
+        cache(cache_dir, label_series, labels[::-1], uids[::-1])
+        items.append(Item(SeriesName(series), label_series=label_series))
+        for name in (series, label_series):
+            pseudonyms[name] = f"patient-{index:03d}"
+            volumes[name] = (image.shape, uids)
+    return items, pseudonyms, volumes

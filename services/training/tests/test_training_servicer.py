@@ -183,3 +183,36 @@ async def test_health_is_serving(channel: grpc.aio.Channel) -> None:
         health_pb2.HealthCheckRequest(service="medimg.training.v1.TrainingService"), timeout=5
     )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        (
+            {"task": "TASK_CLASSIFICATION", "items": [{"series": "studies/1/series/2"}],
+             "query": {"modalities": ["CT"]}, "label_rule": {"attribute": "Modality"}},
+            "ITEMS_AND_QUERY",
+        ),
+        ({"task": "TASK_CLASSIFICATION", "label_rule": {"attribute": "Modality"}},
+         "QUERY_REQUIRED"),
+        ({"query": {}, "label_rule": {"attribute": "Modality"}}, "TASK_REQUIRED"),
+        ({"task": "TASK_CLASSIFICATION", "query": {}, "label_rule": {"attribute": "PatientName"}},
+         "INVALID_LABEL_RULE"),
+        ({"task": "TASK_SEGMENTATION", "query": {}, "label_rule": {"attribute": "Modality"}},
+         "INVALID_LABEL_RULE"),
+        ({"task": "TASK_SEGMENTATION", "query": {"study_date": "yesterday"}},
+         "INVALID_QUERY"),
+    ],
+)  # fmt: skip
+async def test_a_bad_query_dataset_is_refused_before_ingest_is_asked(
+    channel: grpc.aio.Channel, dataset: dict[str, Any], expected: str
+) -> None:
+    # Nothing listens where this service's ingest is: a refusal here asked it nothing.
+    stub = pb_grpc.TrainingServiceStub(channel)
+    request = pb.CreateDatasetRequest(
+        dataset_id="by-query", dataset=json_format.ParseDict(dataset, pb.Dataset())
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateDataset(request, metadata=user("max", "ml-engineer"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(caught.value) == expected

@@ -1,4 +1,5 @@
-"""The `medimg` command: `up`, `down`, `status`, `token`, `certs`, `mesh`, `ingest`, `audit`."""
+"""The `medimg` command: `up`, `down`, `status`, `token`, `certs`, `mesh`, `ingest`, `train`,
+`audit`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from medimg_cli import ingest as medimg_ingest
+from medimg_cli import k8s as medimg_k8s
 from medimg_cli import mesh as meshlib
+from medimg_cli import train as medimg_train
 from medimg_cli import verify as audit_verify
 from medimg_cli.pki import ensure_pki, mint_token
 from medimg_cli.platform import Platform, default_state_dir, read_status
@@ -41,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     medimg_ingest.add_arguments(
         commands.add_parser("ingest", help="upload DICOM files and folders to the platform")
     )
+    medimg_train.add_arguments(
+        commands.add_parser("train", help="training jobs: list, get, watch one until it ends")
+    )
+    medimg_k8s.add_arguments(
+        commands.add_parser("k8s", help="Kubernetes: render deploy/k8s from deploy/mesh.toml")
+    )
     audit = commands.add_parser("audit", help="the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify.add_arguments(
@@ -60,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "mesh": _mesh,
         "audit": audit_verify.command,
         "ingest": medimg_ingest.command,
+        "train": medimg_train.command,
+        "k8s": medimg_k8s.command,
     }[args.command]
     return handler(args, state)
 

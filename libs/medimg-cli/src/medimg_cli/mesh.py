@@ -679,6 +679,20 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
                         http_filters=http_filters,
                         # The edge: x-forwarded-for and x-envoy-* from clients are not trusted.
                         use_remote_address=True,
+                        # The host clients reach the gateway at: a proxy in front says so,
+                        # else the host the client asked for. DICOMweb answers name
+                        # absolute URIs (BulkDataURI) on it.
+                        route_config={
+                            "request_headers_to_add": [
+                                {
+                                    "header": {
+                                        "key": "x-forwarded-host",
+                                        "value": "%REQ(:authority)%",
+                                    },
+                                    "append_action": "ADD_IF_ABSENT",
+                                }
+                            ]
+                        },
                         access_log=[_refused_logins(mesh)],
                         local_reply_config={
                             "body_format": {
@@ -802,6 +816,7 @@ def _hcm(
     codec: str,
     routes: list[dict[str, Any]],
     http_filters: list[dict[str, Any]],
+    route_config: dict[str, Any] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     return {
@@ -819,6 +834,7 @@ def _hcm(
             "route_config": {
                 "name": stat_prefix,
                 "virtual_hosts": [{"name": stat_prefix, "domains": ["*"], "routes": routes}],
+                **(route_config or {}),
             },
             "http_filters": http_filters,
         },

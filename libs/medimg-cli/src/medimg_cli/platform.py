@@ -238,10 +238,9 @@ class Platform:
             "NAMESPACE": self.mesh.namespace,
             **self.service_settings,
         }
-        if "audit" in spec.upstreams:
-            settings["AUDIT_TARGET"] = f"127.0.0.1:{self.port(spec.upstreams['audit'])}"
+        for upstream, port in spec.upstreams.items():  # e.g. INGEST_TARGET: its outbound listener
+            settings[f"{upstream.upper()}_TARGET"] = f"127.0.0.1:{self.port(port)}"
         if service == "inference":
-            settings["INGEST_TARGET"] = f"127.0.0.1:{self.port(spec.upstreams['ingest'])}"
             settings["MODEL_REPOSITORY"] = str(self.model_repository)
             settings["REDIS_URL"] = self.server_redis_url
         if service in DATABASES:
@@ -256,7 +255,6 @@ class Platform:
             settings["IDENTITY_KEY_FILE"] = str(self.pki.identity_key)
         if service == "training":
             settings["OBJECT_DIR"] = str(self.state / "training")
-            settings["INGEST_TARGET"] = f"127.0.0.1:{self.port(spec.upstreams['ingest'])}"
         if service == "audit":
             assert self.pki is not None
             settings["SIGNING_KEY_FILE"] = str(self.pki.audit_key)

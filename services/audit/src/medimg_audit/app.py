@@ -7,7 +7,7 @@ import grpc
 
 from medimg.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from medimg.envoy import als_pb2, als_pb2_grpc
-from medimg_audit import checkpoints, logins
+from medimg_audit import checkpoints, log, logins
 from medimg_audit.servicer import POLICY, AuditServicer
 from medimg_audit.settings import AuditSettings
 from medimg_core import db
@@ -29,8 +29,9 @@ async def build(settings: AuditSettings, resources: AsyncExitStack) -> ServiceDe
         checkpoints.sign_periodically(pool, signer, settings.checkpoint_interval_seconds),
         "audit-checkpoints",
     )
-    servicer = AuditServicer(pool, signer)
-    refused_logins = logins.RefusedLogins(pool)
+    appender = log.Appender(pool)
+    servicer = AuditServicer(pool, appender, signer)
+    refused_logins = logins.RefusedLogins(appender)
 
     def add_to_server(server: grpc.aio.Server) -> None:
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)

@@ -10,6 +10,7 @@ primary key. An event id already in the log keeps the index it has and appends n
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import uuid
@@ -127,6 +128,8 @@ def _prepare(event: pb.AuditEvent, reporter: str, index: int) -> _Prepared:
     texts = (workload, user, resource, patient, service, method, trace_id, reason, *roles)
     if len(roles) > MAX_ROLES or max(map(len, texts)) > MAX_FIELD_CHARS:
         raise refuse("EVENT_TOO_LARGE", f"fields are limited to {MAX_FIELD_CHARS} characters")
+    if any("\x00" in text for text in texts):  # PostgreSQL text cannot hold it
+        raise refuse("INVALID_TEXT", "fields must not contain NUL characters")
     when = _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
     return _Prepared(
         event_id,
@@ -155,12 +158,105 @@ def canonical(prepared: _Prepared, *, log_index: int, record_time: str) -> bytes
 
 
 async def append(pool: asyncpg.Pool, events: Sequence[pb.AuditEvent], reporter: str) -> list[int]:
-    """Appends the events in order; returns each one's log index.
+    """Appends the events in order, in a transaction of their own; returns each one's log
+    index. (The service appends through an `Appender`, which shares transactions.)
 
     The per-event work runs in threads, so a large batch does not hold up the event
     loop, and most of it before the append lock, so concurrent appenders overlap it.
     """
-    prepared = await asyncio.to_thread(prepare, events, reporter)
+    return await _append(pool, await asyncio.to_thread(prepare, events, reporter))
+
+
+class Appender:
+    """Appends the batches of concurrent callers together (group commit).
+
+    Appends serialise on the log's lock, and each pays a transaction and a durable commit,
+    so callers that report one event at a time (every ingested instance is one) would
+    queue behind each other's commits. Here a batch waits while the transaction ahead of
+    it commits, then commits with every batch that arrived meanwhile: one lock, one
+    transaction, one commit for all of them. Under light load a group is one batch, and
+    none waits for more than the one commit ahead of it. Each batch is validated on its
+    own before it waits (a bad event refuses only its own batch), and if a group's
+    transaction fails, its batches are appended one by one, so each caller gets its own
+    answer. A caller acknowledged has its events committed, as with `append`.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, max_group: int = 10 * MAX_BATCH) -> None:
+        self._pool = pool
+        self._max_group = max_group
+        self._waiting: list[tuple[list[_Prepared], asyncio.Future[list[int]]]] = []
+        self._committing: asyncio.Task[None] | None = None
+
+    async def append(self, events: Sequence[pb.AuditEvent], reporter: str) -> list[int]:
+        """Appends the events in order, with those of other callers; each one's log index."""
+        prepared = await asyncio.to_thread(prepare, events, reporter)
+        indexes: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((prepared, indexes))
+        if self._committing is None:
+            # A context of its own: the committer acts for no caller in particular.
+            self._committing = asyncio.create_task(
+                self._commit_waiting(), name="audit-append", context=contextvars.Context()
+            )
+        return await indexes
+
+    async def _commit_waiting(self) -> None:
+        try:
+            while self._waiting:
+                await self._commit(self._next_group())
+        finally:
+            self._committing = None
+            for _, indexes in self._waiting:  # cancelled (shutdown): no commit will come
+                indexes.cancel()
+            self._waiting.clear()
+
+    def _next_group(self) -> list[tuple[list[_Prepared], asyncio.Future[list[int]]]]:
+        """The batches still awaited, oldest first, up to the group's limit of events."""
+        group: list[tuple[list[_Prepared], asyncio.Future[list[int]]]] = []
+        size = 0
+        while self._waiting:
+            prepared, indexes = self._waiting[0]
+            if indexes.done():  # its caller gave up before it was appended
+                self._waiting.pop(0)
+                continue
+            if group and size + len(prepared) > self._max_group:
+                break
+            group.append(self._waiting.pop(0))
+            size += len(prepared)
+        return group
+
+    async def _commit(self, group: list[tuple[list[_Prepared], asyncio.Future[list[int]]]]) -> None:
+        if not group:
+            return
+        try:
+            appended = await _append(
+                self._pool, [event for prepared, _ in group for event in prepared]
+            )
+        except Exception as error:  # noqa: BLE001 - given back to the callers
+            if len(group) == 1:
+                _settle(group[0][1], error)
+                return
+            for prepared, indexes in group:  # each alone: a failure is its own batch's
+                try:
+                    _settle(indexes, await _append(self._pool, prepared))
+                except Exception as alone:  # noqa: BLE001 - this batch's own error
+                    _settle(indexes, alone)
+            return
+        start = 0
+        for prepared, indexes in group:
+            _settle(indexes, appended[start : start + len(prepared)])
+            start += len(prepared)
+
+
+def _settle(indexes: asyncio.Future[list[int]], outcome: list[int] | BaseException) -> None:
+    if indexes.done():  # the caller gave up; its events are in the log all the same
+        return
+    if isinstance(outcome, BaseException):
+        indexes.set_exception(outcome)
+    else:
+        indexes.set_result(outcome)
+
+
+async def _append(pool: asyncpg.Pool, prepared: Sequence[_Prepared]) -> list[int]:
     ids = [p.event_id for p in prepared]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _APPEND_LOCK)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
-
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.envoy import als_pb2, als_pb2_grpc
 from medimg_audit import log
@@ -66,8 +64,8 @@ def _trace_id(traceparent: str) -> str:
 
 
 class RefusedLogins(als_pb2_grpc.AccessLogServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, appender: log.Appender) -> None:
+        self._appender = appender
 
     async def StreamAccessLogs(
         self,
@@ -81,5 +79,5 @@ class RefusedLogins(als_pb2_grpc.AccessLogServiceServicer):
             entries = message.http_logs.log_entry
             for first in range(0, len(entries), log.MAX_BATCH):
                 chunk = entries[first : first + log.MAX_BATCH]
-                await log.append(self._pool, [event_of(e, gateway) for e in chunk], REPORTER)
+                await self._appender.append([event_of(e, gateway) for e in chunk], REPORTER)
         return als_pb2.StreamAccessLogsResponse()

@@ -69,24 +69,25 @@ def _index_of(name: str) -> int:
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, signer: Signer) -> None:
+    def __init__(self, pool: asyncpg.Pool, appender: log.Appender, signer: Signer) -> None:
         self._pool = pool
+        self._appender = appender
         self._signer = signer
 
     async def record_denial(self, method: str, error: Unauthenticated | PermissionDenied) -> None:
         """A refused call to the log is itself recorded in the log."""
-        await log.append(self._pool, [event_for(denial(method, error), "audit")], "audit")
+        await self._appender.append([event_for(denial(method, error), "audit")], "audit")
 
     async def _record_own(self, action: pb.Action, resource: str) -> None:
         """Reading the log is an access to the log: it is recorded before it is served."""
-        await log.append(self._pool, [event_for(Access(action, resource), "audit")], "audit")
+        await self._appender.append([event_for(Access(action, resource), "audit")], "audit")
 
     async def AppendEvents(
         self, request: pb.AppendEventsRequest, context: calls.Context
     ) -> pb.AppendEventsResponse:
         call = calls.current()
         assert call is not None
-        indexes = await log.append(self._pool, request.events, call.principal.workload_name)
+        indexes = await self._appender.append(request.events, call.principal.workload_name)
         return pb.AppendEventsResponse(log_indexes=indexes)
 
     async def ListAuditEvents(

@@ -1,5 +1,6 @@
 """Assembles the inference service from its settings: model server, audit, ingest channel."""
 
+import logging
 from contextlib import AsyncExitStack
 
 import grpc
@@ -9,6 +10,7 @@ import redis.asyncio as aioredis
 from inference import grpc_service_pb2_grpc as kserve_grpc
 from medimg.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from medimg.ingest.v1 import ingest_service_pb2_grpc
+from medimg.training.v1 import training_service_pb2_grpc as training_grpc
 from medimg_core import channels
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
@@ -18,12 +20,14 @@ from medimg_inference.backends import TORCH_CPU
 from medimg_inference.cache import ResponseCache
 from medimg_inference.metrics import register_metrics
 from medimg_inference.predict import Predictor
-from medimg_inference.promotion import PromotionFollower
+from medimg_inference.promotion import PromotionFollower, TrainingRegistry
 from medimg_inference.repository import ModelRepository
 from medimg_inference.servicer import POLICY, InferenceServicer
 from medimg_inference.serving import ModelServer
 from medimg_inference.settings import InferenceSettings
 from medimg_inference.startup import load_models
+
+log = logging.getLogger(__name__)
 
 
 async def build(settings: InferenceSettings, resources: AsyncExitStack) -> ServiceDefinition:
@@ -55,11 +59,16 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
     # Triton's metrics, on the metrics port (the default registry).
     resources.callback(prometheus_client.REGISTRY.unregister, register_metrics(server))
     await load_models(server, settings.load_models)
-    if spool is not None:
-        # Promotions to this replica's alias are installed and loaded as they come; the task
-        # stops before the model server and Redis close.
-        follower = PromotionFollower(spool, server, alias=settings.promotion_alias)
+    if spool is not None and settings.training_target is not None:
+        # Promotions to this replica's alias, confirmed by the registry, are installed and
+        # loaded as they come; the task stops before the model server and Redis close.
+        training_channel = channels.outbound(settings.training_target, settings)
+        resources.push_async_callback(training_channel.close, None)
+        registry = TrainingRegistry(training_grpc.TrainingServiceStub(training_channel))
+        follower = PromotionFollower(spool, server, registry, alias=settings.promotion_alias)
         run_in_background(resources, follower.run(), "inference-promotions")
+    else:
+        log.warning("promotions are off: they need both redis_url and training_target")
     kserve_servicer = kserve.KServeServicer(server)
     servicer = InferenceServicer(
         predictor=Predictor(server, TORCH_CPU),

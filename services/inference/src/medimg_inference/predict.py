@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -53,6 +53,8 @@ _TARGET = re.compile(
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: How far a classification's probabilities may sum from 1 before they are refused.
 _PROBABILITY_TOLERANCE = 1e-3
+#: Bytes of label map per message of ingest's StoreSegmentation stream.
+STORE_CHUNK_BYTES = 1024 * 1024
 
 
 class Task(StrEnum):
@@ -311,6 +313,35 @@ class Segmentation:
 
     label_map: LabelMap
     volumes: tuple[LabelVolume, ...]
+
+
+def segmentation_upload(
+    segmentation: Segmentation, source: SeriesName, model: str, version: int
+) -> Iterator[ingest_pb.StoreSegmentationRequest]:
+    """The stream of ingest's StoreSegmentation that stores `segmentation` of series `source`
+    as a DICOM SEG: the header, then the label map (one byte a voxel, two past 255 labels) in
+    chunks. Label 0, the model's first label (background, as in MONAI's segmentation
+    networks), is no segment; label k is segment k, named by the model's k-th label."""
+    labels = [volume.label for volume in segmentation.volumes]
+    wide = len(labels) > 256
+    header = ingest_pb.SegmentationHeader(
+        source_series=source,
+        shape=list(segmentation.label_map.shape),
+        voxel_type=(
+            ingest_pb.SegmentationHeader.VOXEL_TYPE_UINT16
+            if wide
+            else ingest_pb.SegmentationHeader.VOXEL_TYPE_UINT8
+        ),
+        segment_labels=labels[1:],
+        algorithm_name=model,
+        algorithm_version=str(version),
+    )
+    yield ingest_pb.StoreSegmentationRequest(header=header)
+    data = memoryview(segmentation.label_map.astype("<u2" if wide else "<u1").tobytes())
+    for start in range(0, len(data), STORE_CHUNK_BYTES):
+        yield ingest_pb.StoreSegmentationRequest(
+            data=bytes(data[start : start + STORE_CHUNK_BYTES])
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,6 +10,12 @@ to the alias it serves: it copies the bundle into a temporary directory beside i
 loads it (ModelServer switches versions without failing a request; a failed load leaves the
 old version serving).
 
+The stream only says that something changed: anyone who can write to Redis can write to
+it. So before a replica installs anything it asks the training registry, through the mesh
+(mTLS, the sidecar's RBAC), for that model version, and acts only if the registry holds it,
+the alias points at it now, and its bundle and digest are the promotion's. A forged or
+stale entry is refused; a registry that cannot be reached is waited out.
+
 Every replica acts on every promotion, so each reads the stream on its own with XREAD from
 where it left off (no consumer group: nothing is consumed for the others). At start it
 applies the latest promotion of each model that is not loaded yet. A bad entry is logged
@@ -26,12 +32,15 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
+import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from medimg.training.v1 import training_service_pb2 as training_pb
+from medimg.training.v1 import training_service_pb2_grpc as training_grpc
 from medimg_core.bundles import bundle_digest, manifest
 from medimg_core.errors import FailedPrecondition, InvalidArgument, MedimgError
 from medimg_inference.repository import ModelName, ModelVersion, check_model_name
@@ -78,6 +87,72 @@ def parse_promotion(fields: Mapping[str, str]) -> Promotion:
     return Promotion(
         model, ModelVersion(int(version)), fields["alias"], _bundle_path(fields["bundle"]), sha256
     )
+
+
+@dataclass(frozen=True)
+class Registered:
+    """What the training registry holds for a model version."""
+
+    bundle: Path
+    sha256: str
+    aliases: frozenset[str]
+
+
+class RegistryUnavailable(Exception):
+    """The registry could not answer now (unreachable, timed out): ask again later."""
+
+
+class Registry(Protocol):
+    """Where promotions are confirmed: the training registry."""
+
+    async def registered(self, model: ModelName, version: ModelVersion) -> Registered | None:
+        """The registry's record of the version; None if it holds no such version."""
+        ...
+
+
+class TrainingRegistry:
+    """The training service's registry, read through the mesh."""
+
+    def __init__(self, stub: training_grpc.TrainingServiceAsyncStub, timeout: float = 10.0) -> None:
+        self._stub = stub
+        self._timeout = timeout
+
+    async def registered(self, model: ModelName, version: ModelVersion) -> Registered | None:
+        name = f"registeredModels/{model}/versions/{version}"
+        try:
+            found = await self._stub.GetModelVersion(
+                training_pb.GetModelVersionRequest(name=name), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise RegistryUnavailable(error.code().name) from error
+            raise FailedPrecondition(
+                "REGISTRY_REFUSED", f"the registry refused to confirm: {error.code().name}"
+            ) from error
+        return Registered(_bundle_path(found.bundle_uri), found.sha256, frozenset(found.aliases))
+
+
+async def confirm(promotion: Promotion, registry: Registry) -> None:
+    """Checks the promotion against the registry: FAILED_PRECONDITION with a reason unless
+    the registry holds the version, the alias points at it, and the bundle is the same."""
+    where: dict[str, str | int] = {"model": promotion.model, "version": promotion.version}
+    registered = await registry.registered(promotion.model, promotion.version)
+    if registered is None:
+        raise FailedPrecondition(
+            "PROMOTION_NOT_REGISTERED", "the registry holds no such model version", **where
+        )
+    if promotion.alias not in registered.aliases:
+        raise FailedPrecondition(
+            "PROMOTION_NOT_CURRENT",
+            f"the registry's alias {promotion.alias!r} does not point at this version",
+            **where,
+        )
+    if (registered.bundle, registered.sha256) != (promotion.bundle, promotion.sha256):
+        raise FailedPrecondition(
+            "PROMOTION_MISMATCH", "the promotion's bundle or digest is not the registry's", **where
+        )
 
 
 def _bundle_path(uri: str) -> Path:
@@ -150,6 +225,7 @@ class PromotionFollower:
         self,
         redis: aioredis.Redis,
         server: ModelServer,
+        registry: Registry,
         *,
         alias: str = "production",
         stream: str = PROMOTION_STREAM,
@@ -158,6 +234,7 @@ class PromotionFollower:
     ) -> None:
         self.redis = redis
         self.server = server
+        self.registry = registry
         self.alias = alias
         self.stream = stream
         self.block_ms = block_ms
@@ -242,6 +319,7 @@ class PromotionFollower:
     async def _apply(self, entry_id: str, promotion: Promotion) -> None:
         where = {"entry": entry_id, "model": promotion.model, "version": promotion.version}
         try:
+            await self._confirm(promotion)
             await apply_promotion(promotion, self.server)
         except MedimgError as error:
             self.refused += 1
@@ -256,6 +334,20 @@ class PromotionFollower:
             return
         self.applied += 1
         log.info("promoted version serving", extra={"fields": {**where, "alias": promotion.alias}})
+
+    async def _confirm(self, promotion: Promotion) -> None:
+        """Confirms the promotion with the registry, waiting out a registry that cannot be
+        reached (the promotions after this one wait too: they apply in order)."""
+        while True:
+            try:
+                return await confirm(promotion, self.registry)
+            except RegistryUnavailable as error:
+                log.warning(
+                    "cannot reach the registry to confirm a promotion; retrying in %.1f s",
+                    self.retry_seconds,
+                    extra={"fields": {"model": promotion.model, "code": str(error)}},
+                )
+                await asyncio.sleep(self.retry_seconds)
 
     def _redis_failed(self, error: BaseException) -> None:
         log.warning(

@@ -2,7 +2,10 @@
 
 Predict reads the target series from ingest (GetSeriesPixels, through the sidecar's
 outbound listener) and reports the read of patient data to audit, with the pseudonym from
-the volume's header, before the model runs.
+the volume's header, before the model runs. A segmentation of a series is then stored back
+through ingest as a DICOM SEG (StoreSegmentation, audited there as the store of an instance
+and here as made for the user) unless the request says not to; if it cannot be stored, the
+Predict fails rather than answer without it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from medimg_core.audit import Outcome as AuditOutcome
 from medimg_core.calls import Context
 from medimg_core.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     MedimgError,
     NotFound,
@@ -34,10 +38,12 @@ from medimg_inference import catalog
 from medimg_inference.predict import (
     Classification,
     Predictor,
+    Segmentation,
     SeriesVolume,
     Target,
     Task,
     read_volume,
+    segmentation_upload,
 )
 from medimg_inference.repository import Platform
 from medimg_inference.serving import ModelState
@@ -124,6 +130,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         target = Target.parse(request.target)
         if request.version < 0:
             raise InvalidArgument("INVALID_VERSION", "version must be positive, or 0 for any")
+        store = _store_segmentation(request, target)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         # The model first: a bad model name reads no patient data.
@@ -145,7 +152,39 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 pb.LabelVolume(label=v.label, voxel_count=v.voxel_count, volume_ml=v.volume_ml)
                 for v in result.volumes
             )
+            if store:
+                response.segmentation.segmentation_instance = await self._store(
+                    target, prediction.model, prediction.version, result, volume
+                )
         return response
+
+    async def _store(
+        self,
+        target: Target,
+        model: str,
+        version: int,
+        segmentation: Segmentation,
+        volume: SeriesVolume,
+    ) -> str:
+        """Stores the segmentation as a DICOM SEG through ingest; the SEG's resource name."""
+        try:
+            stored = await self._ingest.StoreSegmentation(
+                segmentation_upload(segmentation, target.series_name, model, version),
+                timeout=deadlines.timeout(self._settings.default_deadline_seconds),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _not_stored(error, target) from error
+        # Ingest records the store as made by this service; this records the user it was for.
+        await self._audit.report(
+            [
+                Access(
+                    Action.ACTION_CREATE,
+                    stored.instance,
+                    patient_pseudonym=volume.patient_pseudonym,
+                )
+            ]
+        )
+        return str(stored.instance)
 
     async def _volume(self, target: Target) -> SeriesVolume:
         """The target's voxels from ingest, its read audited (a failed one too)."""
@@ -193,6 +232,44 @@ def _from_ingest(error: grpc.aio.AioRpcError, target: Target) -> MedimgError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded("DEADLINE_EXCEEDED", "ingest did not serve the series in time")
     return Unavailable("INGEST_UNAVAILABLE", f"ingest did not serve the series: {code.name}")
+
+
+def _store_segmentation(request: pb.PredictRequest, target: Target) -> bool:
+    """Whether a segmentation is stored: as the request says, by default for a series."""
+    if not request.HasField("store_segmentation"):
+        return not target.instance
+    if request.store_segmentation and target.instance:
+        raise InvalidArgument(
+            "STORE_NEEDS_SERIES_TARGET",
+            "a segmentation is stored as a DICOM SEG of a whole series: target the series, or "
+            "leave store_segmentation unset",
+        )
+    return request.store_segmentation
+
+
+def _not_stored(error: grpc.aio.AioRpcError, target: Target) -> MedimgError:
+    """Ingest's refusal of the SEG as this service's own error."""
+    code, reason = error.code(), _reason(error)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(
+            reason or "SEGMENTATION_NOT_STORED",
+            f"the segmentation of {target.series_name} cannot be stored as a DICOM SEG: "
+            f"{error.details()}; predict with store_segmentation false to measure it without",
+        )
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS):
+        # The model's labels or name, not the caller's request, make a SEG ingest refuses.
+        return FailedPrecondition(
+            "SEGMENTATION_NOT_STORED",
+            f"ingest refused the model's segmentation as a DICOM SEG ({reason}): {error.details()}",
+            ingest_reason=reason,
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound("SERIES_NOT_FOUND", f"{target.series_name} is not in the index")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(
+            "DEADLINE_EXCEEDED", "ingest did not store the segmentation in time"
+        )
+    return Unavailable("INGEST_UNAVAILABLE", f"ingest did not store the segmentation: {code.name}")
 
 
 def _reason(error: grpc.aio.AioRpcError) -> str:

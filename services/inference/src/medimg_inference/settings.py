@@ -33,5 +33,9 @@ class InferenceSettings(AuditedServiceSettings):
     response_cache_retry_seconds: float = Field(default=5.0, ge=0)
     #: The registry alias this service serves: promotions to it are loaded as they come.
     promotion_alias: str = "production"
+    #: host:port of the sidecar's outbound listener for training. A promotion read from
+    #: Redis is acted on only once the registry there confirms it; without one, promotions
+    #: are off.
+    training_target: str | None = None
     #: The largest series volume Predict takes, in bytes of float32 voxels.
     max_volume_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)

@@ -41,6 +41,13 @@ DOES_NOT_MATCH = 0xA900
 HELD_BACK = 0xB000
 
 
+class NotAcceptable(InvalidArgument):
+    """Accept allows no representation the server has; the gateway answers 406."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("NOT_ACCEPTABLE", message)
+
+
 @dataclass(frozen=True)
 class Answer:
     """An HTTP answer: its status, media type and body."""
@@ -61,27 +68,40 @@ def media_type(value: str) -> tuple[str, dict[str, str]]:
 # --- STOW-RS ---------------------------------------------------------------------------
 
 
-def split_multipart(content_type: str, body: bytes) -> list[bytes]:
-    """The DICOM files of a STOW-RS body: multipart/related (RFC 2387) with
-    type="application/dicom" parts. InvalidArgument names what is wrong with the body."""
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart/related body: its media type (with parameters, as sent), its
+    Content-Location (how DICOM JSON's BulkDataURIs name it) and its bytes."""
+
+    content_type: str
+    location: str
+    data: bytes
+
+
+def split_multipart(content_type: str, body: bytes) -> tuple[str, list[Part]]:
+    """The root type and the parts of a STOW-RS body: multipart/related (RFC 2387) with
+    type="application/dicom" parts (Part 10 files), or type="application/dicom+json" (DICOM
+    JSON metadata, then bulk data parts). InvalidArgument names what is wrong with the body."""
     kind, params = media_type(content_type)
     if kind != MULTIPART:
         raise InvalidArgument(
             "UNSUPPORTED_MEDIA_TYPE",
-            f'the body must be {MULTIPART}; type="{DICOM}", not {kind or "untyped"}',
+            f'the body must be {MULTIPART}; type="{DICOM}" or type="{DICOM_JSON}", '
+            f"not {kind or 'untyped'}",
         )
     root = params.get("type", DICOM).lower()
-    if root != DICOM:
+    if root not in (DICOM, DICOM_JSON):
         raise InvalidArgument(
             "UNSUPPORTED_MEDIA_TYPE",
-            f"only {DICOM} parts are stored (not {root}): send DICOM Part 10 files",
+            f"{root} is not stored: send DICOM Part 10 files ({DICOM}) or DICOM JSON with "
+            f"its bulk data ({DICOM_JSON})",
         )
     boundary = params.get("boundary", "")
     if not boundary:
         raise InvalidArgument("INVALID_MULTIPART", "the Content-Type has no boundary parameter")
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     sections = (b"\r\n" + body).split(delimiter)
-    files: list[bytes] = []
+    parts: list[Part] = []
     for number, section in enumerate(sections[1:], start=1):
         if section.startswith(b"--"):
             break  # the close delimiter; what follows is the epilogue
@@ -90,21 +110,21 @@ def split_multipart(content_type: str, body: bytes) -> list[bytes]:
             raise InvalidArgument(
                 "INVALID_MULTIPART", f"part {number} has no blank line after its headers"
             )
-        part_type = _header(head, "content-type")
-        if part_type and media_type(part_type)[0] != DICOM:
+        part_type = _header(head, "content-type") or root
+        if root == DICOM and media_type(part_type)[0] != DICOM:
             raise InvalidArgument(
                 "UNSUPPORTED_MEDIA_TYPE",
                 f"part {number} is {media_type(part_type)[0]}: only {DICOM} parts are stored",
             )
-        files.append(content)
+        parts.append(Part(part_type, _header(head, "content-location"), content))
     else:
         raise InvalidArgument(
             "INVALID_MULTIPART",
             f"the body does not end with the close delimiter --{boundary}-- (truncated?)",
         )
-    if not files:
+    if not parts:
         raise InvalidArgument("INVALID_MULTIPART", "the body has no part")
-    return files
+    return root, parts
 
 
 def _header(head: bytes, name: str) -> str:
@@ -400,8 +420,7 @@ def wanted_transfer_syntax(accept: str) -> str:
         if kind in (MULTIPART, "*/*") and params.get("type", DICOM).lower() in (DICOM, "*/*"):
             choices.append(params.get("transfer-syntax", ExplicitVRLittleEndian))
     if not choices:
-        raise InvalidArgument(
-            "NOT_ACCEPTABLE",
+        raise NotAcceptable(
             f'instances are sent as {MULTIPART}; type="{DICOM}"; Accept allows neither',
         )
     return "*" if "*" in choices else choices[0]
@@ -410,8 +429,7 @@ def wanted_transfer_syntax(accept: str) -> str:
 def check_servable(stored_syntax: str, wanted: str) -> None:
     """Refuses a transfer syntax an instance cannot be sent in (before anything is sent)."""
     if wanted not in ("*", stored_syntax, ExplicitVRLittleEndian):
-        raise InvalidArgument(
-            "NOT_ACCEPTABLE",
+        raise NotAcceptable(
             f"instances are served as stored ({stored_syntax}) or as "
             f"{ExplicitVRLittleEndian}, not as {wanted}: ask for transfer-syntax=*",
         )
@@ -439,17 +457,47 @@ def multipart_type(boundary: str, transfer_syntax: str) -> str:
     return f'{MULTIPART}; type="{DICOM}"; boundary={boundary}{syntax}'
 
 
-def part_head(boundary: str, first: bool) -> bytes:
+def part_head(boundary: str, first: bool, content_type: str = DICOM) -> bytes:
     lead = b"" if first else b"\r\n"
-    return lead + f"--{boundary}\r\nContent-Type: {DICOM}\r\n\r\n".encode()
+    return lead + f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
 
 
 def closing(boundary: str) -> bytes:
     return f"\r\n--{boundary}--\r\n".encode()
 
 
-def metadata(data: bytes) -> dict[str, Any]:
-    """An instance's attributes in the DICOM JSON model, without its pixel data (bulk data
-    is not served apart; other binary values are inline)."""
-    dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return dataset.to_json_dict(bulk_data_threshold=1 << 62)
+#: Binary values longer than this (bytes) are bulk data: the metadata gives a BulkDataURI.
+BULK_DATA_THRESHOLD = 1024
+#: The value representations whose values are bytes (PS3.18 F.2.7: bulk data candidates).
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data: bulk data whatever their size.
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def metadata(data: bytes, instance_url: str) -> dict[str, Any]:
+    """An instance's attributes in the DICOM JSON model. Pixel data and binary values over
+    BULK_DATA_THRESHOLD bytes, at any depth, are given as a BulkDataURI under
+    `{instance_url}/bulkdata/`, by tag path (`7FE00010`, `00880200/1/7FE00010`)."""
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    return _json_with_bulk_data(dataset, f"{instance_url}/bulkdata/", top=True)
+
+
+def _json_with_bulk_data(dataset: pydicom.Dataset, prefix: str, *, top: bool) -> dict[str, Any]:
+    answer: dict[str, Any] = {}
+    for element in dataset:  # in tag order; ambiguous VRs resolved by the dataset
+        key = f"{element.tag:08X}"
+        if element.VR == "SQ":
+            items = [
+                _json_with_bulk_data(item, f"{prefix}{key}/{number}/", top=False)
+                for number, item in enumerate(element.value, start=1)
+            ]
+            answer[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+        elif (
+            element.VR in BINARY_VRS
+            and element.value
+            and (len(element.value) > BULK_DATA_THRESHOLD or (top and element.tag in PIXEL_TAGS))
+        ):
+            answer[key] = {"vr": element.VR, "BulkDataURI": f"{prefix}{key}"}
+        else:
+            answer[key] = element.to_json_dict(None, BULK_DATA_THRESHOLD)
+    return answer

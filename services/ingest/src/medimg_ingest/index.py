@@ -55,6 +55,14 @@ async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> 
     # Rows are locked in one global order (study, series, instance within each table, and
     # tables always in the same order), so two uploads that share studies cannot deadlock
     # whatever order their files came in.
+    async with pool.acquire() as conn, conn.transaction():
+        return await add_instances_in(conn, objects)
+
+
+async def add_instances_in(
+    conn: asyncpg.Connection, objects: Sequence[StoredObject]
+) -> list[Placement]:
+    """add_instances, in the caller's transaction."""
     order = sorted(
         range(len(objects)),
         key=lambda i: (
@@ -66,19 +74,18 @@ async def add_instances(pool: asyncpg.Pool, objects: Sequence[StoredObject]) -> 
     ordered = [objects[i] for i in order]
     indexed = [obj for obj in ordered if not obj.quarantine]
     held = [obj for obj in ordered if obj.quarantine]
-    async with pool.acquire() as conn, conn.transaction():
-        await _add_identities(conn, ordered)
-        if indexed:
-            await _add_studies(conn, indexed)
-            await _add_series(conn, indexed)
-        placed = dict(
-            zip(
-                map(id, indexed + held),
-                await _add_rows(conn, "instances", indexed)
-                + await _add_rows(conn, "quarantined_instances", held),
-                strict=True,
-            )
+    await _add_identities(conn, ordered)
+    if indexed:
+        await _add_studies(conn, indexed)
+        await _add_series(conn, indexed)
+    placed = dict(
+        zip(
+            map(id, indexed + held),
+            await _add_rows(conn, "instances", indexed)
+            + await _add_rows(conn, "quarantined_instances", held),
+            strict=True,
         )
+    )
     return [placed[id(obj)] for obj in objects]
 
 

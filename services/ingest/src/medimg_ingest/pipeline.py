@@ -22,6 +22,7 @@ import asyncio
 import contextvars
 import enum
 import logging
+import struct
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -148,11 +149,13 @@ class Pipeline:
         self._waiting: list[_Waiting] = []
         self._committing: asyncio.Task[None] | None = None
 
-    async def ingest(self, files: Sequence[bytes]) -> list[Result]:
-        """Each file's result, in order."""
+    async def ingest(self, files: Sequence[bytes], *, deidentified: bool = False) -> list[Result]:
+        """Each file's result, in order. `deidentified` files were made here from stored
+        instances (a SEG of a stored series): stored as they are, since de-identifying them
+        again would replace the stored UIDs they reference."""
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, self._prepare, data, i)
+            *(loop.run_in_executor(self._executor, self._prepare, data, i, deidentified)
               for i, data in enumerate(files))
         )  # fmt: skip
         stored = [p for p in prepared if isinstance(p, index.StoredObject)]
@@ -162,16 +165,25 @@ class Pipeline:
             placements = {id(o): p for o, p in zip(stored, placed, strict=True)}
         return [p if isinstance(p, Result) else _result(p, placements[id(p)]) for p in prepared]
 
-    def _prepare(self, data: bytes, position: int) -> index.StoredObject | Result:
+    def _prepare(
+        self, data: bytes, position: int, deidentified: bool = False
+    ) -> index.StoredObject | Result:
         """Validates, de-identifies and stores one file; a Result when it is refused."""
         try:
             original = dicom.read_instance(data, position)
             pixels.check_decodable(original)
+            if deidentified:
+                data = _serialize(original)
+            else:
+                quarantine = BURNED_IN if deid.needs_quarantine(original, self._policy) else ""
+                clean = deid.deidentify(original, self._policy, self._deid_key)
+                data = _serialize(clean.dataset)
         except InvalidArgument as error:
             return Result(Outcome.REJECTED, reason=error.reason, message=error.message)
-        quarantine = BURNED_IN if deid.needs_quarantine(original, self._policy) else ""
-        clean = deid.deidentify(original, self._policy, self._deid_key)
-        data = _serialize(clean.dataset)
+        if deidentified:
+            key, digest = self._objects.key_for(data)
+            self._objects.put(key, data)
+            return index.StoredObject(dicom.header_of(original), len(data), digest, key)
         key, digest = self._objects.key_for(data)
         self._objects.put(key, data)
         sealed = self._vault.seal(clean.pseudonym, clean.patient_id_original)
@@ -260,7 +272,7 @@ class Pipeline:
     async def _commit_group(self, group: list[_Waiting]) -> None:
         try:
             indexed = await self._index(await self._audit(group))
-            await self._announce(
+            await self.announce(
                 [
                     instance_name(obj.header)
                     for waiting, placements in indexed
@@ -342,7 +354,8 @@ class Pipeline:
             start = end
         return indexed
 
-    async def _announce(self, instances: Sequence[str]) -> None:
+    async def announce(self, instances: Sequence[str]) -> None:
+        """Announces newly indexed instances (resource names) on the instance stream."""
         # The index is the record; the stream is a notification. A Redis outage must not
         # turn a stored instance into a failed upload (the client would retry in vain).
         if not instances:
@@ -426,7 +439,16 @@ def _serialize(dataset: pydicom.Dataset) -> bytes:
             delattr(meta, keyword)
     dataset.preamble = b"\0" * 128
     out = BytesIO()
-    pydicom.dcmwrite(out, dataset, enforce_file_format=True)
+    try:
+        pydicom.dcmwrite(out, dataset, enforce_file_format=True)
+    except (TypeError, ValueError, struct.error) as error:
+        # e.g. implicit VR elements under an explicit transfer syntax: pydicom reads such a
+        # file, but it cannot be written back as one.
+        raise InvalidArgument(
+            "UNENCODABLE_DATASET",
+            "the instance cannot be written in its transfer syntax: is its data set encoded "
+            "as its file meta says?",
+        ) from error
     return out.getvalue()
 
 

@@ -4,6 +4,9 @@ and training get a ready tensor and never parse DICOM.
 Geometry is read per frame from the functional groups of enhanced (multi-frame) objects,
 per-frame first and then shared, and otherwise from the top-level attributes; RT Dose's
 GridFrameOffsetVector gives its frames' positions.
+
+A DICOM Segmentation (SEG) series is served as a label volume on the grid of the series it
+segments (see `label_volume`): training and inference read labels as they read images.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from pydicom.pixels.processing import apply_modality_lut
 
 from medimg_core.errors import InvalidArgument
 from medimg_ingest.pixels import decoded_frames, frame_count, pixel_keyword
+
+#: SOP Class UID of Segmentation Storage (PS3.4 B.5).
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 Float32Array = numpy.typing.NDArray[numpy.float32]
 Vector = tuple[float, float, float]
@@ -84,6 +90,8 @@ def series_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     """
     if not datasets:
         raise InvalidArgument("EMPTY_SERIES", "a volume needs at least one instance")
+    if any(str(d.get("SOPClassUID", "")) == SEGMENTATION_STORAGE for d in datasets):
+        return label_volume(datasets)
     _check_instances(datasets)
     # Checks every instance's pixel data up front, before any frame is decoded.
     frames_of = [decoded_frames(dataset) for dataset in datasets]
@@ -124,6 +132,101 @@ def series_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
         ),
         sop_instance_uids=[str(datasets[s.instance].SOPInstanceUID) for s in slices],
     )
+
+
+def label_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
+    """A SEG series as a label volume on the grid of the series it segments (read with
+    highdicom).
+
+    One slice per source instance the SEG references (its Referenced Series Sequence), rows
+    and columns those of the source; each voxel holds the number of the segment it belongs
+    to, 0 for none, as float32 like every volume. `sop_instance_uids[k]` names the source
+    instance of slice k (ingest replaces the SEG's references with the same keyed UIDs as the
+    source's own), so a reader pairs labels with the source volume's slices by UID. Slices
+    follow the source series' order along its slice normal when the SEG places every source
+    (the plane positions of its frames), and the SEG's list of references otherwise (a
+    source without any segmented frame has no position in the SEG); the geometry is that of
+    the source grid as the SEG describes it. Refused: several instances in the series
+    (INCONSISTENT_SERIES); a SEG that highdicom cannot read, that references no series or
+    several, frames of multi-frame sources, or overlapping segments (INVALID_SEGMENTATION).
+    """
+    if len(datasets) > 1:
+        raise _inconsistent(
+            f"a segmentation series is read from one SEG instance, this one has {len(datasets)}"
+        )
+    from highdicom.seg import Segmentation  # imported only here: it is heavy
+
+    dataset = datasets[0]
+    try:
+        segmentation = Segmentation.from_dataset(dataset, copy=True)
+        sources = segmentation.get_source_image_uids()
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as error:
+        raise _invalid_segmentation("highdicom cannot read the instance as a SEG") from error
+    if len({series for _, series, _ in sources}) != 1:
+        raise _invalid_segmentation(
+            f"the SEG references {len({s for _, s, _ in sources})} series; a label volume is "
+            "on the grid of exactly one"
+        )
+    uids = [uid for _, _, uid in sources]
+    located = _source_positions(dataset)
+    if located is None:
+        raise _invalid_segmentation(
+            "the SEG segments frames of multi-frame images, which are not served as label "
+            "volumes yet"
+        )
+    try:
+        labels = segmentation.get_pixels_by_source_instance(uids, combine_segments=True)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        overlap = "overlap" in str(error).lower()
+        raise _invalid_segmentation(
+            "segments overlap, so a voxel has no single label"
+            if overlap
+            else "its frames cannot be placed on the source instances it references"
+        ) from error
+    orientation = _numbers(
+        _macro(dataset, 0, "PlaneOrientationSequence"), "ImageOrientationPatient", 6
+    )
+    normal = _normal(orientation) if orientation else None
+    order, slice_spacing = list(range(len(uids))), None
+    if normal is not None and all(uid in located for uid in uids):
+        order, slice_spacing = _by_position([located[uid] for uid in uids], normal)
+    pixel_spacing = _numbers(_macro(dataset, 0, "PixelMeasuresSequence"), "PixelSpacing", 2)
+    row_spacing, column_spacing = pixel_spacing or (1.0, 1.0)
+    first = uids[order[0]]
+    return Volume(
+        array=numpy.ascontiguousarray(labels[order], dtype=numpy.float32),
+        spacing=(slice_spacing or _nominal_slice_spacing(dataset), row_spacing, column_spacing),
+        origin=located.get(first, (0.0, 0.0, 0.0)),
+        direction=(
+            (*orientation, *(float(n) for n in normal))
+            if orientation and normal is not None
+            else _IDENTITY
+        ),
+        sop_instance_uids=[uids[k] for k in order],
+    )
+
+
+def _source_positions(dataset: pydicom.Dataset) -> dict[str, Vector] | None:
+    """Where each source instance with a segmented frame lies (the plane position of the
+    frames derived from it); None when a frame is derived from a frame of a multi-frame
+    source."""
+    located: dict[str, Vector] = {}
+    for frame, group in enumerate(dataset.get("PerFrameFunctionalGroupsSequence") or []):
+        position = _numbers(
+            _macro(dataset, frame, "PlanePositionSequence"), "ImagePositionPatient", 3
+        )
+        for derivation in group.get("DerivationImageSequence") or []:
+            for source in derivation.get("SourceImageSequence") or []:
+                if "ReferencedFrameNumber" in source:
+                    return None
+                uid = str(source.get("ReferencedSOPInstanceUID", ""))
+                if uid and position:
+                    located[uid] = _vector(position)
+    return located
+
+
+def _invalid_segmentation(message: str) -> InvalidArgument:
+    return InvalidArgument("INVALID_SEGMENTATION", message)
 
 
 def _check_instances(datasets: Sequence[pydicom.Dataset]) -> None:

@@ -14,8 +14,9 @@ from medimg_core import channels, db
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition
+from medimg_training.ingest import IngestIndex, IngestProbe
 from medimg_training.runner import Runner, code_version
-from medimg_training.servicer import POLICY, IngestProbe, TrainingServicer
+from medimg_training.servicer import POLICY, TrainingServicer
 from medimg_training.settings import TrainingSettings
 
 
@@ -58,6 +59,7 @@ async def build(settings: TrainingSettings, resources: AsyncExitStack) -> Servic
         audit=audit,
         runner=runner,
         probe=IngestProbe(ingest_channel, settings.default_deadline_seconds),
+        index=IngestIndex(ingest_channel, settings.default_deadline_seconds),
         settings=settings,
         executor=executor,
         gpus=gpus,

@@ -3,8 +3,11 @@
 and `models/model.onnx` when the ONNX export runs and agrees with torch.
 
 The exported model takes `image`, (N, 1, *image_size) float32 in [0, 1] after the
-preprocessing that metadata.json names, and returns `pred`, (N, classes) float32 class
-probabilities (the softmax is part of the model).
+preprocessing that metadata.json names (MONAI axis order: columns, rows[, slices]), and
+returns `pred`, float32 probabilities (the softmax is part of the model): (N, classes) for
+a classifier, (N, labels, *image_size) for a segmenter, whose metadata says
+`"task": "segmentation"` so that the inference service carries its label map back through
+the inverse of the preprocessing onto the series' grid.
 """
 
 from __future__ import annotations
@@ -61,13 +64,15 @@ def export(config: Mapping[str, Any], out: Path, metrics: Mapping[str, float]) -
         else ("torchscript")
     )
     classes = list(config["class_names"])
+    segmenting = config.get("task") == "segmentation"
+    what = "segmentation" if segmenting else "classification"
     metadata = {
         "version": "0.1.0",
         "monai_version": _version("monai"),
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "optional_packages_version": {},
-        "task": f"classification of {', '.join(classes)}",
+        "task": f"{what} of {', '.join(classes)}",
         "description": f"trained by trainingJobs/{config['job_id']} on {config['dataset']}",
         "authors": config["creator"],
         "copyright": "medimg",
@@ -82,16 +87,20 @@ def export(config: Mapping[str, Any], out: Path, metrics: Mapping[str, float]) -
             },
             "outputs": {
                 "pred": {
-                    "type": "probabilities", "format": "classes", "modality": "n/a",
-                    "num_channels": len(classes), "spatial_shape": [], "dtype": "float32",
+                    "type": "probabilities",
+                    "format": "segmentation" if segmenting else "classes", "modality": "n/a",
+                    "num_channels": len(classes),
+                    "spatial_shape": image_size if segmenting else [], "dtype": "float32",
                     "value_range": [0, 1], "is_patch_data": False,
                     "channel_def": {str(i): name for i, name in enumerate(classes)},
                 }
             },
         },
         "medimg": {
+            "task": what,
             "platform": platform,
-            "max_batch_size": 8,
+            # A 2D model's items are slices (many per series), a 3D model's whole volumes.
+            "max_batch_size": 1 if segmenting and len(image_size) == 3 else 8,
             "labels": classes,
             "preprocessing": preprocessing(image_size),
             "postprocessing": [],

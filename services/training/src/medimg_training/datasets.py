@@ -5,17 +5,24 @@ trained on and measured on: the pseudonym and the dataset's split seed are hashe
 (sha256) to a number in [0, 1), which falls into train, validation or test by the
 cumulative fractions. The same seed and pseudonym always give the same split, whatever
 else is in the dataset.
+
+A segmentation item pairs an image series with a label series (a DICOM SEG that ingest
+serves as a label volume on the image's grid); both are looked up in ingest, and the
+label series must be of the same patient and segment slices of the image series. Class
+names of a segmentation dataset name the label values, from 0 (no segment).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import NewType
+from types import MappingProxyType
+from typing import Any, NewType
 
 import asyncpg
 
@@ -25,14 +32,28 @@ DatasetName = NewType("DatasetName", str)
 SeriesName = NewType("SeriesName", str)
 Pseudonym = NewType("Pseudonym", str)
 
-#: Looks a series up in ingest: its patient pseudonym, or NotFound (SERIES_NOT_FOUND).
-Probe = Callable[[SeriesName], Awaitable[Pseudonym]]
+
+@dataclass(frozen=True)
+class Found:
+    """What ingest says of a series: its patient, and the volume it serves (shape (slices,
+    rows, columns[, samples]); the SOP Instance UID of each slice, for a label volume the
+    image slice each label slice belongs to). Shape and slices may be unknown (empty)."""
+
+    pseudonym: Pseudonym
+    shape: tuple[int, ...] = ()
+    slices: tuple[str, ...] = ()
+
+
+#: Looks a series up in ingest, or raises NotFound (SERIES_NOT_FOUND).
+Probe = Callable[[SeriesName], Awaitable[Found]]
 
 DATASET_ID = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _SERIES = re.compile(r"studies/[^/]+/series/[^/]+")
 _NAME = re.compile(r"datasets/([a-z][a-z0-9-]{0,62})/versions/([1-9][0-9]{0,8})")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 DEFAULT_SEED = "medimg"
+#: The label names of a segmentation dataset that names none: label 0 and label 1.
+DEFAULT_SEGMENT_NAMES = ("background", "foreground")
 MAX_ITEMS = 100_000
 
 
@@ -72,6 +93,8 @@ class Dataset:
     create_time: datetime
     description: str = ""
     counts: tuple[int, int, int] = field(default=(0, 0, 0))
+    #: The query and label rule the items were found by (empty: a list of series).
+    query: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def name(self) -> DatasetName:
@@ -99,6 +122,14 @@ def parse_name(name: str) -> tuple[str, int]:
     return match[1], int(match[2])
 
 
+def check_id(dataset_id: str) -> None:
+    if not DATASET_ID.fullmatch(dataset_id):
+        raise InvalidArgument(
+            "INVALID_DATASET_ID",
+            "dataset_id is 1 to 63 lower-case letters, digits and hyphens, from a letter",
+        )
+
+
 def check_request(  # noqa: PLR0912 - one check per rule, in order
     dataset_id: str,
     task: Task | None,
@@ -107,11 +138,7 @@ def check_request(  # noqa: PLR0912 - one check per rule, in order
     fractions: Sequence[float] | None,
 ) -> tuple[float, float, float]:
     """Refuses a dataset that cannot be built, before anything is looked up or stored."""
-    if not DATASET_ID.fullmatch(dataset_id):
-        raise InvalidArgument(
-            "INVALID_DATASET_ID",
-            "dataset_id is 1 to 63 lower-case letters, digits and hyphens, from a letter",
-        )
+    check_id(dataset_id)
     if task is None:
         raise InvalidArgument("TASK_REQUIRED", "say the task: classification or segmentation")
     if not items:
@@ -131,13 +158,20 @@ def check_request(  # noqa: PLR0912 - one check per rule, in order
                 "DUPLICATE_SERIES", f"items[{index}]: {item.series} is listed twice", index=index
             )
         seen.add(item.series)
-    if task is Task.CLASSIFICATION:
+    if task is Task.CLASSIFICATION or class_names:
         if len(class_names) < 2:
             raise InvalidArgument(
-                "TOO_FEW_CLASSES", "a classification dataset needs at least two class_names"
+                "TOO_FEW_CLASSES",
+                f"a {task} dataset needs at least two class_names"
+                + (
+                    " (label 0, no segment, and one per segment)"
+                    if task is Task.SEGMENTATION
+                    else ""
+                ),
             )
         if len(set(class_names)) != len(class_names) or not all(class_names):
             raise InvalidArgument("INVALID_CLASS_NAMES", "class_names must be distinct, not empty")
+    if task is Task.CLASSIFICATION:
         for index, item in enumerate(items):
             if item.label not in class_names:
                 raise InvalidArgument(
@@ -151,6 +185,12 @@ def check_request(  # noqa: PLR0912 - one check per rule, in order
                 raise InvalidArgument(
                     "LABEL_SERIES_REQUIRED",
                     f"items[{index}].label_series must name the segmentation series",
+                    index=index,
+                )
+            if item.label_series == item.series:
+                raise InvalidArgument(
+                    "LABEL_SERIES_REQUIRED",
+                    f"items[{index}].label_series is the image series itself",
                     index=index,
                 )
     chosen = tuple(fractions) if fractions else DEFAULT_FRACTIONS
@@ -175,21 +215,20 @@ async def create(
     split_seed: str,
     creator: str,
     description: str = "",
+    query: Mapping[str, Any] | None = None,
 ) -> Dataset:
     """Checks, looks up every series in ingest, splits, and stores the next version."""
     chosen = check_request(dataset_id, task, class_names, items, fractions)
     assert task is not None
+    if task is Task.SEGMENTATION and not class_names:
+        class_names = DEFAULT_SEGMENT_NAMES
     seed = split_seed or DEFAULT_SEED
     placed: list[Item] = []
     for item in items:
-        pseudonym = await probe(item.series)
-        if item.label_series:
-            label_pseudonym = await probe(SeriesName(item.label_series))
-            if label_pseudonym != pseudonym:
-                raise InvalidArgument(
-                    "LABEL_SERIES_OTHER_PATIENT",
-                    f"{item.label_series} is not of the same patient as {item.series}",
-                )
+        found = await probe(item.series)
+        pseudonym = found.pseudonym
+        if task is Task.SEGMENTATION:
+            check_pair(item, found, await probe(SeriesName(item.label_series)))
         placed.append(
             Item(
                 series=item.series,
@@ -207,16 +246,17 @@ async def create(
         )
         await conn.execute(
             """INSERT INTO datasets (dataset_id, version, task, class_names, fractions,
-                                     split_seed, description, creator)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                                     split_seed, description, creator, query)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)""",
             dataset_id,
             version,
             task.value,
-            list(class_names) if task is Task.CLASSIFICATION else [],
+            list(class_names),
             list(chosen),
             seed,
             description,
             creator,
+            json.dumps(dict(query or {})),
         )
         await conn.executemany(
             """INSERT INTO dataset_items (dataset_id, version, position, series, label,
@@ -236,8 +276,30 @@ async def create(
                 for position, item in enumerate(placed)
             ],
         )
-    found = await get(pool, f"datasets/{dataset_id}/versions/{version}")
-    return found
+    return await get(pool, f"datasets/{dataset_id}/versions/{version}")
+
+
+def check_pair(item: Item, image: Found, labels: Found) -> None:
+    """Refuses a label series of another patient, or one that does not segment the image
+    series: label slices that name instances outside it, or another number of rows and
+    columns. (Unknown shapes and slices are not compared.)"""
+    if labels.pseudonym != image.pseudonym:
+        raise InvalidArgument(
+            "LABEL_SERIES_OTHER_PATIENT",
+            f"{item.label_series} is not of the same patient as {item.series}",
+        )
+    if image.slices and labels.slices and not set(labels.slices) <= set(image.slices):
+        raise InvalidArgument(
+            "LABEL_SERIES_MISMATCH",
+            f"{item.label_series} does not segment {item.series}: its label slices belong to "
+            "other instances",
+        )
+    if image.shape[1:3] and labels.shape[1:3] and image.shape[1:3] != labels.shape[1:3]:
+        raise InvalidArgument(
+            "LABEL_SERIES_MISMATCH",
+            f"{item.label_series} is {labels.shape[1]}x{labels.shape[2]} where {item.series} "
+            f"is {image.shape[1]}x{image.shape[2]} (rows x columns)",
+        )
 
 
 async def get(pool: asyncpg.Pool, name: str, *, with_items: bool = True) -> Dataset:
@@ -306,4 +368,5 @@ def _dataset(
         create_time=row["create_time"],
         description=row["description"],
         counts=(names.count("train"), names.count("validation"), names.count("test")),
+        query=MappingProxyType(json.loads(row["query"])),
     )

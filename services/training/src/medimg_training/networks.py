@@ -27,3 +27,15 @@ def output_channels(
         # Small enough for any node: the channel count does not depend on the size.
         out = model(torch.zeros(1, channels, *(min(size, 128) for size in image_size)))
     return int(out.shape[1])
+
+
+def output_shape(
+    model: torch.nn.Module, arguments: Mapping[str, Any], image_size: Sequence[int]
+) -> tuple[int, ...]:
+    """The shape of the network's output for one image of `image_size`, batch axis left out
+    (a segmenter's output must lie on its input's grid, so the real size is used)."""
+    channels = int(arguments.get("in_channels", 1))
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, channels, *image_size))
+    return tuple(int(size) for size in out.shape[1:])

@@ -240,14 +240,21 @@ class Runner:
     async def _config(self, job: Job) -> dict[str, Any]:
         dataset = await datasets.get(self._pool, job.spec["dataset"])
         classes = list(dataset.class_names)
+        segmenting = dataset.task is datasets.Task.SEGMENTATION
         return {
             "job_id": job.job_id,
             "spec": job.spec,
             "dataset": dataset.name,
+            "task": str(dataset.task),
             "class_names": classes,
             # Series names, labels and splits only: the workers need no pseudonym.
             "items": [
-                {"series": i.series, "label_index": classes.index(i.label), "split": str(i.split)}
+                {"series": i.series, "split": str(i.split)}
+                | (
+                    {"label_series": i.label_series}
+                    if segmenting
+                    else {"label_index": classes.index(i.label)}
+                )
                 for i in dataset.items
             ],
             "network_arguments": specs.network_arguments(job.spec, dataset),

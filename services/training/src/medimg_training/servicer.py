@@ -9,21 +9,18 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-import grpc
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, json_format
 
-from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
-from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg.training.v1 import training_service_pb2 as pb
 from medimg.training.v1 import training_service_pb2_grpc as pb_grpc
-from medimg_core import calls, deadlines, pagination, timestamps
+from medimg_core import calls, pagination, timestamps
 from medimg_core.audit import Access, Action, AuditClient, Kind
 from medimg_core.calls import Context
-from medimg_core.errors import InvalidArgument, NotFound, Unavailable
+from medimg_core.errors import InvalidArgument
 from medimg_core.identity import Role
-from medimg_training import datasets, jobs, progress, registry, specs
-from medimg_training.datasets import Pseudonym, SeriesName, Task
+from medimg_training import datasets, jobs, progress, query, registry, specs
+from medimg_training.datasets import SeriesName, Task
 from medimg_training.jobs import State
 from medimg_training.runner import Runner
 from medimg_training.settings import TrainingSettings
@@ -70,7 +67,7 @@ def who() -> str:
 
 
 def _dataset(found: datasets.Dataset) -> pb.Dataset:
-    return pb.Dataset(
+    message = pb.Dataset(
         name=found.name,
         version=found.version,
         task=next(k for k, v in _TASKS.items() if v is found.task),
@@ -93,6 +90,20 @@ def _dataset(found: datasets.Dataset) -> pb.Dataset:
         creator=found.creator,
         create_time=timestamps.to_proto(found.create_time),
         description=found.description,
+    )
+    if found.query:  # made from a query: the query and rule it was made by
+        json_format.ParseDict(dict(found.query["query"]), message.query)
+        json_format.ParseDict(dict(found.query["label_rule"]), message.label_rule)
+    return message
+
+
+def _query(given: pb.DatasetQuery) -> query.Query:
+    return query.Query(
+        modalities=tuple(given.modalities),
+        study_date=given.study_date,
+        body_part_examined=given.body_part_examined,
+        series_description=given.series_description,
+        patient_pseudonyms=tuple(given.patient_pseudonyms),
     )
 
 
@@ -169,38 +180,6 @@ def _position(token: str, *keys: str) -> dict[str, Any] | None:
     return pagination.decode_token(token, *keys)
 
 
-class IngestProbe:
-    """Looks series up through ingest's GetSeriesPixels: the volume header only."""
-
-    def __init__(self, channel: grpc.aio.Channel, default_deadline: float) -> None:
-        self._stub = ingest_grpc.IngestServiceStub(channel)
-        self._deadline = default_deadline
-
-    async def __call__(self, series: SeriesName) -> Pseudonym:
-        call = self._stub.GetSeriesPixels(
-            ingest_pb.GetSeriesPixelsRequest(name=series),
-            timeout=deadlines.timeout(self._deadline),
-        )
-        try:
-            async for message in call:
-                return Pseudonym(message.header.patient_pseudonym)
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(
-                    "SERIES_NOT_FOUND", f"{series} is not in ingest's index", series=series
-                ) from error
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(
-                    "INVALID_SERIES", f"ingest refused {series}: {error.details()}"
-                ) from error
-            raise Unavailable(
-                "INGEST_UNAVAILABLE", f"ingest could not be asked about {series}"
-            ) from error
-        finally:
-            call.cancel()  # the header is all that is needed
-        raise Unavailable("INGEST_UNAVAILABLE", f"ingest sent no volume for {series}")
-
-
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def __init__(
         self,
@@ -210,6 +189,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         audit: AuditClient,
         runner: Runner,
         probe: datasets.Probe,
+        index: query.Index,
         settings: TrainingSettings,
         executor: Executor,
         gpus: int,
@@ -219,6 +199,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self._audit = audit
         self._runner = runner
         self._probe = probe
+        self._index = index
         self._settings = settings
         self._executor = executor
         self._gpus = gpus
@@ -231,19 +212,34 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         if given.HasField("split_fractions"):
             f = given.split_fractions
             fractions = (f.train, f.validation, f.test)
+        task = _TASKS.get(given.task)
+        class_names = list(given.class_names)
+        items = [datasets.Item(SeriesName(i.series), i.label, i.label_series) for i in given.items]
+        probe = query.memoized(self._probe)
+        stored: dict[str, Any] | None = None
+        if given.HasField("query"):
+            if given.items:
+                raise InvalidArgument("ITEMS_AND_QUERY", "give either items or a query, not both")
+            datasets.check_id(request.dataset_id)  # before ingest is asked anything
+            wanted, attribute = _query(given.query), given.label_rule.attribute
+            items, names = await query.resolve(
+                self._index, probe, wanted, attribute=attribute, task=task, class_names=class_names
+            )
+            class_names, stored = list(names), query.stored(wanted, attribute)
+        elif given.HasField("label_rule"):
+            raise InvalidArgument("QUERY_REQUIRED", "a label_rule labels what a query finds")
         created = await datasets.create(
             self._pool,
-            self._probe,
+            probe,
             dataset_id=request.dataset_id,
-            task=_TASKS.get(given.task),
-            class_names=list(given.class_names),
-            items=[
-                datasets.Item(SeriesName(i.series), i.label, i.label_series) for i in given.items
-            ],
+            task=task,
+            class_names=class_names,
+            items=items,
             fractions=fractions,
             split_seed=given.split_seed,
             creator=who(),
             description=given.description,
+            query=stored,
         )
         await self._audit.report([Access(Action.ACTION_CREATE, created.name)])
         return _dataset(created)

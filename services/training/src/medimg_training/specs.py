@@ -3,8 +3,8 @@
 A spec is plain JSON (as stored with the job and handed to the workers); the servicer
 turns the proto into it. `check` refuses with a specific reason anything that could only
 fail later in a worker: an unknown network or loss, arguments the network rejects, a
-class count that does not match the dataset, an empty training split, resources this
-node does not have.
+class (or label) count that does not match the dataset, a segmenter whose output is not on
+its input's grid, an empty training split, resources this node does not have.
 """
 
 from __future__ import annotations
@@ -61,11 +61,15 @@ def network_arguments(spec: Mapping[str, Any], dataset: Dataset) -> dict[str, An
     arguments: dict[str, Any] = {
         "spatial_dims": len(spec["image_size"]),
         "in_channels": 1,
-        "out_channels": len(dataset.class_names) if dataset.task is Task.CLASSIFICATION else 2,
+        "out_channels": len(dataset.class_names),
     }
     name = spec["network"]["name"]
     if name == "UNet":
         arguments.update(channels=[8, 16, 32], strides=[2, 2], num_res_units=1)
+    if name == "AttentionUnet":
+        arguments.update(channels=[8, 16, 32], strides=[2, 2])
+    if name == "SegResNet":
+        arguments.update(init_filters=8, blocks_down=[1, 1, 1], blocks_up=[1, 1])
     if name == "DenseNet":
         arguments.update(init_features=8, growth_rate=8, block_config=[2, 2])
     if name == "ResNet":
@@ -99,10 +103,6 @@ def check(  # noqa: PLR0912 - one check per rule, in order
         raise InvalidArgument(
             "UNKNOWN_NETWORK",
             f"network {network!r} is not one of {', '.join(known)} (for {dataset.task})",
-        )
-    if dataset.task is Task.SEGMENTATION:
-        raise InvalidArgument(
-            "TASK_NOT_SUPPORTED", "training on segmentation datasets is not supported yet"
         )
     if spec["loss"] not in LOSSES[dataset.task]:
         raise InvalidArgument(
@@ -168,10 +168,33 @@ def check_network(spec: Spec, dataset: Dataset) -> None:
             "INVALID_NETWORK_ARGUMENTS",
             f"{spec['network']['name']} refused its arguments: {type(error).__name__}: {error}",
         ) from error
-    outputs = networks.output_channels(model, arguments, spec["image_size"])
-    if dataset.task is Task.CLASSIFICATION and outputs != len(dataset.class_names):
+    size = spec["image_size"]
+    if dataset.task is Task.CLASSIFICATION:
+        outputs = networks.output_channels(model, arguments, size)
+        if outputs != len(dataset.class_names):
+            raise InvalidArgument(
+                "WRONG_LABEL_COUNT",
+                f"the network has {outputs} outputs but {dataset.name} has "
+                f"{len(dataset.class_names)} classes",
+            )
+        return
+    try:
+        shape = networks.output_shape(model, arguments, size)
+    except Exception as error:  # e.g. a size the strides cannot halve: the network's words
+        raise InvalidArgument(
+            "INVALID_IMAGE_SIZE",
+            f"{spec['network']['name']} cannot segment an image of size {size}: "
+            f"{type(error).__name__}: {error}",
+        ) from error
+    if shape[0] != len(dataset.class_names):
         raise InvalidArgument(
             "WRONG_LABEL_COUNT",
-            f"the network has {outputs} outputs but {dataset.name} has "
-            f"{len(dataset.class_names)} classes",
+            f"the network has {shape[0]} output channels but {dataset.name} has "
+            f"{len(dataset.class_names)} labels ({', '.join(dataset.class_names)})",
+        )
+    if list(shape[1:]) != list(size):
+        raise InvalidArgument(
+            "INVALID_IMAGE_SIZE",
+            f"{spec['network']['name']} turns an image of size {size} into a label map of "
+            f"size {list(shape[1:])}: choose sizes its strides divide",
         )

@@ -9,9 +9,13 @@ inference service loads (see `bundle`). A failure writes `error-rank<N>.json` (t
 type and message; never pixels or pseudonyms) before the process exits non-zero.
 
 Images: each series is a float32 volume (slices, rows, columns[, samples]) in modality
-units; a 2D network sees its middle slice, samples averaged, as one channel (1, rows,
-columns); a 3D network sees the whole volume (1, slices, rows, columns). Both are scaled
-to [0, 1] per image (MONAI `ScaleIntensity`) and resized to `spec.image_size`.
+units, samples averaged into one channel. Networks see it in MONAI's axis order, as the
+inference service hands it to them: a 3D network the whole volume (1, columns, rows,
+slices), a 2D network slices (1, columns, rows). A classifier learns from the middle
+slice (2D); a segmenter from every slice (2D), its labels the SEG's label volume that
+ingest serves on the image's grid, matched slice by slice through the SOP Instance UIDs
+of both headers. Images are scaled to [0, 1] per image (MONAI `ScaleIntensity`) and
+resized to `spec.image_size` (labels by nearest neighbour).
 """
 
 from __future__ import annotations
@@ -43,8 +47,24 @@ def cache_path(cache_dir: Path, series: str) -> Path:
     return cache_dir / f"{hashlib.sha256(series.encode()).hexdigest()[:40]}.npy"
 
 
+def slices_path(cache_dir: Path, series: str) -> Path:
+    """Beside a cached volume: the (de-identified) SOP Instance UID of each slice."""
+    return cache_path(cache_dir, series).with_suffix(".slices.json")
+
+
+def fetch_with_slices(config: Config, series: str) -> tuple[Volume, list[str]]:
+    """The series' volume and the SOP Instance UID of each of its slices."""
+    path = slices_path(Path(config["cache_dir"]), series)
+    if not path.is_file():
+        cache_path(Path(config["cache_dir"]), series).unlink(missing_ok=True)
+    volume = fetch(config, series)
+    slices = json.loads(path.read_text())
+    return volume, [str(uid) for uid in slices]
+
+
 def fetch(config: Config, series: str) -> Volume:
-    """The series' volume, from the cache or else from ingest (then cached)."""
+    """The series' volume, from the cache or else from ingest (then cached, with the UIDs
+    of its slices)."""
     import grpc
 
     from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
@@ -71,6 +91,7 @@ def fetch(config: Config, series: str) -> Volume:
         raise RuntimeError(f"ingest sent no volume header for {series}")
     volume = np.frombuffer(b"".join(chunks), dtype="<f4").reshape(tuple(header.shape))
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(slices_path(path.parent, series), list(header.sop_instance_uids))
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     with partial.open("wb") as out:
         np.save(out, volume)
@@ -79,12 +100,59 @@ def fetch(config: Config, series: str) -> Volume:
 
 
 def to_image(volume: Volume, spatial_dims: int) -> Volume:
-    """(1, rows, columns) or (1, slices, rows, columns) from a (slices, rows, columns[, samples])
-    volume; see the module docstring."""
+    """(1, columns, rows) of the middle slice, or (1, columns, rows, slices), from a
+    (slices, rows, columns[, samples]) volume; see the module docstring."""
     array = volume.mean(axis=-1) if volume.ndim == 4 else volume
     if spatial_dims == 2:
-        array = array[array.shape[0] // 2]
-    return np.ascontiguousarray(array[None], dtype=np.float32)
+        return np.ascontiguousarray(array[array.shape[0] // 2].T[None], dtype=np.float32)
+    return np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)
+
+
+def to_slices(volume: Volume) -> list[Volume]:
+    """Each slice as (1, columns, rows), from a (slices, rows, columns[, samples]) volume."""
+    array = volume.mean(axis=-1) if volume.ndim == 4 else volume
+    return [np.ascontiguousarray(plane.T[None], dtype=np.float32) for plane in array]
+
+
+def labels_on_image(
+    labels: Volume, label_slices: Sequence[str], image: Volume, image_slices: Sequence[str]
+) -> Volume:
+    """The label volume on the image's slices, matched by SOP Instance UID: (slices, rows,
+    columns) like the image, 0 on slices the labels do not cover."""
+    where = {uid: k for k, uid in enumerate(label_slices)}
+    if not set(where) <= set(image_slices) or labels.shape[1:3] != image.shape[1:3]:
+        raise ValueError(
+            "the label series does not segment its image series: its slices name other "
+            "instances, or differ in rows and columns"
+        )
+    placed = np.zeros(image.shape[:3], dtype=np.float32)
+    for k, uid in enumerate(image_slices):
+        if uid in where:
+            placed[k] = labels[where[uid]]
+    return placed
+
+
+def segmentation_records(
+    config: Config, item: Mapping[str, Any], spatial_dims: int, group: int
+) -> list[dict[str, Any]]:
+    """The (image, label) records of one item: one per slice (2D) or the volume (3D), each
+    with the item's `group` (validation measures Dice per volume)."""
+    image, image_slices = fetch_with_slices(config, item["series"])
+    labels, label_slices = fetch_with_slices(config, item["label_series"])
+    placed = labels_on_image(labels, label_slices, image, image_slices)
+    classes = len(config["class_names"])
+    highest = int(placed.max(initial=0))
+    if highest >= classes or placed.min(initial=0) < 0:
+        raise ValueError(
+            f"a label series holds label {highest}, but the dataset names {classes} labels "
+            f"(0 to {classes - 1}): give the dataset one class name per segment number"
+        )
+    if spatial_dims == 3:
+        return [{"image": to_image(image, 3), "label": to_image(placed, 3), "group": group}]
+    return [
+        {"image": picture, "label": label, "group": group}
+        for picture, label in zip(to_slices(image), to_slices(placed), strict=True)
+    ]
 
 
 # Training ----------------------------------------------------------------------------
@@ -155,18 +223,26 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
     gpus = int(spec["resources"]["gpus"])
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if gpus else "cpu")
 
+    segmenting = config.get("task") == "segmentation"
+
     def records(split: str) -> list[dict[str, Any]]:
+        chosen = [item for item in config["items"] if item["split"] == split]
+        if segmenting:
+            dims = len(image_size)
+            return [record for group, item in enumerate(chosen)
+                    for record in segmentation_records(config, item, dims, group)]  # fmt: skip
         return [
             {"image": to_image(fetch(config, item["series"]), len(image_size)),
              "label": item["label_index"]}
-            for item in config["items"] if item["split"] == split
+            for item in chosen
         ]  # fmt: skip
 
+    keys = ["image", "label"] if segmenting else ["image"]
     transform = Compose(
         [
             ScaleIntensityd(keys="image", minv=0.0, maxv=1.0),
-            Resized(keys="image", spatial_size=image_size),
-            EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+            Resized(keys=keys, spatial_size=image_size, mode=["area", "nearest"][: len(keys)]),
+            EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
         ]
     )
     train_set = CacheDataset(records("train"), transform, cache_rate=1.0, progress=False)
@@ -212,7 +288,7 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if gpus else None
         )
-    loss_function = torch.nn.CrossEntropyLoss()
+    loss_function = loss_of(spec["loss"])
     amp = bool(spec["mixed_precision"])
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
@@ -251,7 +327,8 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
             if step >= total_steps:
                 break
             images = batch["image"].to(device)
-            labels = torch.as_tensor(batch["label"]).long().to(device)
+            labels = torch.as_tensor(batch["label"]).to(device)
+            labels = labels if segmenting else labels.long()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 loss = loss_function(model(images), labels)
@@ -279,12 +356,62 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
             if every and step % every == 0:
                 save()
         if rank == 0:
-            metrics = validate(core, validation_set, device, len(config["class_names"]))
+            measure = validate_segmentation if segmenting else validate
+            metrics = measure(core, validation_set, device, len(config["class_names"]))
             reporter.report({**latest, "metrics": metrics})
         if world > 1:
             dist.barrier()
         if not every:
             save()
+    return metrics
+
+
+def loss_of(name: str) -> Any:
+    """The loss of the spec: on logits, against class indices (classification) or a label
+    map of one channel (segmentation, one-hot and softmax inside the loss)."""
+    import torch
+    from monai.losses.dice import DiceCELoss, DiceLoss
+
+    if name == "DiceLoss":
+        return DiceLoss(to_onehot_y=True, softmax=True)
+    if name == "DiceCELoss":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    return torch.nn.CrossEntropyLoss()
+
+
+def validate_segmentation(model: Any, dataset: Any, device: Any, classes: int) -> dict[str, float]:
+    """Dice over the validation split (MONAI `DiceMetric`, labels other than 0), per volume
+    (a 2D network's slices are stacked back into theirs) and averaged: `dice`, and with
+    several labels `dice_<label>` per label. Empty if there is nothing to measure."""
+    import torch
+    from monai.metrics.meandice import DiceMetric
+
+    if len(dataset) == 0:
+        return {}
+    model.eval()
+    groups: dict[int, tuple[list[Any], list[Any]]] = {}
+    with torch.no_grad():
+        for record in dataset:
+            logits = model(record["image"][None].to(device))
+            predicted, truth = groups.setdefault(int(record["group"]), ([], []))
+            predicted.append(logits.float().argmax(dim=1, keepdim=True).cpu())
+            truth.append(record["label"][None].cpu())
+    model.train()
+    metric = DiceMetric(include_background=False, reduction="mean_batch", num_classes=classes)
+    for predicted, truth in groups.values():
+        if len(predicted) > 1:  # a 2D network's slices, stacked back into their volume
+            metric(y_pred=torch.stack(predicted, dim=-1), y=torch.stack(truth, dim=-1))
+        else:
+            metric(y_pred=predicted[0], y=truth[0])
+    per_label = metric.aggregate()
+    assert isinstance(per_label, torch.Tensor)
+    values = [float(v) for v in per_label.reshape(-1)]
+    found = [v for v in values if math.isfinite(v)]
+    if not found:
+        return {}
+    metrics = {"dice": sum(found) / len(found)}
+    if len(values) > 1:
+        metrics.update({f"dice_{k + 1}": v for k, v in enumerate(values) if math.isfinite(v)})
     return metrics
 
 
@@ -337,6 +464,8 @@ def run(config_path: Path) -> None:
         if rank == 0:
             for item in config["items"]:
                 fetch(config, item["series"])
+                if item.get("label_series"):
+                    fetch(config, item["label_series"])
         if distributed:
             dist.barrier()
         metrics = train(config, rank, world)
@@ -345,6 +474,10 @@ def run(config_path: Path) -> None:
 
             bundle.export(config, job_dir / "bundle", metrics)
             _write_json(job_dir / "result.json", {"metrics": metrics})
+        if distributed:
+            # No rank tears the group down while another still works in it: gloo can abort
+            # a process whose peer is still connected (seen under load).
+            dist.barrier()
     except BaseException as error:
         _write_json(
             job_dir / f"error-rank{rank}.json",

@@ -1,0 +1,319 @@
+"""DICOM Segmentation (SEG) objects of stored series, built with highdicom: a label map on a
+series' volume grid in, the Part 10 bytes of a SEG out, for the pipeline to store.
+
+The SEG is made from the stored, de-identified source instances: it copies their patient and
+study attributes (pseudonyms, shifted dates) and references their stored UIDs, so it carries
+nothing the sources do not, and the pipeline stores it without de-identifying it again. Its
+own dates are the source's (a creation date of today would tell how far the source's dates
+were shifted), and its UIDs derive from the source series, the algorithm and the content, so
+the same segmentation built twice gives the same bytes: a retry is a duplicate, not a second
+SEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import highdicom
+import numpy
+import numpy.typing
+import pydicom
+from highdicom.spatial import get_image_coordinate_system
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from medimg_core.errors import FailedPrecondition, InvalidArgument
+from medimg_ingest import pixels, volumes
+from medimg_ingest.deid import values
+
+LabelMap = numpy.typing.NDArray[numpy.unsignedinteger[Any]]
+
+#: The voxel types a label map may come in (little endian), by name.
+VOXEL_TYPES: dict[str, numpy.dtype[Any]] = {
+    "uint8": numpy.dtype("<u1"),
+    "uint16": numpy.dtype("<u2"),
+}
+#: DICOM LO, the VR of segment labels and the algorithm's name and version.
+MAX_TEXT = 64
+#: The coding scheme of segment types named by the model only (PS3.16 8.2: a private
+#: scheme designator starts with 99).
+LOCAL_SCHEME = "99MEDIMG"
+MANUFACTURER = "medimg"
+MANUFACTURER_MODEL_NAME = "medimg-ingest"
+SOFTWARE_VERSION = "1"
+#: The SEG series sorts after the source's in series lists.
+SERIES_NUMBER_OFFSET = 1000
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
+#: What the de-identification marked on the source, which highdicom does not copy.
+_DEID_MARKS = ("DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified")
+#: Where the SEG's content date and time come from, first found first.
+_DATES = (
+    ("ContentDate", "ContentTime"),
+    ("SeriesDate", "SeriesTime"),
+    ("AcquisitionDate", "AcquisitionTime"),
+    ("StudyDate", "StudyTime"),
+)
+#: highdicom warns when a Patient's Name has one component, as pseudonyms do; the warning
+#: quotes the name, and under warnings-as-errors it would fail the build.
+_PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
+
+
+@dataclass(frozen=True)
+class SegmentationSpec:
+    """What a caller asks to store: a label map of `shape` (slices, rows, columns) on the
+    volume grid of series `series_uid` (slices in the order GetSeriesPixels serves them),
+    labels of `dtype`, label k (from 1) being segment `segment_labels[k - 1]`."""
+
+    study_uid: str
+    series_uid: str
+    shape: tuple[int, int, int]
+    dtype: numpy.dtype[Any]
+    segment_labels: tuple[str, ...]
+    algorithm_name: str
+    algorithm_version: str
+
+    @property
+    def series_name(self) -> str:
+        return f"studies/{self.study_uid}/series/{self.series_uid}"
+
+    @property
+    def size_bytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2] * self.dtype.itemsize
+
+
+def check_spec(
+    *,
+    source_series: str,
+    shape: Sequence[int],
+    voxel_type: str | None,
+    segment_labels: Sequence[str],
+    algorithm_name: str,
+    algorithm_version: str,
+    max_bytes: int,
+) -> SegmentationSpec:
+    """The request as a spec, or INVALID_ARGUMENT saying what is wrong with it. `voxel_type`
+    is a key of VOXEL_TYPES (None: not given)."""
+    parts = source_series.split("/")
+    if (
+        len(parts) != 4
+        or parts[0] != "studies"
+        or parts[2] != "series"
+        or not all(_UID.fullmatch(uid) for uid in parts[1::2])
+    ):
+        raise InvalidArgument(
+            "INVALID_NAME", "source_series must look like studies/{study}/series/{series}"
+        )
+    if len(shape) != 3 or any(size < 1 for size in shape):
+        raise InvalidArgument(
+            "INVALID_SHAPE",
+            f"shape must be 3 positive sizes (slices, rows, columns), not {list(shape)[:8]}",
+        )
+    if voxel_type not in VOXEL_TYPES:
+        raise InvalidArgument("INVALID_VOXEL_TYPE", "voxel_type must be UINT8 or UINT16")
+    dtype = VOXEL_TYPES[voxel_type]
+    if not segment_labels:
+        raise InvalidArgument(
+            "SEGMENT_LABELS_REQUIRED",
+            "name at least one segment: segment_labels[k - 1] names label k; 0 is background",
+        )
+    if len(segment_labels) > numpy.iinfo(dtype).max:
+        raise InvalidArgument(
+            "TOO_MANY_SEGMENTS",
+            f"{len(segment_labels)} segments do not fit labels of {voxel_type}",
+        )
+    for index, label in enumerate(segment_labels):
+        _check_text(label, "segment_labels", "INVALID_SEGMENT_LABEL", index=index)
+    _check_text(algorithm_name, "algorithm_name", "INVALID_ALGORITHM")
+    _check_text(algorithm_version, "algorithm_version", "INVALID_ALGORITHM")
+    spec = SegmentationSpec(
+        study_uid=parts[1],
+        series_uid=parts[3],
+        shape=(int(shape[0]), int(shape[1]), int(shape[2])),
+        dtype=dtype,
+        segment_labels=tuple(segment_labels),
+        algorithm_name=algorithm_name,
+        algorithm_version=algorithm_version,
+    )
+    if spec.size_bytes > max_bytes:
+        raise InvalidArgument(
+            "LABEL_MAP_TOO_LARGE",
+            f"the label map holds {spec.size_bytes} bytes; this service takes {max_bytes}",
+            limit=max_bytes,
+        )
+    return spec
+
+
+def _check_text(text: str, field: str, reason: str, **where: int) -> None:
+    position = f"[{where['index']}]" if where else ""
+    if not text.strip() or len(text) > MAX_TEXT or "\\" in text or not text.isprintable():
+        raise InvalidArgument(
+            reason,
+            f"{field}{position} must be 1 to {MAX_TEXT} printable characters, without a backslash",
+            field=field,
+            **where,
+        )
+
+
+def label_map(spec: SegmentationSpec, data: bytes) -> LabelMap:
+    """The label map in `data`; INVALID_ARGUMENT LABEL_MAP_SIZE_MISMATCH unless it holds
+    exactly what the spec says, LABEL_OUT_OF_RANGE for a label no segment is named for."""
+    if len(data) != spec.size_bytes:
+        raise InvalidArgument(
+            "LABEL_MAP_SIZE_MISMATCH",
+            f"the label map holds {len(data)} bytes; shape {list(spec.shape)} of "
+            f"{spec.dtype.name} needs {spec.size_bytes}",
+        )
+    labels: LabelMap = numpy.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+    highest = int(labels.max())
+    if highest > len(spec.segment_labels):
+        raise InvalidArgument(
+            "LABEL_OUT_OF_RANGE",
+            f"the label map holds label {highest}, but only {len(spec.segment_labels)} "
+            "segment(s) are named",
+            label=highest,
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class BuiltSegmentation:
+    """A SEG as Part 10 bytes, with the UIDs it was given."""
+
+    data: bytes
+    series_uid: str
+    sop_instance_uid: str
+
+
+def build(
+    spec: SegmentationSpec, labels: LabelMap, sources: Sequence[pydicom.Dataset]
+) -> BuiltSegmentation:
+    """The SEG of `labels` over the stored instances of the spec's series (`sources`, in any
+    order): BINARY, AUTOMATIC segments by the spec's algorithm, one frame per source
+    instance and segment that has any of it, each referencing its source instance, in
+    spatial order along the slice normal (highdicom's: from the last slice of the label map
+    to the first). Refused: a label map whose shape is not
+    the series' volume grid (INVALID_ARGUMENT LABEL_MAP_SHAPE_MISMATCH), and series whose
+    instances are not single-frame images placed in the patient (FAILED_PRECONDITION
+    SEGMENTATION_SOURCE_UNSUPPORTED)."""
+    # The grid inference segmented: the volume GetSeriesPixels serves, slice by slice.
+    volume = volumes.series_volume(sources)
+    grid = tuple(volume.array.shape[:3])
+    if labels.shape != grid:
+        raise InvalidArgument(
+            "LABEL_MAP_SHAPE_MISMATCH",
+            f"the label map is {list(labels.shape)}; the volume of {spec.series_name} is "
+            f"{list(grid)} (slices, rows, columns)",
+        )
+    _check_sources(sources)
+    by_uid = {str(source.SOPInstanceUID): source for source in sources}
+    ordered = [by_uid[uid] for uid in volume.sop_instance_uids]
+    content = hashlib.sha256(labels.astype("<u2").tobytes())
+    content.update("\\".join(spec.segment_labels).encode())
+    series_uid = _uid(spec.series_uid, spec.algorithm_name, spec.algorithm_version)
+    sop_instance_uid = _uid(series_uid, str(spec.shape), content.hexdigest())
+    algorithm = highdicom.AlgorithmIdentificationSequence(
+        name=spec.algorithm_name,
+        version=spec.algorithm_version,
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+    segments = [
+        highdicom.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=codes.SCT.Tissue,
+            # The model names its labels without a code: a code of our own scheme.
+            segmented_property_type=highdicom.sr.CodedConcept(label, LOCAL_SCHEME, label),
+            algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, label in enumerate(spec.segment_labels, start=1)
+    ]
+    description = f"{spec.algorithm_name} {spec.algorithm_version}"[:MAX_TEXT]
+    source_number = _integer(ordered[0], "SeriesNumber")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _PERSON_NAME_WARNING, UserWarning)
+        segmentation = highdicom.seg.Segmentation(
+            source_images=ordered,
+            pixel_array=labels,
+            segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=segments,
+            series_instance_uid=series_uid,
+            series_number=source_number + SERIES_NUMBER_OFFSET,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+            software_versions=SOFTWARE_VERSION,
+            device_serial_number=MANUFACTURER_MODEL_NAME,
+            content_label="SEGMENTATION",
+            content_description=description,
+            series_description=description,
+        )
+    _settle(segmentation, ordered[0], sop_instance_uid)
+    out = BytesIO()
+    segmentation.save_as(out, enforce_file_format=True)
+    return BuiltSegmentation(out.getvalue(), series_uid, sop_instance_uid)
+
+
+def _check_sources(sources: Sequence[pydicom.Dataset]) -> None:
+    for source in sources:
+        if pixels.frame_count(source) > 1:
+            raise _unsupported("its instances are multi-frame images")
+        if get_image_coordinate_system(source) is not highdicom.CoordinateSystemNames.PATIENT:
+            raise _unsupported(
+                "its images have no position in the patient (Frame of Reference UID and Image "
+                "Position (Patient))"
+            )
+
+
+def _unsupported(why: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        "SEGMENTATION_SOURCE_UNSUPPORTED",
+        f"no DICOM SEG can be built on this series: {why}; a SEG needs single-frame images "
+        "placed in the patient",
+    )
+
+
+def _uid(*parts: str) -> str:
+    """A UID that only these parts give (their hash under pydicom's UID root)."""
+    return str(generate_uid(entropy_srcs=list(parts)))
+
+
+def _integer(dataset: pydicom.Dataset, keyword: str) -> int:
+    try:
+        return max(int(str(dataset.get(keyword, 0) or 0)), 0)
+    except ValueError:
+        return 0
+
+
+def _settle(segmentation: pydicom.Dataset, source: pydicom.Dataset, sop_uid: str) -> None:
+    """Makes what highdicom stamps with the time of day or at random follow from the source
+    and the content, and carries the source's de-identification marks over."""
+    for date_keyword, time_keyword in _DATES:
+        if source.get(date_keyword):
+            date, time = str(source.get(date_keyword)), str(source.get(time_keyword) or "")
+            break
+    else:  # the policy kept no date: the dummy the de-identification writes for one
+        date, time = values.dummy("DA"), values.dummy("TM")
+    segmentation.ContentDate, segmentation.ContentTime = date, time or values.dummy("TM")
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in segmentation:
+            delattr(segmentation, keyword)
+    for item in segmentation.get("ContributingEquipmentSequence") or []:
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    dimensions = _uid(sop_uid, "dimension organization")
+    for item in (
+        *(segmentation.get("DimensionOrganizationSequence") or []),
+        *(segmentation.get("DimensionIndexSequence") or []),
+    ):
+        item.DimensionOrganizationUID = dimensions
+    for keyword in _DEID_MARKS:
+        if keyword in source and keyword not in segmentation:
+            segmentation[keyword] = source[keyword]

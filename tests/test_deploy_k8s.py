@@ -1,0 +1,440 @@
+"""deploy/k8s: every overlay renders with `kubectl kustomize`, every object is valid against
+the Kubernetes schemas (offline, kubernetes-validate), every workload has probes, limits,
+a non-root read-only security context, a PDB and network policies, no Service reaches a
+service without its sidecar, and what comes from deploy/mesh.toml has not drifted."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from medimg_cli import k8s
+from medimg_cli import mesh as meshlib
+from medimg_cli.pki import ensure_pki
+from medimg_protos import DESCRIPTOR_SET_PATH
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("dev", "prod")
+#: Native sidecars (init containers with restartPolicy Always) need 1.29; EKS runs newer.
+KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")
+#: Kinds no schema of kubernetes-validate covers: checked structurally below.
+CUSTOM_KINDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
+#: Secrets the manifests reference and an operator creates (docs/operations.md).
+EXTERNAL_SECRETS = {
+    "medimg-postgres",
+    "medimg-redis",
+    "ingest-keys",
+    "audit-signing-key",
+    "gateway-jwks",
+}
+WORKLOADS = ("audit", "ingest", "inference", "training", "gateway")
+
+Objects = list[dict[str, Any]]
+
+
+def kustomize(directory: Path) -> Objects:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is missing: scripts/setup.sh installs it (apt-get install kubectl)"
+    done = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def mesh() -> meshlib.Mesh:
+    return meshlib.load_mesh()
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, Objects]:
+    """Each overlay rendered once for the module."""
+    return {overlay: kustomize(K8S / "overlays" / overlay) for overlay in OVERLAYS}
+
+
+def of_kind(objects: Objects, kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+def pod_containers(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = deployment["spec"]["template"]["spec"]
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+# --- rendering and schemas --------------------------------------------------------------
+
+
+def test_every_overlay_renders_every_workload(rendered: dict[str, Objects]) -> None:
+    for overlay, objects in rendered.items():
+        assert set(of_kind(objects, "Deployment")) == set(WORKLOADS), overlay
+        # Everything lands in the namespace of the SPIFFE ids.
+        namespaced = [o for o in objects if o["kind"] != "Namespace"]
+        assert {o["metadata"].get("namespace") for o in namespaced} == {"medimg"}, overlay
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_objects_are_valid_kubernetes(
+    rendered: dict[str, Objects], overlay: str, version: str
+) -> None:
+    checked = 0
+    for obj in rendered[overlay]:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            continue
+        # strict: an unknown or misspelt field is an error, not silently dropped.
+        kubernetes_validate.validate(obj, version, strict=True)
+        checked += 1
+    assert checked > 30
+
+
+def test_the_schema_check_catches_a_misspelt_field(rendered: dict[str, Objects]) -> None:
+    deployment = copy.deepcopy(of_kind(rendered["prod"], "Deployment")["ingest"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_cert_manager_objects(rendered: dict[str, Objects], mesh: meshlib.Mesh) -> None:
+    for overlay, objects in rendered.items():
+        issuers = of_kind(objects, "Issuer")
+        certificates = of_kind(objects, "Certificate")
+        assert set(issuers[k8s.ISSUER]["spec"]) == {"ca"}, overlay
+        ca_secret = issuers[k8s.ISSUER]["spec"]["ca"]["secretName"]
+        deployments = of_kind(objects, "Deployment")
+        for workload in WORKLOADS:
+            certificate = certificates[f"{workload}-mesh"]
+            spec = certificate["spec"]
+            assert spec["uris"] == [f"spiffe://medimg.local/ns/medimg/sa/{workload}"]
+            assert spec["uris"] == [mesh.spiffe(workload)]
+            assert spec["issuerRef"] == {
+                "name": k8s.ISSUER,
+                "kind": "Issuer",
+                "group": "cert-manager.io",
+            }
+            assert {"server auth", "client auth"} <= set(spec["usages"])
+            # The pod mounts this certificate's Secret where its Envoy reads it.
+            volumes = deployments[workload]["spec"]["template"]["spec"]["volumes"]
+            secrets = {v["name"]: v.get("secret", {}).get("secretName") for v in volumes}
+            assert secrets["mesh-tls"] == spec["secretName"], workload
+            envoy = next(c for c in pod_containers(deployments[workload]) if c["name"] == "envoy")
+            mounts = {m["name"]: m["mountPath"] for m in envoy["volumeMounts"]}
+            assert mounts["mesh-tls"] == k8s.TLS_DIR
+        others = set(certificates) - {f"{w}-mesh" for w in WORKLOADS}
+        if overlay == "dev":
+            # cert-manager makes the dev CA itself, in the Secret the CA Issuer reads.
+            assert others == {ca_secret}
+            assert certificates[ca_secret]["spec"]["isCA"] is True
+            assert certificates[ca_secret]["spec"]["secretName"] == ca_secret
+            assert issuers["medimg-selfsigned"]["spec"] == {"selfSigned": {}}
+        else:
+            assert others == set(), "prod's CA comes from the organisation's PKI"
+
+
+def test_no_secret_values_are_committed(rendered: dict[str, Objects]) -> None:
+    for overlay, objects in rendered.items():
+        assert not of_kind(objects, "Secret"), overlay
+        referenced = set()
+        for deployment in of_kind(objects, "Deployment").values():
+            for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
+                if "secret" in volume:
+                    referenced.add(volume["secret"]["secretName"])
+            for container in pod_containers(deployment):
+                for variable in container.get("env", []):
+                    if "valueFrom" in variable:
+                        referenced.add(variable["valueFrom"]["secretKeyRef"]["name"])
+        tls = {k8s.tls_secret(w) for w in WORKLOADS}
+        assert referenced - tls == EXTERNAL_SECRETS, overlay
+
+
+# --- workloads ----------------------------------------------------------------------------
+
+
+def test_every_workload_is_probed_limited_non_root_and_read_only(
+    rendered: dict[str, Objects],
+) -> None:
+    for overlay, objects in rendered.items():
+        for name, deployment in of_kind(objects, "Deployment").items():
+            pod = deployment["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, name
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert pod["securityContext"]["runAsUser"] > 0
+            assert pod.get("automountServiceAccountToken") is False, name
+            assert pod["serviceAccountName"] == name
+            for container in pod_containers(deployment):
+                where = f"{overlay}/{name}/{container['name']}"
+                context = container["securityContext"]
+                assert context["readOnlyRootFilesystem"] is True, where
+                assert context["allowPrivilegeEscalation"] is False, where
+                assert context["capabilities"]["drop"] == ["ALL"], where
+                assert context.get("runAsUser", pod["securityContext"]["runAsUser"]) > 0
+                limits = container["resources"]["limits"]
+                assert {"cpu", "memory"} <= set(limits), where
+                assert {"cpu", "memory"} <= set(container["resources"]["requests"]), where
+                long_running = container["name"] != "protos"  # the gateway's one-shot copy
+                if long_running:
+                    assert "readinessProbe" in container, where
+            main = pod["containers"][-1] if name != "gateway" else pod["containers"][0]
+            assert "livenessProbe" in main and "readinessProbe" in main, name
+
+
+def test_services_are_probed_over_grpc_health_through_the_sidecar(
+    rendered: dict[str, Objects],
+) -> None:
+    for deployment in of_kind(rendered["prod"], "Deployment").values():
+        name = deployment["metadata"]["name"]
+        if name == "gateway":
+            continue
+        (service,) = deployment["spec"]["template"]["spec"]["containers"]
+        (envoy,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        assert envoy["restartPolicy"] == "Always", "Envoy is a native sidecar"
+        ports = {p["containerPort"] for p in envoy["ports"]}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert service[probe]["grpc"]["port"] == k8s.HEALTH_PORT, (name, probe)
+        assert k8s.HEALTH_PORT in ports
+
+
+def test_termination_outlasts_the_drain(rendered: dict[str, Objects]) -> None:
+    for deployment in of_kind(rendered["prod"], "Deployment").values():
+        name = deployment["metadata"]["name"]
+        if name == "gateway":
+            continue
+        pod = deployment["spec"]["template"]["spec"]
+        settings = env(pod["containers"][0])
+        prefix = f"MEDIMG_{name.upper()}_"
+        drain = float(settings[prefix + "DRAIN_DELAY_SECONDS"]) + float(
+            settings[prefix + "GRACE_SECONDS"]
+        )
+        assert pod["terminationGracePeriodSeconds"] > drain, name
+
+
+def test_each_workload_has_a_pdb_and_network_policies(rendered: dict[str, Objects]) -> None:
+    for overlay, objects in rendered.items():
+        pdbs = of_kind(objects, "PodDisruptionBudget")
+        policies = of_kind(objects, "NetworkPolicy")
+        deny = policies["default-deny"]["spec"]
+        assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}, overlay
+        for name, deployment in of_kind(objects, "Deployment").items():
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            selector = deployment["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= labels.items()
+            assert pdbs[name]["spec"]["selector"]["matchLabels"] == selector, name
+            assert pdbs[name]["spec"]["maxUnavailable"] == 1, "a drain is never blocked"
+            own = policies[f"mesh-{name}"]["spec"]
+            assert own["podSelector"]["matchLabels"] == selector
+            assert set(own["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_network_policies_allow_exactly_the_mesh_paths(
+    rendered: dict[str, Objects], mesh: meshlib.Mesh
+) -> None:
+    policies = of_kind(rendered["prod"], "NetworkPolicy")
+    scrape = {k8s.METRICS_PORT}
+    for name, spec in mesh.services.items():
+        policy = policies[f"mesh-{name}"]["spec"]
+        sources: dict[int, set[str]] = {}
+        for rule in policy["ingress"]:
+            for port in rule["ports"]:
+                for peer in rule["from"]:
+                    who = peer.get("podSelector", {}).get("matchLabels", {}).get(k8s.NAME_LABEL)
+                    sources.setdefault(port["port"], set()).add(who or "monitoring")
+        callers = {"gateway"} | {n for n, s in mesh.services.items() if name in s.upstreams}
+        assert sources == {spec.sidecar_port: callers, **{port: {"monitoring"} for port in scrape}}
+        # Outbound: only the upstreams' sidecar ports (plus DNS and the backends elsewhere).
+        egress = {
+            (rule["to"][0]["podSelector"]["matchLabels"][k8s.NAME_LABEL], rule["ports"][0]["port"])
+            for rule in policy["egress"]
+        }
+        assert egress == {(u, mesh.services[u].sidecar_port) for u in spec.upstreams}, name
+        # The service's own plaintext and metrics ports are never opened.
+        opened = set(sources)
+        assert spec.service_port not in opened and spec.metrics_port not in opened
+
+
+def test_no_service_is_reachable_without_the_mesh(
+    rendered: dict[str, Objects], mesh: meshlib.Mesh
+) -> None:
+    for overlay, objects in rendered.items():
+        deployments = of_kind(objects, "Deployment")
+        for name, service in of_kind(objects, "Service").items():
+            envoy = next(c for c in pod_containers(deployments[name]) if c["name"] == "envoy")
+            envoy_ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+            allowed = (
+                {mesh.gateway.port} if name == "gateway" else {mesh.services[name].sidecar_port}
+            )
+            for port in service["spec"]["ports"]:
+                # Every Service port lands on the Envoy's TLS (or gateway) listener.
+                assert envoy_ports[port["targetPort"]] in allowed, (overlay, name, port)
+                assert port["port"] in allowed
+            if name != "gateway":
+                assert service["spec"]["clusterIP"] == "None"
+                spec = mesh.services[name]
+                (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+                # The service itself has no container port at all: it binds 127.0.0.1.
+                assert "ports" not in container
+                assert env(container)[f"MEDIMG_{name.upper()}_PORT"] == str(spec.service_port)
+        for service in of_kind(objects, "Service").values():
+            assert service["spec"].get("type", "ClusterIP") != "NodePort"
+
+
+def test_prod_scales_3_to_20_and_inference_on_queue_time(rendered: dict[str, Objects]) -> None:
+    hpas = of_kind(rendered["prod"], "HorizontalPodAutoscaler")
+    deployments = of_kind(rendered["prod"], "Deployment")
+    assert set(hpas) == set(WORKLOADS) - {"training"}
+    for name, hpa in hpas.items():
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20), name
+        assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+    custom = [m for m in hpas["inference"]["spec"]["metrics"] if m["type"] == "Pods"]
+    assert [m["pods"]["metric"]["name"] for m in custom] == ["medimg_inference_queue_seconds"]
+    # training's workers are processes of its one pod: one replica, never two at once.
+    assert deployments["training"]["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployments["training"]["spec"]["replicas"] == 1
+
+
+def test_inference_runs_on_the_gpu_pool_in_prod_only(rendered: dict[str, Objects]) -> None:
+    prod = of_kind(rendered["prod"], "Deployment")["inference"]["spec"]["template"]["spec"]
+    assert prod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert prod["nodeSelector"] == {"medimg.io/node-pool": "gpu"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in prod[
+        "tolerations"
+    ]
+    dev = of_kind(rendered["dev"], "Deployment")["inference"]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in dev["containers"][0]["resources"]["limits"]
+    assert "nodeSelector" not in dev
+
+
+def test_training_may_run_jobs_and_nothing_more(rendered: dict[str, Objects]) -> None:
+    objects = rendered["prod"]
+    (role,) = of_kind(objects, "Role").values()
+    rules = {
+        (group, resource): sorted(rule["verbs"])
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert rules == {
+        ("batch", "jobs"): ["create", "delete", "get", "list", "watch"],
+        ("", "pods"): ["get", "list", "watch"],
+        ("", "pods/log"): ["get"],
+    }
+    (binding,) = of_kind(objects, "RoleBinding").values()
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "training", "namespace": "medimg"}
+    ]
+    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+
+
+# --- what comes from deploy/mesh.toml -----------------------------------------------------
+
+
+def test_generated_files_are_what_the_renderer_makes(mesh: meshlib.Mesh) -> None:
+    rendered = k8s.render(mesh, DESCRIPTOR_SET_PATH)
+    problems = k8s.differences(rendered, K8S / "base" / "generated")
+    assert not problems, "run `.venv/bin/medimg k8s render`: " + "; ".join(problems)
+
+
+def test_drift_is_detected(mesh: meshlib.Mesh, tmp_path: Path) -> None:
+    rendered = k8s.render(mesh, DESCRIPTOR_SET_PATH)
+    k8s.write(rendered, tmp_path)
+    assert k8s.differences(rendered, tmp_path) == []
+    config = tmp_path / "envoy" / "sidecar-ingest.json"
+    config.write_text(config.read_text().replace('"TLSv1_3"', '"TLSv1_2"', 1))
+    (tmp_path / "stale.json").write_text("{}")
+    assert k8s.differences(rendered, tmp_path) == [
+        f"differs {config}",
+        f"extra {tmp_path / 'stale.json'}",
+    ]
+
+
+def test_config_maps_carry_the_rendered_envoy_configs(
+    rendered: dict[str, Objects], mesh: meshlib.Mesh
+) -> None:
+    configs = k8s.render_envoy(mesh, DESCRIPTOR_SET_PATH)
+    maps = of_kind(rendered["prod"], "ConfigMap")
+    for deployment in of_kind(rendered["prod"], "Deployment").values():
+        name = deployment["metadata"]["name"]
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        config_map = maps[volumes["envoy-config"]["configMap"]["name"]]
+        key = "gateway" if name == "gateway" else f"sidecar-{name}"
+        assert yaml.safe_load(config_map["data"]["envoy.json"]) == configs[key]
+
+
+def test_pod_envoy_configs_listen_where_kubernetes_needs(mesh: meshlib.Mesh) -> None:
+    configs = k8s.render_envoy(mesh, DESCRIPTOR_SET_PATH)
+    for name, spec in mesh.services.items():
+        config = configs[f"sidecar-{name}"]
+        listeners = {
+            listener["name"]: listener["address"]["socket_address"]
+            for listener in config["static_resources"]["listeners"]
+        }
+        assert listeners["inbound"] == {"address": "0.0.0.0", "port_value": spec.sidecar_port}
+        assert listeners["pod_health"]["port_value"] == k8s.HEALTH_PORT
+        for upstream, port in spec.upstreams.items():
+            assert listeners[f"outbound_{upstream}"] == {"address": "127.0.0.1", "port_value": port}
+        assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+        clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+        for upstream in spec.upstreams:
+            cluster = clusters[f"outbound_{upstream}"]
+            (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            assert cluster["type"] == "STRICT_DNS"
+            assert endpoint["endpoint"]["address"]["socket_address"] == {
+                "address": f"{upstream}.medimg.svc.cluster.local",
+                "port_value": mesh.services[upstream].sidecar_port,
+            }
+        local = clusters["local_service"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        assert local["endpoint"]["address"]["socket_address"] == {
+            "address": "127.0.0.1",
+            "port_value": spec.service_port,
+        }
+        # The plaintext health port forwards Health/Check alone.
+        (health,) = [
+            listener
+            for listener in config["static_resources"]["listeners"]
+            if listener["name"] == "pod_health"
+        ]
+        routes = health["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+            "virtual_hosts"
+        ][0]["routes"]
+        assert [r["match"] for r in routes] == [
+            {"path": "/grpc.health.v1.Health/Check"},
+            {"prefix": "/"},
+        ]
+        assert routes[1]["direct_response"]["status"] == 404
+
+
+def test_pod_envoy_configs_pass_envoy_validation(mesh: meshlib.Mesh, tmp_path: Path) -> None:
+    """Envoy 1.40 (the version of the sidecar image) accepts every pod config, with the
+    mounted files replaced by a dev PKI of the same identities."""
+    pki = ensure_pki(tmp_path / "pki", mesh.trust_domain, mesh.namespace, mesh.all_identities())
+    for key, rendered in k8s.render(mesh, DESCRIPTOR_SET_PATH).files.items():
+        if not key.startswith("envoy/"):
+            continue
+        identity = Path(key).stem.removeprefix("sidecar-")
+        text = rendered
+        for mounted, local in {
+            f"{k8s.TLS_DIR}/tls.crt": pki.cert(identity),
+            f"{k8s.TLS_DIR}/tls.key": pki.key(identity),
+            f"{k8s.TLS_DIR}/ca.crt": pki.ca_cert,
+            k8s.JWKS_PATH: pki.jwks,
+            k8s.DESCRIPTOR_PATH: DESCRIPTOR_SET_PATH,
+        }.items():
+            text = text.replace(f'"{mounted}"', f'"{local}"')
+        path = tmp_path / Path(key).name
+        path.write_text(text)
+        command = [*meshlib.envoy_command(path, log_level="error"), "--mode", "validate"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+        assert done.returncode == 0, f"{key}: {done.stdout}{done.stderr}"
