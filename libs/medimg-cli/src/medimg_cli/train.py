@@ -298,11 +298,7 @@ def follow(
                 view.show(report)
                 last, lost = report, False
         except grpc.RpcError as error:
-            code: Any = error.code()
-            transient = code == grpc.StatusCode.UNAVAILABLE or (
-                lost and code == grpc.StatusCode.UNIMPLEMENTED
-            )
-            if not transient or time.monotonic() + _RETRY_SECONDS > deadline:
+            if not _transient(error, starting=lost) or time.monotonic() + _RETRY_SECONDS > deadline:
                 raise
             if not lost:
                 view.note(f"lost the progress stream ({describe(error)}); watching again")
@@ -344,11 +340,18 @@ def final_job(stub: pb_grpc.TrainingServiceStub, name: str, deadline: float) -> 
             )
             return job
         except grpc.RpcError as error:
-            code: Any = error.code()
-            transient = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
-            if not transient or time.monotonic() + _RETRY_SECONDS > deadline:
+            if not _transient(error, starting=True) or time.monotonic() + _RETRY_SECONDS > deadline:
                 raise
             time.sleep(_RETRY_SECONDS)
+
+
+def _transient(error: grpc.RpcError, *, starting: bool) -> bool:
+    """UNAVAILABLE: the service restarting, its sidecar draining. UNIMPLEMENTED, when the
+    service may be starting: it listens before its handlers are in."""
+    code: Any = error.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        starting and code == grpc.StatusCode.UNIMPLEMENTED
+    )
 
 
 def print_end(out: Console, job: pb.TrainingJob) -> None:

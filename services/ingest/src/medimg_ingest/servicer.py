@@ -10,7 +10,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import asyncpg
 import pydicom
@@ -87,6 +87,19 @@ def _after(page_token: str) -> tuple[datetime, str] | None:
 
 def _next_token(create_time: datetime, uid: str) -> str:
     return pagination.encode_token({"t": create_time.isoformat(), "s": uid})
+
+
+class _Stored(Protocol):
+    """A stored object as the index records it (an instance, a quarantined instance)."""
+
+    @property
+    def object_key(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+
+
+def _stored_header(data: bytes) -> dicom.InstanceHeader:
+    return dicom.header_of(pydicom.dcmread(io.BytesIO(data)))
 
 
 def _reason(text: str, what: str) -> str:
@@ -245,8 +258,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     ) -> httpbody_pb2.HttpBody:
         held = await self._held(request.name, Action.ACTION_READ)
         how = rendering.options("image/png", {})
-        data = await self._in_executor(self._objects.get_verified, held.object_key, held.sha256)
-        image = await self._in_executor(rendering.render, data, 1, how)
+        image = await self._on_object(held, rendering.render, 1, how)
         return httpbody_pb2.HttpBody(content_type=how.media_type, data=image)
 
     async def ReleaseQuarantinedInstance(
@@ -254,12 +266,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     ) -> pb.QuarantinedInstance:
         reason = _reason(request.reason, "what was checked before it may be served")
         held = await self._held(request.name, Action.ACTION_UPDATE, reason)
-
-        def stored_header() -> dicom.InstanceHeader:
-            data = self._objects.get_verified(held.object_key, held.sha256)
-            return dicom.header_of(pydicom.dcmread(io.BytesIO(data)))
-
-        await review.release(self._pool, held, await self._in_executor(stored_header))
+        await review.release(self._pool, held, await self._on_object(held, _stored_header))
         await self._pipeline.announce([held.instance])
         return _quarantined(held)
 
@@ -462,7 +469,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         boundary = dicomweb.new_boundary()
         yield httpbody_pb2.HttpBody(content_type=dicomweb.multipart_type(boundary, wanted))
         for position, instance in enumerate(instances):
-            data = await self._in_executor(self._read, instance, wanted)
+            data = await self._on_object(
+                instance, dicomweb.transcoded, instance.transfer_syntax, wanted
+            )
             head = dicomweb.part_head(boundary, first=position == 0)
             yield httpbody_pb2.HttpBody(data=head + data)
         yield httpbody_pb2.HttpBody(data=dicomweb.closing(boundary))
@@ -472,7 +481,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     ) -> httpbody_pb2.HttpBody:
         instances = await self._retrievable(request)
         base = _public_base(context)
-        items = [await self._in_executor(self._metadata, i, base) for i in instances]
+        items = [
+            await self._on_object(i, dicomweb.metadata, f"{base}/dicomweb/{_name(i)}")
+            for i in instances
+        ]
         return _dicom_json(json.dumps(items).encode())
 
     async def RetrieveFrames(
@@ -482,7 +494,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         (instance,) = await self._retrievable(request, f"/frames/{request.frames}")
         async with _negotiation(context):
             representation = wado.negotiate(_accept(context), instance.transfer_syntax)
-        frames = await self._in_executor(self._frames, instance, numbers, representation)
+        frames = await self._on_object(instance, wado.frames, numbers, representation)
         for message in _multipart(frames, representation):
             yield message
 
@@ -496,7 +508,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             raise InvalidArgument("INVALID_FRAME_LIST", "frames are rendered one at a time")
         suffix = f"/frames/{request.frames}/rendered" if request.frames else "/rendered"
         (instance,) = await self._retrievable(request, suffix)
-        image = await self._in_executor(self._rendered, instance, numbers[0], how)
+        image = await self._on_object(instance, rendering.render, numbers[0], how)
         return httpbody_pb2.HttpBody(content_type=how.media_type, data=image)
 
     async def RetrieveBulkdata(
@@ -505,8 +517,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         path = wado.bulk_data_path(request.attribute)
         (instance,) = await self._retrievable(request, f"/bulkdata/{path}")
         async with _negotiation(context):
-            representation, parts = await self._in_executor(
-                self._bulk_data, instance, path, _accept(context)
+            representation, parts = await self._on_object(
+                instance, wado.bulk_data, path, _accept(context)
             )
         for message in _multipart(parts, representation):
             yield message
@@ -551,34 +563,14 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             raise NotFound("NOT_FOUND", f"{name} is not in the index")
         return instances
 
-    def _read(self, instance: search.InstanceRecord, wanted: str) -> bytes:
-        data = self._objects.get_verified(instance.object_key, instance.sha256)
-        return dicomweb.transcoded(data, instance.transfer_syntax, wanted)
+    async def _on_object(self, stored: _Stored, work: Callable[..., T], *args: object) -> T:
+        """`work(the stored object's bytes, *args)` in a worker thread, the bytes checked
+        against the hash recorded when they were stored."""
 
-    def _metadata(self, instance: search.InstanceRecord, base: str) -> dict[str, object]:
-        data = self._objects.get_verified(instance.object_key, instance.sha256)
-        return dicomweb.metadata(data, f"{base}/dicomweb/{_name(instance)}")
+        def run() -> T:
+            return work(self._objects.get_verified(stored.object_key, stored.sha256), *args)
 
-    def _frames(
-        self,
-        instance: search.InstanceRecord,
-        numbers: Sequence[int],
-        representation: wado.Representation,
-    ) -> list[bytes]:
-        data = self._objects.get_verified(instance.object_key, instance.sha256)
-        return wado.frames(data, numbers, representation)
-
-    def _rendered(
-        self, instance: search.InstanceRecord, frame: int, how: rendering.Options
-    ) -> bytes:
-        data = self._objects.get_verified(instance.object_key, instance.sha256)
-        return rendering.render(data, frame, how)
-
-    def _bulk_data(
-        self, instance: search.InstanceRecord, path: str, accept: str
-    ) -> tuple[wado.Representation, list[bytes]]:
-        data = self._objects.get_verified(instance.object_key, instance.sha256)
-        return wado.bulk_data(data, path, accept)
+        return await self._in_executor(run)
 
     async def _in_executor(self, work: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
