@@ -63,7 +63,7 @@ from medimg_core import redis as medimg_redis
 from medimg_core.audit import Access
 from medimg_ingest import deid
 from medimg_ingest.identities import IdentityVault
-from medimg_ingest.objects import ObjectStore
+from medimg_ingest.objects import LocalObjectStore
 from medimg_ingest.pipeline import Outcome, Pipeline
 
 SOURCE_FILE = "693_UNCI.dcm"
@@ -208,7 +208,7 @@ async def measure(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         audit = Counted()
         pipeline = Pipeline(
             pool=running.pool,
-            objects=ObjectStore(state / "objects"),
+            objects=LocalObjectStore(state / "objects"),
             events=running.events,
             executor=running.executor,
             report=audit,

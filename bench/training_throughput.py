@@ -184,7 +184,7 @@ def bare(config_path: Path) -> dict[str, float]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from medimg_training import networks
-    from medimg_training.worker import cache_path, to_image
+    from medimg_training.worker import cache_path, network_inputs
 
     config = json.loads(config_path.read_text())
     spec = config["spec"]
@@ -201,13 +201,14 @@ def bare(config_path: Path) -> dict[str, float]:
     )
     items = [item for item in config["items"] if item["split"] == "train"]
     cache = Path(config["cache_dir"])
-    images = torch.stack(
-        [
-            transform(to_image(np.load(cache_path(cache, item["series"])), len(size)))
-            for item in items
-        ]
-    )
-    labels = torch.tensor([int(item["label_index"]) for item in items])
+    # What the worker learns from: every slice (2D) or the volume (3D), with its series' class.
+    pairs = [
+        (transform(picture), int(item["label_index"]))
+        for item in items
+        for picture in network_inputs(np.load(cache_path(cache, item["series"])), len(size))
+    ]
+    images = torch.stack([picture for picture, _ in pairs])
+    labels = torch.tensor([label for _, label in pairs])
     loader = DataLoader(
         TensorDataset(images, labels),
         batch_size=int(spec["batch_size"]),

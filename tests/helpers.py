@@ -9,8 +9,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pydicom
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -49,18 +47,6 @@ def study_of(platform: Platform, data: bytes) -> str:
     assert platform.pki is not None
     original = str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)).StudyInstanceUID)
     return replacement_uid(platform.pki.deid_key.read_bytes(), original)
-
-
-def error_reason(error: grpc.RpcError) -> str:
-    """The ErrorInfo reason of a rich gRPC error."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"no google.rpc.Status in {error}"
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            assert info.domain == "medimg.io"
-            return str(info.reason)
-    raise AssertionError(f"no ErrorInfo in {status}")
 
 
 def channel(platform: Platform, service: str, identity: str = "ops") -> grpc.Channel:

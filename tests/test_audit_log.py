@@ -15,7 +15,8 @@ from google.protobuf import timestamp_pb2
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medimg_cli.platform import Platform
-from tests.helpers import audit_log, bearer, channel, error_reason, fresh_instance, upload
+from medimg_cli.testing import error_reason
+from tests.helpers import audit_log, bearer, channel, fresh_instance, upload
 
 
 def event(platform: Platform, **fields: object) -> pb.AuditEvent:

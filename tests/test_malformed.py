@@ -12,7 +12,8 @@ from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli import demo
 from medimg_cli.platform import Platform
-from tests.helpers import bearer, channel, error_reason, fresh_instance, pydicom_file, study_of
+from medimg_cli.testing import error_reason
+from tests.helpers import bearer, channel, fresh_instance, pydicom_file, study_of
 
 
 def stored_objects(platform: Platform) -> set[str]:

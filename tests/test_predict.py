@@ -417,6 +417,44 @@ def test_a_segmentation_is_stored_as_a_seg_that_reads_back_as_the_label_map(
     assert ingest_store.method == "/medimg.ingest.v1.IngestService/StoreSegmentation"
 
 
+def test_a_segmentation_of_a_multi_frame_image_is_stored_on_its_frames(
+    platform: Platform, rest: httpx.Client, models: dict[str, object]
+) -> None:
+    # A real Enhanced CT: two 512 x 512 frames, each placed by its functional groups, stored
+    # against the slice normal (so volume slice k is not frame k + 1).
+    data = fresh_instance("eCT_Supplemental.dcm")
+    result = upload(platform, data).results[0]
+    assert result.outcome == ingest_pb.InstanceResult.OUTCOME_STORED, result.message
+    original = pydicom.dcmread(BytesIO(data))
+    volume = series_volume([original])
+    assert volume.frame_numbers == [2, 1]
+    name = result.instance.rsplit("/instances/", 1)[0]
+
+    answer = _predict(rest, platform, str(models["tissue"]), name)
+
+    assert answer.status_code == 200, answer.text
+    instance = answer.json()["segmentation"]["segmentationInstance"]
+    _, study, _, seg_series, _, seg_uid = instance.split("/")
+    client = DICOMwebClient(
+        url=f"{platform.gateway_url}/dicomweb", headers=bearer(platform, "dr-quinn", "clinician")
+    )
+    seg = highdicom.seg.Segmentation.from_dataset(
+        client.retrieve_instance(study, seg_series, seg_uid)
+    )
+    source = result.instance.rsplit("/", 1)[1]
+    references = {
+        int(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for group in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert references == {1, 2}
+    # Each source frame holds the model's labels of the volume slice it became.
+    expected = tissues(volume.array)
+    assert len(np.unique(expected)) > 1
+    for k, frame in enumerate(volume.frame_numbers):
+        mask = seg.get_pixels_by_source_frame(source, [frame], combine_segments=True)
+        np.testing.assert_array_equal(mask[0], expected[k])
+
+
 def test_a_segmentation_that_is_not_stored_fails_the_prediction_or_is_not_asked_for(
     platform: Platform,
     rest: httpx.Client,

@@ -16,6 +16,7 @@ from medimg_cli.platform import Platform
 from tests.helpers import audit_log, bearer, fresh_instance, study_of, upload
 
 QUARANTINED = ingest_pb.InstanceResult.OUTCOME_QUARANTINED
+DUPLICATE = ingest_pb.InstanceResult.OUTCOME_DUPLICATE
 WHY = {"reason": "looked at every frame: no burned-in text"}
 
 
@@ -86,6 +87,11 @@ def test_an_admin_looks_then_releases_and_the_instance_is_served(
     assert name not in _listed(rest, admin)
     again = rest.post(f"/v1/{name}:release", json=WHY, headers=admin)
     assert (again.status_code, _reason(again)) == (404, "QUARANTINED_INSTANCE_NOT_FOUND")
+    # Sent again once released: the stored instance, not a new case for review.
+    [resent] = upload(platform, data).results
+    assert (resent.outcome, resent.instance) == (DUPLICATE, result.instance)
+    assert name not in _listed(rest, admin)
+    assert rest.get(study, headers=clinician).json()["instanceCount"] == 1
 
     [decision] = [
         e for e in audit_log(platform)

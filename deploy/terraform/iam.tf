@@ -4,11 +4,12 @@
 
 locals {
   oidc = replace(aws_iam_openid_connect_provider.eks.url, "https://", "")
-  # service account -> (S3 prefixes it reads, S3 prefixes it writes)
+  # service account -> (S3 prefixes it reads, writes, and deletes from). ingest deletes the
+  # orphans its sweep finds, by version (medimg_ingest.objects.S3ObjectStore.discard).
   s3_access = {
-    ingest    = { read = ["instances/"], write = ["instances/"] }
-    training  = { read = ["instances/", "models/"], write = ["models/"] }
-    inference = { read = ["models/"], write = [] }
+    ingest    = { read = ["instances/"], write = ["instances/"], delete = ["instances/"] }
+    training  = { read = ["instances/", "models/"], write = ["models/"], delete = [] }
+    inference = { read = ["models/"], write = [], delete = [] }
   }
 }
 
@@ -46,6 +47,14 @@ data "aws_iam_policy_document" "s3" {
       sid       = "Write"
       actions   = ["s3:PutObject"]
       resources = [for prefix in each.value.write : "${aws_s3_bucket.data.arn}/${prefix}*"]
+    }
+  }
+  dynamic "statement" {
+    for_each = length(each.value.delete) > 0 ? [1] : []
+    content {
+      sid       = "Delete"
+      actions   = ["s3:DeleteObject", "s3:DeleteObjectVersion"]
+      resources = [for prefix in each.value.delete : "${aws_s3_bucket.data.arn}/${prefix}*"]
     }
   }
   statement {

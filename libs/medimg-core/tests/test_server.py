@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
-from medimg_cli.testing import StartServer
+from medimg_cli.testing import StartServer, error_reason
 from medimg_core.calls import Context
 from medimg_core.identity import XFCC_HEADER, Role
 from medimg_core.server import Server, ServiceDefinition
@@ -221,7 +221,13 @@ async def test_the_server_listens_not_serving_while_the_service_builds() -> None
         request = pb.ListAuditEventsRequest(page_size=3)
         with pytest.raises(grpc.aio.AioRpcError) as early:
             await stub.ListAuditEvents(request, metadata=WORKLOAD, timeout=5)
-        assert early.value.code() == grpc.StatusCode.UNIMPLEMENTED  # not added yet
+        # Not added yet: a status clients retry, with the reason (not UNIMPLEMENTED).
+        assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_reason(early.value) == "SERVICE_STARTING"
+        streaming = stub.ExportAuditEvents(pb.ExportAuditEventsRequest(), metadata=WORKLOAD)
+        with pytest.raises(grpc.aio.AioRpcError) as early_stream:
+            await streaming.read()
+        assert early_stream.value.code() == grpc.StatusCode.UNAVAILABLE
 
         server.add(definition(slow()))
         await server.ready()

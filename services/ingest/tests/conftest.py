@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from medimg_core import db
 from medimg_core import redis as medimg_redis
 from medimg_ingest import deid
-from medimg_ingest.objects import ObjectStore
+from medimg_ingest.objects import LocalObjectStore, ObjectStore
 from medimg_ingest.pipeline import Pipeline
 from services.ingest.tests.support import DEID_KEY, POLICY, VAULT, MakePipeline, Recorded
 
@@ -44,8 +44,8 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 
 
 @pytest.fixture
-def objects(tmp_path: Path) -> ObjectStore:
-    return ObjectStore(tmp_path / "objects")
+def objects(tmp_path: Path) -> LocalObjectStore:
+    return LocalObjectStore(tmp_path / "objects")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from medimg_ingest.dimse import DimseServer
-from medimg_ingest.objects import ObjectStore
+from medimg_ingest.objects import LocalObjectStore
 from medimg_ingest.pipeline import Outcome, Pipeline
 from services.ingest.tests.support import MakePipeline, Recorded, dicom_file
 
@@ -129,7 +129,7 @@ async def test_a_series_is_stored_and_found(
 
 
 async def test_the_same_file_through_two_doors_is_stored_once(
-    door: tuple[DimseServer, Pipeline, Recorded], objects: ObjectStore
+    door: tuple[DimseServer, Pipeline, Recorded], objects: LocalObjectStore
 ) -> None:
     server, pipeline, _ = door
     [dataset] = series(1, ImplicitVRLittleEndian)
@@ -160,7 +160,7 @@ async def test_a_refused_instance_gets_a_failure_status_and_its_reason(
 
 
 async def test_stored_files_have_nothing_of_the_patient(
-    door: tuple[DimseServer, Pipeline, Recorded], objects: ObjectStore
+    door: tuple[DimseServer, Pipeline, Recorded], objects: LocalObjectStore
 ) -> None:
     server, _, _ = door
     [dataset] = series(1)

@@ -130,7 +130,7 @@ async def running_ingest(database_url: str, redis: str, tmp_path: Path) -> Async
         port = await server.start()
         await server.ready()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Ingest(pb_grpc.IngestServiceStub(channel), audit, settings.object_dir)
+            yield Ingest(pb_grpc.IngestServiceStub(channel), audit, tmp_path / "objects")
         await server.grpc.stop(None)
     await audit_server.stop(None)
 

@@ -1,4 +1,4 @@
-"""The object store: content-addressed, atomic, durable, and harmless to write twice."""
+"""The local object store: content-addressed, atomic, durable, and harmless to write twice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medimg_core.errors import DataLoss
-from medimg_ingest.objects import ObjectStore
+from medimg_ingest.objects import LocalObjectStore, ObjectStore
 
 
 def files_under(root: Path) -> list[str]:
@@ -22,10 +22,11 @@ def test_key_is_the_content_hash() -> None:
     assert ObjectStore.key_for(data) == (f"instances/{digest[:2]}/{digest}.dcm", digest)
     assert ObjectStore.key_for(data) == ObjectStore.key_for(bytes(data))
     assert ObjectStore.key_for(data)[0] != ObjectStore.key_for(data + b"!")[0]
+    assert LocalObjectStore.key_for(data) == ObjectStore.key_for(data)
 
 
 def test_put_then_get(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path / "objects")
+    store = LocalObjectStore(tmp_path / "objects")
     data = bytes(range(256)) * 100
     key, _ = store.key_for(data)
     store.put(key, data)
@@ -34,7 +35,7 @@ def test_put_then_get(tmp_path: Path) -> None:
 
 
 def test_no_temporary_file_is_left(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path)
+    store = LocalObjectStore(tmp_path)
     keys = []
     for i in range(5):
         data = f"object {i}".encode()
@@ -45,7 +46,7 @@ def test_no_temporary_file_is_left(tmp_path: Path) -> None:
 
 
 def test_put_twice_is_harmless(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path)
+    store = LocalObjectStore(tmp_path)
     data = b"the same bytes"
     key, _ = store.key_for(data)
     store.put(key, data)
@@ -60,7 +61,7 @@ def test_put_twice_is_harmless(tmp_path: Path) -> None:
 
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path)
+    store = LocalObjectStore(tmp_path)
     with pytest.raises(TypeError):
         store.put("instances/ab/broken.dcm", "not bytes")  # type: ignore[arg-type]
     assert files_under(tmp_path) == []
@@ -68,16 +69,16 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
 
 def test_get_of_an_unknown_key_fails(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
-        ObjectStore(tmp_path).get("instances/00/nothing.dcm")
+        LocalObjectStore(tmp_path).get("instances/00/nothing.dcm")
 
 
 def test_the_root_is_created(tmp_path: Path) -> None:
-    ObjectStore(tmp_path / "a" / "b")
+    LocalObjectStore(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir()
 
 
 def test_a_read_is_checked_against_the_stored_hash(tmp_path: Path) -> None:
-    store = ObjectStore(tmp_path)
+    store = LocalObjectStore(tmp_path)
     key, digest = store.key_for(b"pixels")
     store.put(key, b"pixels")
     assert store.get_verified(key, digest) == b"pixels"

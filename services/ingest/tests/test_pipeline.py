@@ -22,7 +22,7 @@ from medimg_core.audit import Access
 from medimg_core.errors import InvalidArgument, Unavailable
 from medimg_ingest import deid
 from medimg_ingest.deid.keyed import replacement_uid
-from medimg_ingest.objects import ObjectStore
+from medimg_ingest.objects import LocalObjectStore, ObjectStore
 from medimg_ingest.pipeline import (
     INSTANCE_STORED_STREAM,
     Outcome,
@@ -123,7 +123,7 @@ async def test_the_limit_stops_reading_the_stream() -> None:
 # --- Pipeline.ingest ----------------------------------------------------------------------
 
 
-def stored_files(objects: ObjectStore) -> list[Path]:
+def stored_files(objects: LocalObjectStore) -> list[Path]:
     return sorted(p for p in objects.root.rglob("*") if p.is_file())
 
 
@@ -135,7 +135,7 @@ async def announced(events: aioredis.Redis) -> list[dict[str, str]]:
 async def test_a_new_instance_is_de_identified_stored_indexed_audited_and_announced(
     pipeline: tuple[Pipeline, Recorded],
     pool: asyncpg.Pool,
-    objects: ObjectStore,
+    objects: LocalObjectStore,
     events: aioredis.Redis,
 ) -> None:
     ingest, recorded = pipeline
@@ -183,7 +183,7 @@ async def test_a_new_instance_is_de_identified_stored_indexed_audited_and_announ
 async def test_the_second_upload_is_a_duplicate(
     pipeline: tuple[Pipeline, Recorded],
     pool: asyncpg.Pool,
-    objects: ObjectStore,
+    objects: LocalObjectStore,
     events: aioredis.Redis,
 ) -> None:
     ingest, _ = pipeline
@@ -249,7 +249,7 @@ async def test_a_refused_file_leaves_nothing_behind(
     *,
     pipeline: tuple[Pipeline, Recorded],
     pool: asyncpg.Pool,
-    objects: ObjectStore,
+    objects: LocalObjectStore,
     events: aioredis.Redis,
     bad: bytes,
     reason: str,
@@ -268,7 +268,7 @@ async def test_a_refused_file_leaves_nothing_behind(
 # As in the service (the suite turns warnings into errors, which would refuse it earlier).
 @pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR")
 async def test_a_file_that_cannot_be_written_back_fails_alone(
-    pipeline: tuple[Pipeline, Recorded], pool: asyncpg.Pool, objects: ObjectStore
+    pipeline: tuple[Pipeline, Recorded], pool: asyncpg.Pool, objects: LocalObjectStore
 ) -> None:
     """pydicom's SC_rgb_jpeg.dcm: implicit VR elements under an explicit transfer syntax."""
     ingest, _ = pipeline
@@ -337,7 +337,7 @@ async def test_a_redis_outage_does_not_fail_a_stored_upload(
 async def test_the_sweep_removes_what_a_crash_left_and_nothing_else(
     pipeline: tuple[Pipeline, Recorded],
     pool: asyncpg.Pool,
-    objects: ObjectStore,
+    objects: LocalObjectStore,
     executor: ThreadPoolExecutor,
 ) -> None:
     ingest, _ = pipeline
@@ -417,7 +417,7 @@ def gated(
 
 
 async def uploads_behind_a_commit(
-    ingest: Pipeline, audit: Gated, objects: ObjectStore, files: Sequence[bytes]
+    ingest: Pipeline, audit: Gated, objects: LocalObjectStore, files: Sequence[bytes]
 ) -> list[asyncio.Task[list[Result]]]:
     """The first file's call commits alone and is held there, while the other files are
     uploaded one per call and wait behind it; then the gate opens. The calls, in order."""
@@ -429,7 +429,7 @@ async def uploads_behind_a_commit(
     return [first, *others]
 
 
-async def all_stored(objects: ObjectStore, count: int) -> None:
+async def all_stored(objects: LocalObjectStore, count: int) -> None:
     """Returns once `count` objects are stored and their calls wait for a commit."""
     for _ in range(3000):
         if len(stored_files(objects)) >= count:
@@ -448,7 +448,7 @@ async def transactions(pool: asyncpg.Pool) -> int:
 async def test_concurrent_calls_share_an_audit_report_and_an_index_transaction(
     gated: Callable[..., tuple[Pipeline, Gated]],
     pool: asyncpg.Pool,
-    objects: ObjectStore,
+    objects: LocalObjectStore,
     events: aioredis.Redis,
 ) -> None:
     files = distinct_copies("CT_small.dcm", 6)
@@ -468,7 +468,7 @@ async def test_concurrent_calls_share_an_audit_report_and_an_index_transaction(
 
 
 async def test_a_refused_audit_report_fails_only_the_call_it_names(
-    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: ObjectStore
+    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: LocalObjectStore
 ) -> None:
     files = distinct_copies("CT_small.dcm", 6)
     ingest, audit = gated(refused={stored_name(files[3])})
@@ -488,7 +488,7 @@ async def test_a_refused_audit_report_fails_only_the_call_it_names(
 
 
 async def test_an_index_failure_fails_only_the_call_it_comes_from(
-    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: ObjectStore
+    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: LocalObjectStore
 ) -> None:
     files = distinct_copies("CT_small.dcm", 6)
     bad = stored_name(files[2]).rsplit("/", 1)[1]
@@ -510,7 +510,7 @@ async def test_an_index_failure_fails_only_the_call_it_comes_from(
 
 
 async def test_a_call_that_gives_up_before_its_group_commits_is_left_out(
-    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: ObjectStore
+    gated: Callable[..., tuple[Pipeline, Gated]], pool: asyncpg.Pool, objects: LocalObjectStore
 ) -> None:
     first, second = distinct_copies("CT_small.dcm", 2)
     ingest, audit = gated()
@@ -533,7 +533,7 @@ async def test_a_call_that_gives_up_before_its_group_commits_is_left_out(
 
 
 async def test_a_broken_compressed_file_is_refused_as_undecodable(
-    pipeline: tuple[Pipeline, Recorded], objects: ObjectStore
+    pipeline: tuple[Pipeline, Recorded], objects: LocalObjectStore
 ) -> None:
     ingest, recorded = pipeline
     dataset = pydicom.dcmread(BytesIO(dicom_file("SC_rgb_jpeg_dcmtk.dcm")))

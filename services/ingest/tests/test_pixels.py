@@ -385,6 +385,16 @@ def test_a_single_slice_is_a_volume_of_one() -> None:
     assert volume.spacing == pytest.approx((float(dataset.SpacingBetweenSlices), 0.7, 0.6))
 
 
+def test_a_pixel_spacing_of_zero_counts_as_absent() -> None:
+    # The CR of the corpus (RG1_UNCR) carries PixelSpacing 0\0: a volume with spacing 0
+    # could not be placed by any consumer (inference refuses it), so it gets the nominal 1 mm.
+    dataset = corpus_file("RG1_UNCR.dcm")
+    assert [float(v) for v in dataset.PixelSpacing] == [0.0, 0.0]
+    volume = series_volume([dataset])
+    assert volume.spacing[1:] == (1.0, 1.0)
+    assert min(volume.spacing) > 0
+
+
 def _other_orientation(series: list[pydicom.Dataset]) -> None:
     series[2].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
 

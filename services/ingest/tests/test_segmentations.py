@@ -4,7 +4,9 @@ service as its app builds it (real PostgreSQL, Redis and object store)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from copy import deepcopy
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -260,6 +262,191 @@ def test_a_series_without_patient_geometry_cannot_have_a_seg() -> None:
     with pytest.raises(FailedPrecondition) as caught:
         segmentations.build(spec, numpy.zeros((10, 64, 64), numpy.uint8), [mr])
     assert caught.value.reason == "SEGMENTATION_SOURCE_UNSUPPORTED"
+    assert "frames have no position in the patient" in caught.value.message
+
+
+# Multi-frame sources -----------------------------------------------------------------------
+
+#: The slice (along the normal) that each frame of the multi-frame CT holds, frame by frame:
+#: not the spatial order, so that only the frames' positions tell where each slice goes.
+FRAME_ORDER = (2, 4, 0, 3, 1)
+
+
+def stored(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """`dataset` as ingest stores it: written, read back and de-identified."""
+    out = BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return deid.deidentify(pydicom.dcmread(BytesIO(out.getvalue())), POLICY, DEID_KEY).dataset
+
+
+def legacy_enhanced_ct(
+    slices: Sequence[pydicom.Dataset], *, per_frame_geometry: bool = False
+) -> pydicom.Dataset:
+    """Real CT slices as one Legacy Converted Enhanced CT image (highdicom's converter: their
+    pixels as frames, each frame's position in its Per-Frame Functional Groups). With
+    `per_frame_geometry`, orientation and pixel measures sit in every frame's group instead
+    of the shared one, as the standard allows."""
+    image = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        slices,
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=7,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
+    )
+    if per_frame_geometry:
+        shared = image.SharedFunctionalGroupsSequence[0]
+        for group in image.PerFrameFunctionalGroupsSequence:
+            group.PlaneOrientationSequence = deepcopy(shared.PlaneOrientationSequence)
+            group.PixelMeasuresSequence = deepcopy(shared.PixelMeasuresSequence)
+        del shared.PlaneOrientationSequence, shared.PixelMeasuresSequence
+    return image
+
+
+def multi_frame_ct(per_frame_geometry: bool = False) -> pydicom.Dataset:
+    """The multi-frame CT (see multi_frame_ct_file) as stored."""
+    return stored(multi_frame_ct_file(per_frame_geometry))
+
+
+def multi_frame_ct_file(per_frame_geometry: bool = False) -> pydicom.Dataset:
+    """The CT series as one multi-frame image (see legacy_enhanced_ct) whose frames are then
+    stored in FRAME_ORDER (frame j holds slice FRAME_ORDER[j])."""
+    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()]
+    image = legacy_enhanced_ct(slices, per_frame_geometry=per_frame_geometry)
+    groups = list(image.PerFrameFunctionalGroupsSequence)
+    # Axial slices: the normal is +z, so a frame's slice is the rank of its height.
+    heights = [float(g.PlanePositionSequence[0].ImagePositionPatient[2]) for g in groups]
+    by_height = [int(k) for k in numpy.argsort(heights)]
+    frames = [by_height[position] for position in FRAME_ORDER]
+    image.PerFrameFunctionalGroupsSequence = [groups[k] for k in frames]
+    image.PixelData = image.pixel_array[frames].tobytes()
+    return image
+
+
+def enhanced_ct() -> pydicom.Dataset:
+    """A real Enhanced CT of two 512 x 512 frames, stored against its slice normal (frame 1
+    is the second slice of the volume), as stored."""
+    return stored(pydicom.dcmread(BytesIO(dicom_file("eCT_Supplemental.dcm"))))
+
+
+def spec_of(
+    source: pydicom.Dataset, labels: segmentations.LabelMap
+) -> segmentations.SegmentationSpec:
+    return segmentations.check_spec(
+        source_series=f"studies/{source.StudyInstanceUID}/series/{source.SeriesInstanceUID}",
+        shape=labels.shape,
+        voxel_type="uint8",
+        segment_labels=LABELS,
+        algorithm_name="tissue",
+        algorithm_version="3",
+        max_bytes=1 << 22,
+    )
+
+
+def known_labels(shape: tuple[int, ...]) -> segmentations.LabelMap:
+    """A cube of label 1 from slice 1 on, and a corner of label 2 on slice 0 alone."""
+    labels = numpy.zeros(shape, numpy.uint8)
+    labels[1:, 4:12, 5:13] = 1
+    labels[0, :3, :3] = 2
+    return labels
+
+
+def rt_dose() -> pydicom.Dataset:
+    """A real RT Dose of fifteen 10 x 10 frames: no functional groups, its frames placed by
+    GridFrameOffsetVector, no Slice Thickness; as stored."""
+    return stored(pydicom.dcmread(BytesIO(dicom_file("rtdose.dcm"))))
+
+
+@pytest.mark.parametrize(
+    ("make", "frames"),
+    [
+        (multi_frame_ct, [FRAME_ORDER.index(k) + 1 for k in range(len(FRAME_ORDER))]),
+        (
+            lambda: multi_frame_ct(per_frame_geometry=True),
+            [FRAME_ORDER.index(k) + 1 for k in range(len(FRAME_ORDER))],
+        ),
+        (enhanced_ct, [2, 1]),
+        (rt_dose, list(range(1, 16))),
+    ],
+    ids=["shared-geometry", "per-frame-geometry", "enhanced-ct", "rt-dose"],
+)
+def test_a_seg_on_a_multi_frame_image_puts_each_slice_on_its_source_frame(
+    make: Callable[[], pydicom.Dataset], frames: list[int]
+) -> None:
+    source = make()
+    volume = series_volume([source])
+    assert volume.frame_numbers == frames  # volume slice k holds frame frames[k]
+    assert volume.positions is not None
+    labels = known_labels(volume.array.shape)
+
+    built = segmentations.build(spec_of(source, labels), labels, [source])
+
+    seg = highdicom.seg.segread(BytesIO(built.data))
+    # A frame for every source frame and segment (empty ones too), each derived from its
+    # source frame and lying where that frame lies.
+    where = dict(zip(volume.frame_numbers, volume.positions, strict=True))
+    framed = set()
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        [derivation] = group.DerivationImageSequence
+        [reference] = derivation.SourceImageSequence
+        assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        frame = int(reference.ReferencedFrameNumber)
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx(where[frame])
+        framed.add((int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber), frame))
+    assert framed == {(segment, frame) for segment in (1, 2) for frame in where}
+    # Source frame by source frame, the SEG holds the slice of the label map it became.
+    for k, frame in enumerate(volume.frame_numbers):
+        back = seg.get_pixels_by_source_frame(source.SOPInstanceUID, [frame], combine_segments=True)
+        numpy.testing.assert_array_equal(back[0], labels[k])
+    # Served back, it is the label map voxel for voxel, on the volume's grid.
+    served = series_volume([pydicom.dcmread(BytesIO(built.data))])
+    numpy.testing.assert_array_equal(served.array, labels.astype(numpy.float32))
+    assert (served.sop_instance_uids, served.frame_numbers) == (
+        volume.sop_instance_uids,
+        volume.frame_numbers,
+    )
+    assert served.positions is not None
+    numpy.testing.assert_allclose(served.positions, volume.positions)
+    assert served.spacing == pytest.approx(volume.spacing)
+    assert served.origin == pytest.approx(volume.origin)
+    assert served.direction == pytest.approx(volume.direction)
+    # Built again, it is the same SEG.
+    assert segmentations.build(spec_of(source, labels), labels.copy(), [source]) == built
+
+
+def _a_frame_without_a_position() -> list[pydicom.Dataset]:
+    """The CT series as one multi-frame image whose fourth frame has no Plane Position."""
+    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()]
+    image = legacy_enhanced_ct(slices)
+    del image.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence
+    return [stored(image)]
+
+
+def _two_single_frame_enhanced_images() -> list[pydicom.Dataset]:
+    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()[:2]]
+    images = [legacy_enhanced_ct([s]) for s in slices]
+    images[1].SeriesInstanceUID = images[0].SeriesInstanceUID
+    return [stored(image) for image in images]
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (_a_frame_without_a_position, "frames have no position in the patient"),
+        (_two_single_frame_enhanced_images, "its 2 instances are of a multi-frame kind"),
+    ],
+    ids=["a-frame-without-position", "several-multi-frame-instances"],
+)
+def test_a_multi_frame_source_that_cannot_be_placed_is_refused_saying_why(
+    make: Callable[[], list[pydicom.Dataset]], why: str
+) -> None:
+    sources = make()
+    volume = series_volume(sources)
+    labels = numpy.ones(volume.array.shape, numpy.uint8)
+    with pytest.raises(FailedPrecondition) as caught:
+        segmentations.build(spec_of(sources[0], labels), labels, sources)
+    assert caught.value.reason == "SEGMENTATION_SOURCE_UNSUPPORTED"
+    assert why in caught.value.message
 
 
 # Through the service ----------------------------------------------------------------------
@@ -409,6 +596,61 @@ async def test_an_unknown_series_is_not_found_after_permission(
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert reason(caught.value)[0] == "ROLE_NOT_ALLOWED"
+
+
+async def test_a_seg_on_a_stored_multi_frame_image_serves_back_as_its_label_map(
+    ingest: Ingest,
+) -> None:
+    image = multi_frame_ct_file()
+    image.StudyInstanceUID, image.SeriesInstanceUID = (
+        pydicom.uid.generate_uid(),
+        pydicom.uid.generate_uid(),
+    )
+    out = BytesIO()
+    image.save_as(out, enforce_file_format=True)
+    response = await ingest.stub.UploadInstances(
+        upload(out.getvalue()), metadata=CLINICIAN, timeout=10
+    )
+    [result] = response.results
+    assert result.outcome == pb.InstanceResult.OUTCOME_STORED, result.message
+    name = result.instance.rsplit("/instances/", 1)[0]
+    # The volume inference gets, and a label map on it (slices along the normal).
+    source = await _series_pixels(ingest, name)
+    assert source.header.shape[0] == len(FRAME_ORDER)
+    labels = known_labels(tuple(source.header.shape))
+
+    stored_seg = await ingest.stub.StoreSegmentation(
+        store_requests(name, labels), metadata=INFERENCE, timeout=20
+    )
+
+    assert stored_seg.outcome == pb.InstanceResult.OUTCOME_STORED
+    seg_series = stored_seg.instance.rsplit("/instances/", 1)[0]
+    served = await _series_pixels(ingest, seg_series)
+    assert list(served.header.shape) == list(source.header.shape)
+    assert served.header.sop_instance_uids == source.header.sop_instance_uids
+    assert list(served.header.origin) == pytest.approx(list(source.header.origin))
+    assert list(served.header.spacing) == pytest.approx(list(source.header.spacing))
+    assert list(served.header.direction) == pytest.approx(list(source.header.direction))
+    numpy.testing.assert_array_equal(served.array, labels.astype(numpy.float32))
+
+
+@dataclass
+class _Pixels:
+    header: pb.VolumeHeader
+    array: numpy.typing.NDArray[numpy.float32]
+
+
+async def _series_pixels(ingest: Ingest, name: str) -> _Pixels:
+    """GetSeriesPixels of `name` as inference reads it."""
+    messages = [
+        m
+        async for m in ingest.stub.GetSeriesPixels(
+            pb.GetSeriesPixelsRequest(name=name), metadata=INFERENCE, timeout=10
+        )
+    ]
+    header = messages[0].header
+    data = b"".join(m.data for m in messages[1:])
+    return _Pixels(header, numpy.frombuffer(data, "<f4").reshape(tuple(header.shape)))
 
 
 @pytest.mark.parametrize(

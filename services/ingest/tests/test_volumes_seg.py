@@ -53,11 +53,15 @@ def segment(number: int, label: str) -> hd.seg.SegmentDescription:
     )
 
 
-def seg_of(sources: list[pydicom.Dataset], masks: numpy.ndarray) -> pydicom.Dataset:
-    """A binary SEG of `sources` (masks: slices, rows, columns, segments), as stored."""
+def seg_of(
+    sources: list[pydicom.Dataset], masks: numpy.ndarray, *, omit_empty_frames: bool = True
+) -> pydicom.Dataset:
+    """A binary SEG of `sources` (masks: slices, rows, columns, segments; for one multi-frame
+    source, slices in its frame order), as stored."""
     made = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=masks.astype(numpy.uint8),
+        omit_empty_frames=omit_empty_frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment(n + 1, f"s{n + 1}") for n in range(masks.shape[-1])],
         series_instance_uid=generate_uid(),
@@ -129,3 +133,67 @@ def test_a_seg_series_of_two_instances_is_refused() -> None:
     with pytest.raises(InvalidArgument) as caught:
         series_volume([first, second])
     assert caught.value.reason == "INCONSISTENT_SERIES"
+
+
+# SEGs on one multi-frame image ------------------------------------------------------------
+
+#: The slice (along the normal) each frame of the multi-frame CT holds, frame by frame.
+FRAME_ORDER = (3, 0, 4, 1, 2)
+
+
+def multi_frame_ct() -> pydicom.Dataset:
+    """The five CT slices as one Legacy Converted Enhanced CT (highdicom's converter: each
+    frame's position in its functional group), frames stored in FRAME_ORDER, as stored."""
+    image = hd.legacy.LegacyConvertedEnhancedCTImage(
+        ct_series(),
+        series_instance_uid=generate_uid(),
+        series_number=3,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    groups = list(image.PerFrameFunctionalGroupsSequence)
+    heights = [float(g.PlanePositionSequence[0].ImagePositionPatient[2]) for g in groups]
+    by_height = [int(k) for k in numpy.argsort(heights)]  # axial: the normal is +z
+    frames = [by_height[position] for position in FRAME_ORDER]
+    image.PerFrameFunctionalGroupsSequence = [groups[k] for k in frames]
+    image.PixelData = image.pixel_array[frames].tobytes()
+    out = BytesIO()
+    image.save_as(out)
+    return pydicom.dcmread(BytesIO(out.getvalue()))
+
+
+def test_a_seg_of_every_frame_of_a_multi_frame_image_is_a_label_volume_on_its_grid() -> None:
+    source = multi_frame_ct()
+    image = series_volume([source])
+    assert image.frame_numbers == [FRAME_ORDER.index(k) + 1 for k in range(SLICES)]
+    frames = source.pixel_array  # in stored order, as highdicom takes the masks
+    bright, dark = frames > 1100, (frames > 200) & (frames < 600)
+    bright[FRAME_ORDER.index(0)] = False  # slice 0 has nothing of segment 1
+    seg = seg_of([source], numpy.stack([bright, dark], axis=-1), omit_empty_frames=False)
+
+    labels = series_volume([seg])
+
+    assert labels.array.shape == image.array.shape == (SLICES, 128, 128)
+    assert labels.sop_instance_uids == [source.SOPInstanceUID] * SLICES
+    assert labels.frame_numbers == image.frame_numbers
+    assert labels.positions is not None and image.positions is not None
+    numpy.testing.assert_allclose(labels.positions, image.positions)
+    assert labels.spacing == pytest.approx(image.spacing)
+    assert labels.origin == pytest.approx(image.origin)
+    assert labels.direction == pytest.approx(image.direction)
+    expected = numpy.where(bright, 1, numpy.where(dark, 2, 0))
+    for k, frame in enumerate(labels.frame_numbers):
+        numpy.testing.assert_array_equal(labels.array[k], expected[frame - 1])
+    assert set(numpy.unique(labels.array[0])) <= {0.0, 2.0}
+
+
+def test_a_seg_that_leaves_out_frames_of_a_multi_frame_image_is_refused() -> None:
+    source = multi_frame_ct()
+    masks = source.pixel_array > 1100
+    masks[1] = False  # highdicom leaves the empty frame 2 out: the grid has a hole
+    seg = seg_of([source], masks[..., None])
+    assert int(seg.NumberOfFrames) == SLICES - 1
+    with pytest.raises(InvalidArgument) as caught:
+        series_volume([seg])
+    assert caught.value.reason == "INVALID_SEGMENTATION"
+    assert "source frame(s) [2] have no frame in the SEG" in caught.value.message

@@ -56,7 +56,8 @@ def probe_of(
     return probe
 
 
-def cache(cache_dir: Path, series: str, volume: np.ndarray, slices: list[str]) -> None:
+def cache(cache_dir: Path, series: str, volume: np.ndarray, slices: list[tuple[str, int]]) -> None:
+    """Caches a volume as the worker does, with the instance and frame of each slice."""
     path = cache_path(cache_dir, series)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, volume.astype(np.float32))
@@ -64,11 +65,12 @@ def cache(cache_dir: Path, series: str, volume: np.ndarray, slices: list[str]) -
 
 
 def segmentation_table(
-    count: int, cache_dir: Path, slices: int = 3
+    count: int, cache_dir: Path, slices: int = 3, *, multi_frame: bool = False
 ) -> tuple[list[Item], dict[str, str], dict[str, tuple[tuple[int, ...], list[str]]]]:
     """`count` CT series of `slices` slices each (CT_small.dcm, shifted and noisy), each
     with a label series marking its bright voxels (label 1) on its own slices in reverse
-    order, as ingest serves a SEG; their volumes cached; pseudonyms and volume headers."""
+    order, as ingest serves a SEG; their volumes cached; pseudonyms and volume headers.
+    `multi_frame`: each series is one instance whose frames are the slices."""
     ct = _pixels("CT_small.dcm")
     rng = np.random.default_rng(1)
     items: list[Item] = []
@@ -80,9 +82,14 @@ def segmentation_table(
         labels = (image > 1100).astype(np.float32)
         series = f"studies/2.{index}/series/2.{index}.1"
         label_series = f"studies/2.{index}/series/2.{index}.2"
-        uids = [f"2.{index}.1.{k}" for k in range(slices)]
-        cache(cache_dir, series, image, uids)
-        cache(cache_dir, label_series, labels[::-1], uids[::-1])
+        frames = (
+            [(f"2.{index}.1.1", k + 1) for k in range(slices)]
+            if multi_frame
+            else [(f"2.{index}.1.{k}", 1) for k in range(slices)]
+        )
+        uids = [uid for uid, _ in frames]
+        cache(cache_dir, series, image, frames)
+        cache(cache_dir, label_series, labels[::-1], frames[::-1])
         items.append(Item(SeriesName(series), label_series=label_series))
         for name in (series, label_series):
             pseudonyms[name] = f"patient-{index:03d}"

@@ -124,15 +124,19 @@ async def _version_metrics(pool: asyncpg.Pool, name: str) -> dict[str, float]:
     return dict((await registry.get_version(pool, name)).metrics)
 
 
-def test_labels_are_matched_to_image_slices_by_uid(tmp_path: Path) -> None:
-    items, _, _ = segmentation_table(1, tmp_path, slices=4)
+@pytest.mark.parametrize("multi_frame", [False, True])
+def test_labels_are_matched_to_image_slices_by_instance_and_frame(
+    tmp_path: Path, multi_frame: bool
+) -> None:
+    items, _, _ = segmentation_table(1, tmp_path, slices=4, multi_frame=multi_frame)
     config = {"cache_dir": str(tmp_path), "class_names": list(SEGMENTS)}
     item = {"series": items[0].series, "label_series": items[0].label_series}
     image, _ = worker.fetch_with_slices(config, item["series"])
     records = worker.segmentation_records(config, item, spatial_dims=2, group=0)
     assert len(records) == 4
     for k, record in enumerate(records):
-        # Labels were cached in reverse slice order: matched by UID, they mark this slice.
+        # Labels were cached in reverse slice order: matched by instance and frame, they
+        # mark this slice.
         assert record["image"].shape == record["label"].shape == (1, 128, 128)
         np.testing.assert_array_equal(record["label"][0], (image[k] > 1100).T)
     [volume] = worker.segmentation_records(config, item, spatial_dims=3, group=0)
@@ -245,6 +249,11 @@ def test_networks_see_images_in_the_axis_order_inference_gives_them() -> None:
     # (slices, rows, columns) in; MONAI's (channel, columns, rows[, slices]) out, as the
     # inference service's monai_input and slice_inputs hand series to a model.
     volume = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
-    np.testing.assert_array_equal(worker.to_image(volume, 2), volume[1].T[None])
-    np.testing.assert_array_equal(worker.to_image(volume, 3), volume.transpose(2, 1, 0)[None])
-    assert [s.shape for s in worker.to_slices(volume)] == [(1, 5, 4)] * 3
+    slices = worker.network_inputs(volume, 2)
+    assert len(slices) == 3
+    for k, plane in enumerate(slices):
+        np.testing.assert_array_equal(plane, volume[k].T[None])
+    [whole] = worker.network_inputs(volume, 3)
+    np.testing.assert_array_equal(whole, volume.transpose(2, 1, 0)[None])
+    colour = np.stack([volume, 3 * volume], axis=-1)  # samples averaged into one channel
+    np.testing.assert_array_equal(worker.network_inputs(colour, 2)[0], (2 * volume[0]).T[None])

@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from medimg_cli import mesh as meshlib
 from medimg_cli.platform import (
@@ -26,8 +28,21 @@ from medimg_cli.platform import (
     redis_server,
     with_database,
 )
+from medimg_core.errors import ERROR_DOMAIN
 from medimg_core.server import Server, ServiceDefinition
 from medimg_core.settings import ServiceSettings
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a rich gRPC error."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status in {error}"
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            assert info.domain == ERROR_DOMAIN
+            return str(info.reason)
+    raise AssertionError(f"no ErrorInfo in {status}")
 
 
 def _free(port: int) -> bool:

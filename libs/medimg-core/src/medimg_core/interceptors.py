@@ -32,6 +32,7 @@ from medimg_core.errors import (
     MedimgError,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
     Unimplemented,
 )
 from medimg_core.identity import (
@@ -56,6 +57,20 @@ DenialHook = Callable[[str, "Unauthenticated | PermissionDenied"], Awaitable[Non
 Handler = Any
 
 _PASS_THROUGH = ("/grpc.health.", "/grpc.reflection.")
+
+
+async def _refuse_while_starting(requests: object, context: Context) -> AsyncIterator[None]:
+    status = rich_status(
+        Unavailable("SERVICE_STARTING", "the service is starting: retry in a few seconds")
+    )
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    yield  # never reached (abort raises): a generator, as stream handlers must be
+
+
+#: What a call gets while the service is still being built (connecting to its database,
+#: migrating): UNAVAILABLE, which clients retry, not UNIMPLEMENTED, which they do not.
+#: A stream-stream handler takes any kind of call, since it reads no request.
+STARTING: Handler = grpc.stream_stream_rpc_method_handler(_refuse_while_starting)
 
 
 def rich_status(error: MedimgError) -> grpc.Status:
@@ -99,7 +114,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # 
     ) -> Handler:
         handler = await continuation(details)
         method: str = details.method
-        if handler is None or method.startswith(_PASS_THROUGH):
+        if handler is None or handler is STARTING or method.startswith(_PASS_THROUGH):
             return handler
         return _wrap(handler, method, self)
 

@@ -26,7 +26,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from medimg_core import telemetry
 from medimg_core.identity import Role
-from medimg_core.interceptors import CallInterceptor, DenialHook, RolePolicy
+from medimg_core.interceptors import STARTING, CallInterceptor, DenialHook, RolePolicy
 from medimg_core.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class _LateHandlers(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # not ge
         pass  # a lookup shortcut of grpc's own server; the generic handlers suffice
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if not self._handlers:
+            return STARTING  # type: ignore[no-any-return]
         for handler in self._handlers:
             found = handler.service(details)
             if found is not None:

@@ -12,7 +12,7 @@ from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition, run_in_background
 from medimg_ingest.dimse import DimseServer
 from medimg_ingest.identities import IdentityVault
-from medimg_ingest.objects import ObjectStore
+from medimg_ingest.objects import open_store
 from medimg_ingest.pipeline import Pipeline, sweep_forever
 from medimg_ingest.servicer import POLICY, IngestServicer
 from medimg_ingest.settings import IngestSettings, policy_of
@@ -33,7 +33,7 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
         AuditClient.for_service(audit_channel, service="ingest", settings=settings, redis=events)
     )
     vault = IdentityVault.from_file(settings.identity_key_file)
-    objects = ObjectStore(settings.object_dir)
+    objects = open_store(settings)
     run_in_background(
         resources,
         sweep_forever(pool, objects, executor, settings.orphan_grace_seconds),

@@ -82,11 +82,44 @@ async def add_instances_in(
         zip(
             map(id, indexed + held),
             await _add_rows(conn, "instances", indexed)
-            + await _add_rows(conn, "quarantined_instances", held),
+            + await _already_released(
+                conn, held, await _add_rows(conn, "quarantined_instances", held)
+            ),
             strict=True,
         )
     )
     return [placed[id(obj)] for obj in objects]
+
+
+async def _already_released(
+    conn: asyncpg.Connection, held: Sequence[StoredObject], placements: list[Placement]
+) -> list[Placement]:
+    """The placements of held instances, with those already in the index (a reviewer
+    released them earlier) taken back out of quarantine: a duplicate, or a conflict.
+
+    Checked after the insert, in a statement of its own: its snapshot sees a release that
+    committed while the insert waited on the row the release deleted."""
+    new = [obj.header.sop_instance_uid for obj, p in zip(held, placements, strict=True)
+           if p is Placement.NEW]  # fmt: skip
+    if not new:
+        return placements
+    released = {
+        r["sop_instance_uid"]: r["sha256"]
+        for r in await conn.fetch(
+            "SELECT sop_instance_uid, sha256 FROM instances WHERE sop_instance_uid = ANY($1)", new
+        )
+    }
+    if not released:
+        return placements
+    await conn.execute(
+        "DELETE FROM quarantined_instances WHERE sop_instance_uid = ANY($1)", list(released)
+    )
+    return [
+        p if p is not Placement.NEW or obj.header.sop_instance_uid not in released
+        else Placement.DUPLICATE if released[obj.header.sop_instance_uid] == obj.sha256
+        else Placement.CONFLICT
+        for obj, p in zip(held, placements, strict=True)
+    ]  # fmt: skip
 
 
 async def _add_identities(conn: asyncpg.Connection, objects: Sequence[StoredObject]) -> None:

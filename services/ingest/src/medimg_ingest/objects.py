@@ -1,36 +1,93 @@
-"""The object store of DICOM files: a local directory, written atomically and durably.
+"""The object store of DICOM files: one small interface, a local directory or S3 behind it.
 
-A file is written to a temporary name, fsynced, renamed into place and its directory
-fsynced, so an acknowledged object survives a crash and a half-written one never
-shows under its key. Keys are content hashes, so a retried write is harmless.
+Keys are content hashes, so a retried write is harmless, and every read through
+`get_verified` is checked against the SHA-256 recorded when the object was stored.
 
 An object is written before the index points at it, so a crash in between leaves an
-object nothing points at (and a crash mid-write a temporary file). `orphans` and
-`discard` let the service sweep them once they are older than any upload can take: a
-write of an existing object refreshes its time, so it is never swept from under an
-upload that is about to index it.
+object nothing points at. `orphan_candidates` and `discard` let the service sweep them
+once they are older than any upload can take: a write of an existing object refreshes its
+time, so it is never swept from under an upload that is about to index it.
+
+Both stores are synchronous: the pipeline calls them from its worker threads. A missing
+object is `FileNotFoundError` from either; any other failure of the store is an `OSError`.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import hashlib
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from medimg_core.errors import DataLoss
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
-class ObjectStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+    from medimg_ingest.settings import IngestSettings
+
+CONTENT_TYPE = "application/dicom"
+
+
+def content_key(data: bytes) -> tuple[str, str]:
+    """The content key of `data` and its SHA-256 (hex)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return f"instances/{digest[:2]}/{digest}.dcm", digest
+
+
+class ObjectStore(Protocol):
+    """What the pipeline, the servicer and the orphan sweep need of an object store."""
 
     @staticmethod
     def key_for(data: bytes) -> tuple[str, str]:
         """The content key of `data` and its SHA-256."""
-        digest = hashlib.sha256(data).hexdigest()
-        return f"instances/{digest[:2]}/{digest}.dcm", digest
+        return content_key(data)
+
+    def put(self, key: str, data: bytes) -> None:
+        """Stores `data` durably under `key`; if it is there already, makes it fresh."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; `FileNotFoundError` if there is none."""
+        ...
+
+    def get_verified(self, key: str, sha256: str) -> bytes:
+        """The object, checked against the hash recorded when it was stored."""
+        data = self.get(key)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise DataLoss("OBJECT_CORRUPTED", f"stored object {key} no longer matches its hash")
+        return data
+
+    def orphan_candidates(self, older_than: float) -> list[str]:
+        """Keys of objects last written before `older_than` (epoch seconds)."""
+        ...
+
+    def discard(self, key: str, older_than: float) -> bool:
+        """Removes the object if it was still last written before `older_than`."""
+        ...
+
+
+class LocalObjectStore(ObjectStore):
+    """A directory, written atomically and durably.
+
+    A file is written to a temporary name, fsynced, renamed into place and its directory
+    fsynced, so an acknowledged object survives a crash and a half-written one never
+    shows under its key (a crash mid-write leaves a temporary file, which the sweep takes).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
 
     def put(self, key: str, data: bytes) -> None:
         path = self.root / key
@@ -59,13 +116,6 @@ class ObjectStore:
     def get(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
 
-    def get_verified(self, key: str, sha256: str) -> bytes:
-        """The object, checked against the hash recorded when it was stored."""
-        data = self.get(key)
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise DataLoss("OBJECT_CORRUPTED", f"stored object {key} no longer matches its hash")
-        return data
-
     def orphan_candidates(self, older_than: float) -> list[str]:
         """Keys of objects, and temporary files, last written before `older_than` (epoch s)."""
         found = []
@@ -90,3 +140,199 @@ class ObjectStore:
             return False
         aside.unlink()
         return True
+
+
+class ObjectStoreError(OSError):
+    """The object store refused or failed a request (unreachable, denied, throttled)."""
+
+
+#: S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, letter or digit at
+#: both ends (the general-purpose bucket rules, less the rarer exceptions).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A bucket and a key prefix ("" or ending in "/") that every key is put under."""
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        """`s3://bucket` or `s3://bucket/some/prefix`; `ValueError` saying what is wrong."""
+        parts = urlsplit(url)
+        if parts.scheme != "s3":
+            raise ValueError(f"{url!r} is not an s3://bucket[/prefix] URL")
+        if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
+            raise ValueError(f"{url!r}: an S3 URL has only a bucket and a key prefix")
+        if not _BUCKET.fullmatch(parts.netloc) or ".." in parts.netloc:
+            raise ValueError(
+                f"{parts.netloc!r} is not a valid S3 bucket name (3-63 lower-case letters, "
+                "digits, dots and hyphens)"
+            )
+        prefix = parts.path.strip("/")
+        if "//" in prefix:
+            raise ValueError(f"{url!r}: the key prefix has an empty segment")
+        return cls(parts.netloc, prefix + "/" if prefix else "")
+
+
+class S3ObjectStore(ObjectStore):
+    """A bucket (and a key prefix in it) on S3 or an S3-compatible store.
+
+    `put` sends the SHA-256 with the upload, so S3 itself refuses bytes damaged on the way
+    (BadDigest), and reads are checked against it again (`get_verified`). Objects appear
+    whole or not at all (S3 has no partial objects), so there are no temporary files.
+
+    An existing object is not uploaded again but refreshed: copied onto itself with new
+    metadata, which renews its LastModified, the time the orphan sweep goes by.
+
+    `discard` deletes the exact version it found old. In a bucket with versioning (as
+    deploy/terraform makes it) every write, the refresh included, is a new version, so a
+    `put` that lands between the sweep's look and its delete leaves a newer version that
+    the delete does not touch: the race is closed. Without versioning, S3 offers nothing
+    that tells a refreshed object from the old one (the ETag of the same bytes is the
+    same, and conditional deletes on the modification time are for directory buckets
+    only), so there is a window of one round trip, between `discard`'s HeadObject and its
+    DeleteObject, in which a `put` of the same content (refreshing the object) is undone
+    after it returned. The upload then indexes an object that is gone: reads of it fail
+    with `FileNotFoundError` until the same content is ingested again. It takes an orphan
+    older than the grace period whose very content is sent again within that round trip.
+    """
+
+    def __init__(self, location: S3Location, client: S3Client) -> None:
+        self.location = location
+        self._client = client
+
+    @classmethod
+    def connect(
+        cls,
+        location: S3Location,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        connections: int = 10,
+    ) -> S3ObjectStore:
+        """A store with a client of its own (thread-safe, one connection per worker thread).
+        Credentials come from the standard AWS chain: environment, IRSA web identity, ..."""
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                max_pool_connections=max(connections, 10),
+            ),
+        )
+        return cls(location, client)
+
+    def _name(self, key: str) -> str:
+        return self.location.prefix + key
+
+    def put(self, key: str, data: bytes) -> None:
+        name = self._name(key)
+        try:
+            self._client.copy_object(
+                Bucket=self.location.bucket,
+                Key=name,
+                CopySource={"Bucket": self.location.bucket, "Key": name},
+                MetadataDirective="REPLACE",  # S3 refuses a self-copy that changes nothing
+                ContentType=CONTENT_TYPE,
+                ChecksumAlgorithm="SHA256",  # the copy keeps a SHA-256, computed by S3
+            )
+            return
+        except ClientError as error:
+            if not _missing(error):
+                raise _failure("refresh", key, error) from error
+        except BotoCoreError as error:
+            raise _failure("refresh", key, error) from error
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+        try:
+            self._client.put_object(
+                Bucket=self.location.bucket,
+                Key=name,
+                Body=data,
+                ContentType=CONTENT_TYPE,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=checksum,  # ours, of the bytes in memory: S3 checks it
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise _failure("upload", key, error) from error
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket, Key=self._name(key))
+            return response["Body"].read()
+        except ClientError as error:
+            if _missing(error):
+                raise FileNotFoundError(errno.ENOENT, "no such object", key) from None
+            raise _failure("read", key, error) from error
+        except BotoCoreError as error:
+            raise _failure("read", key, error) from error
+
+    def orphan_candidates(self, older_than: float) -> list[str]:
+        prefix = self.location.prefix
+        found = []
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.location.bucket, Prefix=prefix + "instances/"
+            )
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    if entry["LastModified"].timestamp() < older_than:
+                        found.append(entry["Key"][len(prefix) :])
+        except (ClientError, BotoCoreError) as error:
+            raise _failure("list", prefix + "instances/", error) from error
+        return found
+
+    def discard(self, key: str, older_than: float) -> bool:
+        """Deletes the object's current version if it was last written before `older_than`
+        (see the class for what a concurrent `put` meets)."""
+        name = self._name(key)
+        try:
+            head = self._client.head_object(Bucket=self.location.bucket, Key=name)
+        except ClientError as error:
+            if _missing(error):
+                return False
+            raise _failure("look at", key, error) from error
+        except BotoCoreError as error:
+            raise _failure("look at", key, error) from error
+        if head["LastModified"].timestamp() >= older_than:
+            return False
+        try:
+            if "VersionId" in head:  # versioned (or suspended: "null"): that version only
+                self._client.delete_object(
+                    Bucket=self.location.bucket, Key=name, VersionId=head["VersionId"]
+                )
+            else:
+                self._client.delete_object(Bucket=self.location.bucket, Key=name)
+        except (ClientError, BotoCoreError) as error:
+            raise _failure("delete", key, error) from error
+        return True
+
+
+def _missing(error: ClientError) -> bool:
+    # GetObject says NoSuchKey; HeadObject, which has no body, only its status.
+    return error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")
+
+
+def _failure(action: str, key: str, error: ClientError | BotoCoreError) -> ObjectStoreError:
+    if isinstance(error, ClientError):
+        reason = error.response.get("Error", {}).get("Code", "unknown error")
+    else:
+        reason = type(error).__name__
+    return ObjectStoreError(errno.EIO, f"S3 could not {action} the object: {reason}", key)
+
+
+def open_store(settings: IngestSettings) -> ObjectStore:
+    """The store the settings choose: S3 when `object_store_url` is set, else the directory."""
+    if settings.object_store_url:
+        return S3ObjectStore.connect(
+            S3Location.parse(settings.object_store_url),
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            connections=settings.worker_threads,
+        )
+    if settings.object_dir is None:  # the settings refuse this; kept for the type checker
+        raise ValueError("neither an object directory nor an S3 URL is set")
+    return LocalObjectStore(settings.object_dir)

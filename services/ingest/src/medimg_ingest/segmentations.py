@@ -24,12 +24,11 @@ import highdicom
 import numpy
 import numpy.typing
 import pydicom
-from highdicom.spatial import get_image_coordinate_system
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from medimg_core.errors import FailedPrecondition, InvalidArgument
-from medimg_ingest import pixels, volumes
+from medimg_ingest import volumes
 from medimg_ingest.deid import values
 
 LabelMap = numpy.typing.NDArray[numpy.unsignedinteger[Any]]
@@ -59,6 +58,18 @@ _DATES = (
     ("AcquisitionDate", "AcquisitionTime"),
     ("StudyDate", "StudyTime"),
 )
+#: What the stand-in of a multi-frame source leaves out: pixels highdicom does not need, and
+#: the functional groups it restates.
+_LEFT_OUT_OF_STAND_IN = frozenset(
+    {
+        "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
+        "PerFrameFunctionalGroupsSequence",
+        "SharedFunctionalGroupsSequence",
+    }
+)
+_PATIENT = highdicom.CoordinateSystemNames.PATIENT
 #: highdicom warns when a Patient's Name has one component, as pseudonyms do; the warning
 #: quotes the name, and under warnings-as-errors it would fail the build.
 _PERSON_NAME_WARNING = r"The string .* is unlikely to represent the intended person name"
@@ -194,12 +205,19 @@ def build(
     spec: SegmentationSpec, labels: LabelMap, sources: Sequence[pydicom.Dataset]
 ) -> BuiltSegmentation:
     """The SEG of `labels` over the stored instances of the spec's series (`sources`, in any
-    order): BINARY, AUTOMATIC segments by the spec's algorithm, one frame per source
-    instance and segment that has any of it, each referencing its source instance, in
-    spatial order along the slice normal (highdicom's: from the last slice of the label map
-    to the first). Refused: a label map whose shape is not
-    the series' volume grid (INVALID_ARGUMENT LABEL_MAP_SHAPE_MISMATCH), and series whose
-    instances are not single-frame images placed in the patient (FAILED_PRECONDITION
+    order): BINARY, AUTOMATIC segments by the spec's algorithm, in spatial order along the
+    slice normal (highdicom's: from the last slice of the label map to the first).
+
+    Single-frame sources: one frame per source instance and segment that has any of it,
+    each referencing its source instance. One multi-frame source: one frame per source frame
+    and segment, empty ones included (a SEG names no count of source frames, so only a frame
+    for each lets a reader rebuild the source's grid, see volumes.label_volume), each
+    referencing its source frame (Referenced Frame Number); label map slice k goes to the
+    source frame that slice k of the series' volume came from.
+
+    Refused: a label map whose shape is not the series' volume grid (INVALID_ARGUMENT
+    LABEL_MAP_SHAPE_MISMATCH), and series whose frames are not each placed in the patient,
+    or that hold several instances of a multi-frame kind (FAILED_PRECONDITION
     SEGMENTATION_SOURCE_UNSUPPORTED)."""
     # The grid inference segmented: the volume GetSeriesPixels serves, slice by slice.
     volume = volumes.series_volume(sources)
@@ -210,9 +228,18 @@ def build(
             f"the label map is {list(labels.shape)}; the volume of {spec.series_name} is "
             f"{list(grid)} (slices, rows, columns)",
         )
-    _check_sources(sources)
-    by_uid = {str(source.SOPInstanceUID): source for source in sources}
-    ordered = [by_uid[uid] for uid in volume.sop_instance_uids]
+    positions = _placed(sources, volume)
+    multi_frame = _multi_frame(sources[0])
+    if multi_frame:
+        # highdicom takes the mask in the source's frame order, and reads the geometry from
+        # the source's functional groups: a stand-in states it as the volume was built.
+        where = dict(zip(volume.frame_numbers, positions, strict=True))
+        ordered = [_geometry_stand_in(sources[0], [where[n] for n in sorted(where)], volume)]
+        mask = labels[numpy.argsort(volume.frame_numbers, kind="stable")]
+    else:
+        by_uid = {str(source.SOPInstanceUID): source for source in sources}
+        ordered = [by_uid[uid] for uid in volume.sop_instance_uids]
+        mask = labels
     content = hashlib.sha256(labels.astype("<u2").tobytes())
     content.update("\\".join(spec.segment_labels).encode())
     series_uid = _uid(spec.series_uid, spec.algorithm_name, spec.algorithm_version)
@@ -240,7 +267,8 @@ def build(
         warnings.filterwarnings("ignore", _PERSON_NAME_WARNING, UserWarning)
         segmentation = highdicom.seg.Segmentation(
             source_images=ordered,
-            pixel_array=labels,
+            pixel_array=mask,
+            omit_empty_frames=not multi_frame,
             segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segments,
             series_instance_uid=series_uid,
@@ -261,23 +289,79 @@ def build(
     return BuiltSegmentation(out.getvalue(), series_uid, sop_instance_uid)
 
 
-def _check_sources(sources: Sequence[pydicom.Dataset]) -> None:
-    for source in sources:
-        if pixels.frame_count(source) > 1:
-            raise _unsupported("its instances are multi-frame images")
-        if get_image_coordinate_system(source) is not highdicom.CoordinateSystemNames.PATIENT:
-            raise _unsupported(
-                "its images have no position in the patient (Frame of Reference UID and Image "
-                "Position (Patient))"
-            )
+def _placed(sources: Sequence[pydicom.Dataset], volume: volumes.Volume) -> list[volumes.Vector]:
+    """The position of each slice of the sources' volume; SEGMENTATION_SOURCE_UNSUPPORTED
+    unless highdicom can place every frame of them."""
+    if len(sources) > 1 and any(_multi_frame(source) for source in sources):
+        raise _unsupported(
+            f"its {len(sources)} instances are of a multi-frame kind (a SEG references the "
+            "frames of one multi-frame instance, or single-frame images)"
+        )
+    positions = volume.positions
+    if positions is None or any("FrameOfReferenceUID" not in s for s in sources):
+        raise _unsupported(
+            "its frames have no position in the patient (a Frame of Reference UID, and an "
+            "Image Position and Orientation (Patient) for every frame, in the functional "
+            "groups of a multi-frame image)"
+        )
+    if volumes.frame_macro(sources[0], 0, "PixelMeasuresSequence").get("PixelSpacing") is None:
+        raise _unsupported("its images have no Pixel Spacing")
+    return positions
 
 
 def _unsupported(why: str) -> FailedPrecondition:
     return FailedPrecondition(
         "SEGMENTATION_SOURCE_UNSUPPORTED",
-        f"no DICOM SEG can be built on this series: {why}; a SEG needs single-frame images "
-        "placed in the patient",
+        f"no DICOM SEG can be built on this series: {why}; a SEG needs images whose every "
+        "frame is placed in the patient",
     )
+
+
+def _multi_frame(source: pydicom.Dataset) -> bool:
+    """Whether highdicom reads `source` as a multi-frame image: its IOD has frames (then it
+    has Number of Frames), even when this instance holds one."""
+    return "NumberOfFrames" in source
+
+
+def _geometry_stand_in(
+    source: pydicom.Dataset, positions: Sequence[volumes.Vector], volume: volumes.Volume
+) -> pydicom.Dataset:
+    """`source` without its pixels, its geometry as functional groups the way highdicom
+    reads it (orientation and pixel measures shared, a position per frame: `positions` in
+    frame order), with the values the volume was built from: an enhanced image's as they
+    are, moved to the shared group where they were per frame, and stated for an image
+    without functional groups (RT Dose)."""
+    stand_in = pydicom.Dataset()
+    for element in source:
+        if element.keyword not in _LEFT_OUT_OF_STAND_IN:
+            stand_in.add(element)
+    stand_in.PerFrameFunctionalGroupsSequence = [
+        _item(PlanePositionSequence=highdicom.PlanePositionSequence(_PATIENT, position))
+        for position in positions
+    ]
+    measures = volumes.frame_macro(source, 0, "PixelMeasuresSequence")
+    stand_in.SharedFunctionalGroupsSequence = [
+        _item(
+            PlaneOrientationSequence=highdicom.PlaneOrientationSequence(
+                _PATIENT,
+                volumes.frame_macro(source, 0, "PlaneOrientationSequence").ImageOrientationPatient,
+            ),
+            PixelMeasuresSequence=highdicom.PixelMeasuresSequence(
+                measures.PixelSpacing,
+                # A SEG reader needs a thickness (highdicom does); RT Dose has none: its grid's.
+                measures.get("SliceThickness") or source.get("SliceThickness") or volume.spacing[0],
+                measures.get("SpacingBetweenSlices") or source.get("SpacingBetweenSlices"),
+            ),
+        )
+    ]
+    return stand_in
+
+
+def _item(**sequences: pydicom.Sequence) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, sequence in sequences.items():
+        setattr(item, keyword, sequence)
+    return item
 
 
 def _uid(*parts: str) -> str:

@@ -315,6 +315,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 origin=list(volume.origin),
                 direction=list(volume.direction),
                 sop_instance_uids=volume.sop_instance_uids,
+                frame_numbers=volume.frame_numbers,
                 patient_pseudonym=pseudonym,
             )
         )

@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from medimg_core.settings import AuditedServiceSettings
 from medimg_ingest import deid
+from medimg_ingest.objects import S3Location
 
 
 class IngestSettings(AuditedServiceSettings):
@@ -17,8 +18,16 @@ class IngestSettings(AuditedServiceSettings):
     database_url: str
     #: Redis URL for the instance events (required).
     redis_url: str
-    #: Directory of the object store (required).
-    object_dir: Path
+    #: The object store on S3 (or an S3-compatible store): `s3://bucket[/key/prefix]`.
+    #: Credentials come from the standard AWS chain (environment, IRSA web identity), never
+    #: from these settings. Unset: the directory `object_dir`.
+    object_store_url: str | None = None
+    #: The S3 API's endpoint, for an S3-compatible store (unset: AWS's for the region).
+    s3_endpoint_url: str | None = None
+    #: The bucket's AWS region (unset: the AWS chain's, e.g. AWS_REGION).
+    s3_region: str | None = None
+    #: Directory of the object store (required unless `object_store_url` is set).
+    object_dir: Path | None = Field(default=None, validate_default=True)
     #: The largest DICOM file accepted, in bytes.
     max_instance_bytes: int = 1024 * 1024 * 1024
     #: The most bytes one upload stream may carry (it is held in memory until validated).
@@ -48,6 +57,24 @@ class IngestSettings(AuditedServiceSettings):
     dimse_host: str = "127.0.0.1"
     dimse_port: int = 11112
     dimse_ae_title: str = Field(default="MEDIMG", min_length=1, max_length=16)
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _an_s3_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            S3Location.parse(url)  # a ValueError names what is wrong
+        return url
+
+    @field_validator("object_dir")
+    @classmethod
+    def _a_store(cls, directory: Path | None, info: ValidationInfo) -> Path | None:
+        # A bad URL was reported already; it is missing from info.data then.
+        if directory is None and info.data.get("object_store_url", "") is None:
+            raise ValueError(
+                "Field required: the object store's directory, or MEDIMG_INGEST_OBJECT_STORE_URL "
+                "(s3://bucket[/prefix]) for S3"
+            )
+        return directory
 
 
 def policy_of(settings: IngestSettings) -> deid.Policy:

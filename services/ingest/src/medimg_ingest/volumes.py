@@ -56,7 +56,11 @@ class Volume:
     `direction` is 9 numbers: the row cosines (the way axis 2 runs), the column cosines
     (axis 1) and the slice normal, their cross product (axis 0); identity without
     ImageOrientationPatient.
-    `sop_instance_uids[k]` names the instance slice k came from.
+    `sop_instance_uids[k]` names the instance slice k came from, `frame_numbers[k]` its frame
+    (from 1; 1 for a single-frame instance).
+    `positions[k]` is the ImagePositionPatient of slice k when every slice has one and there
+    is an orientation (the slices are then in order along the normal), else None: a volume
+    with positions is placed in the patient, frame by frame.
     """
 
     array: Float32Array
@@ -64,6 +68,8 @@ class Volume:
     origin: Vector
     direction: tuple[float, ...]
     sop_instance_uids: list[str]
+    frame_numbers: list[int]
+    positions: list[Vector] | None
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,11 @@ def series_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     pixel_spacing = _common([s.pixel_spacing for s in slices], "PixelSpacing", _SPACING_TOLERANCE)
     normal = _normal(orientation) if orientation else None
     slice_spacing: float | None = None
-    positions = [s.position for s in slices if s.position is not None]
-    if normal is not None and len(positions) == len(slices):
-        order, slice_spacing = _by_position(positions, normal)
+    placed = [s.position for s in slices if s.position is not None]
+    positions: list[Vector] | None = None
+    if normal is not None and len(placed) == len(slices):
+        order, slice_spacing = _by_position(placed, normal)
+        positions = [placed[k] for k in order]
     else:
         order = _by_instance_number(slices, datasets)
     slices = [slices[k] for k in order]
@@ -131,6 +139,8 @@ def series_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
             else _IDENTITY
         ),
         sop_instance_uids=[str(datasets[s.instance].SOPInstanceUID) for s in slices],
+        frame_numbers=[s.frame + 1 for s in slices],
+        positions=positions,
     )
 
 
@@ -138,17 +148,23 @@ def label_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     """A SEG series as a label volume on the grid of the series it segments (read with
     highdicom).
 
-    One slice per source instance the SEG references (its Referenced Series Sequence), rows
-    and columns those of the source; each voxel holds the number of the segment it belongs
-    to, 0 for none, as float32 like every volume. `sop_instance_uids[k]` names the source
-    instance of slice k (ingest replaces the SEG's references with the same keyed UIDs as the
-    source's own), so a reader pairs labels with the source volume's slices by UID. Slices
-    follow the source series' order along its slice normal when the SEG places every source
-    (the plane positions of its frames), and the SEG's list of references otherwise (a
-    source without any segmented frame has no position in the SEG); the geometry is that of
-    the source grid as the SEG describes it. Refused: several instances in the series
-    (INCONSISTENT_SERIES); a SEG that highdicom cannot read, that references no series or
-    several, frames of multi-frame sources, or overlapping segments (INVALID_SEGMENTATION).
+    One slice per source frame: per source instance the SEG references (its Referenced
+    Series Sequence) when those are single-frame images, per frame 1 to N when it segments
+    the frames of one multi-frame image (N the highest frame number its frames reference);
+    rows and columns those of the source. Each voxel holds the number of the segment it
+    belongs to, 0 for none, as float32 like every volume. `sop_instance_uids[k]` and
+    `frame_numbers[k]` name the source instance and frame of slice k (ingest replaces the
+    SEG's references with the same keyed UIDs as the source's own), so a reader pairs labels
+    with the source volume's slices by UID and frame. Slices follow the source's order along
+    its slice normal when the SEG places every source frame (the plane positions of its
+    frames), and otherwise the SEG's list of references (single-frame sources; one without
+    any segmented frame has no position in the SEG) or the frame numbers (a multi-frame
+    source); the geometry is that of the source grid as the SEG describes it. Refused:
+    several instances in the series (INCONSISTENT_SERIES); a SEG that highdicom cannot read,
+    that references no series or several, several multi-frame sources or frames of a
+    multi-frame source mixed with whole instances, a multi-frame source with a frame the
+    SEG leaves out (its empty frames omitted: the source's grid cannot be told), or
+    overlapping segments (INVALID_SEGMENTATION).
     """
     if len(datasets) > 1:
         raise _inconsistent(
@@ -167,62 +183,114 @@ def label_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
             f"the SEG references {len({s for _, s, _ in sources})} series; a label volume is "
             "on the grid of exactly one"
         )
-    uids = [uid for _, _, uid in sources]
-    located = _source_positions(dataset)
-    if located is None:
-        raise _invalid_segmentation(
-            "the SEG segments frames of multi-frame images, which are not served as label "
-            "volumes yet"
-        )
+    uids = [str(uid) for _, _, uid in sources]
+    derived = _derivations(dataset)
+    multi_frame = any(frames for _, frames, _ in derived)
+    if multi_frame:
+        uid, numbers, positions = _source_frames(derived, uids)
+        uids = [uid] * len(numbers)
+    else:
+        located = {uid: position for uid, _, position in derived if position}
+        numbers, positions = [1] * len(uids), [located.get(uid) for uid in uids]
     try:
-        labels = segmentation.get_pixels_by_source_instance(uids, combine_segments=True)
+        if multi_frame:
+            labels = segmentation.get_pixels_by_source_frame(
+                uids[0], numbers, combine_segments=True
+            )
+        else:
+            labels = segmentation.get_pixels_by_source_instance(uids, combine_segments=True)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
         overlap = "overlap" in str(error).lower()
         raise _invalid_segmentation(
             "segments overlap, so a voxel has no single label"
             if overlap
-            else "its frames cannot be placed on the source instances it references"
+            else "its frames cannot be placed on the source frames it references"
         ) from error
     orientation = _numbers(
-        _macro(dataset, 0, "PlaneOrientationSequence"), "ImageOrientationPatient", 6
+        frame_macro(dataset, 0, "PlaneOrientationSequence"), "ImageOrientationPatient", 6
     )
     normal = _normal(orientation) if orientation else None
     order, slice_spacing = list(range(len(uids))), None
-    if normal is not None and all(uid in located for uid in uids):
-        order, slice_spacing = _by_position([located[uid] for uid in uids], normal)
-    pixel_spacing = _numbers(_macro(dataset, 0, "PixelMeasuresSequence"), "PixelSpacing", 2)
+    placed = [position for position in positions if position is not None]
+    located_all = normal is not None and len(placed) == len(positions)
+    if located_all and normal is not None:
+        order, slice_spacing = _by_position(placed, normal)
+    pixel_spacing = _numbers(frame_macro(dataset, 0, "PixelMeasuresSequence"), "PixelSpacing", 2)
     row_spacing, column_spacing = pixel_spacing or (1.0, 1.0)
-    first = uids[order[0]]
     return Volume(
         array=numpy.ascontiguousarray(labels[order], dtype=numpy.float32),
         spacing=(slice_spacing or _nominal_slice_spacing(dataset), row_spacing, column_spacing),
-        origin=located.get(first, (0.0, 0.0, 0.0)),
+        origin=positions[order[0]] or (0.0, 0.0, 0.0),
         direction=(
             (*orientation, *(float(n) for n in normal))
             if orientation and normal is not None
             else _IDENTITY
         ),
         sop_instance_uids=[uids[k] for k in order],
+        frame_numbers=[numbers[k] for k in order],
+        positions=[placed[k] for k in order] if located_all else None,
     )
 
 
-def _source_positions(dataset: pydicom.Dataset) -> dict[str, Vector] | None:
-    """Where each source instance with a segmented frame lies (the plane position of the
-    frames derived from it); None when a frame is derived from a frame of a multi-frame
-    source."""
-    located: dict[str, Vector] = {}
+#: What a SEG frame is derived from: the source instance, the source frames (none for a
+#: single-frame source) and where the SEG frame lies.
+_Derivation = tuple[str, tuple[int, ...], Vector | None]
+
+
+def _derivations(dataset: pydicom.Dataset) -> list[_Derivation]:
+    """What each frame of a SEG is derived from (its Derivation Image Sequence), with the
+    plane position of that frame."""
+    derived: list[_Derivation] = []
     for frame, group in enumerate(dataset.get("PerFrameFunctionalGroupsSequence") or []):
         position = _numbers(
-            _macro(dataset, frame, "PlanePositionSequence"), "ImagePositionPatient", 3
+            frame_macro(dataset, frame, "PlanePositionSequence"), "ImagePositionPatient", 3
         )
         for derivation in group.get("DerivationImageSequence") or []:
             for source in derivation.get("SourceImageSequence") or []:
-                if "ReferencedFrameNumber" in source:
-                    return None
                 uid = str(source.get("ReferencedSOPInstanceUID", ""))
-                if uid and position:
-                    located[uid] = _vector(position)
-    return located
+                frames = _integers(source.get("ReferencedFrameNumber"))
+                if uid:
+                    derived.append((uid, frames, _vector(position) if position else None))
+    return derived
+
+
+def _source_frames(
+    derived: list[_Derivation], uids: list[str]
+) -> tuple[str, list[int], list[Vector | None]]:
+    """The multi-frame source a SEG segments, its frames 1 to N, and where each lies (None
+    where no SEG frame of that source frame alone places it); INVALID_SEGMENTATION unless
+    the SEG segments frames of exactly one instance and has a frame for each of 1 to N."""
+    sources = {uid for uid, _, _ in derived} | set(uids)
+    if len(sources) != 1 or not all(frames for _, frames, _ in derived):
+        raise _invalid_segmentation(
+            f"the SEG segments frames of multi-frame images among {len(sources)} source "
+            "instances; a label volume is on the grid of one multi-frame instance alone"
+        )
+    numbers = {number for _, frames, _ in derived for number in frames}
+    if min(numbers) < 1:
+        raise _invalid_segmentation(f"the SEG references source frame {min(numbers)}")
+    count = max(numbers)
+    missing = sorted(set(range(1, count + 1)) - numbers)
+    if missing:
+        raise _invalid_segmentation(
+            f"source frame(s) {missing[:8]} have no frame in the SEG (empty frames left "
+            "out), so the grid of the source cannot be told; a SEG with a frame for every "
+            "source frame can be read"
+        )
+    located = {frames[0]: position for _, frames, position in derived if len(frames) == 1}
+    every = list(range(1, count + 1))
+    return sources.pop(), every, [located.get(number) for number in every]
+
+
+def _integers(value: Any) -> tuple[int, ...]:
+    """An IS element's values (one or many) as integers; () when absent or malformed."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    try:
+        return tuple(int(item) for item in items)
+    except (TypeError, ValueError):
+        return ()
 
 
 def _invalid_segmentation(message: str) -> InvalidArgument:
@@ -248,9 +316,9 @@ def _check_instances(datasets: Sequence[pydicom.Dataset]) -> None:
 
 def _slice_of(dataset: pydicom.Dataset, instance: int, frame: int, frames: int) -> _Slice:
     orientation = _numbers(
-        _macro(dataset, frame, "PlaneOrientationSequence"), "ImageOrientationPatient", 6
+        frame_macro(dataset, frame, "PlaneOrientationSequence"), "ImageOrientationPatient", 6
     )
-    source = _macro(dataset, frame, "PlanePositionSequence")
+    source = frame_macro(dataset, frame, "PlanePositionSequence")
     position = _numbers(source, "ImagePositionPatient", 3)
     if frames > 1 and source is dataset:
         # A multi-frame object's top-level position is its first frame's; only RT Dose's
@@ -266,12 +334,12 @@ def _slice_of(dataset: pydicom.Dataset, instance: int, frame: int, frames: int) 
         frame=frame,
         position=_vector(position) if position else None,
         orientation=orientation,
-        pixel_spacing=_numbers(_macro(dataset, frame, "PixelMeasuresSequence"), "PixelSpacing", 2),
+        pixel_spacing=_pixel_spacing(frame_macro(dataset, frame, "PixelMeasuresSequence")),
     )
 
 
-def _macro(dataset: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset:
-    """The item of a functional group macro that applies to `frame` (per-frame, then
+def frame_macro(dataset: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset:
+    """The item of a functional group macro that applies to `frame` (from 0; per-frame, then
     shared, PS3.3 C.7.6.16), or the dataset itself for objects without functional groups."""
     for groups_keyword, index in (
         ("PerFrameFunctionalGroupsSequence", frame),
@@ -298,6 +366,14 @@ def _numbers(source: pydicom.Dataset, keyword: str, count: int) -> tuple[float, 
     if len(numbers) != count or not all(numpy.isfinite(numbers)):
         return None
     return numbers
+
+
+def _pixel_spacing(source: pydicom.Dataset) -> tuple[float, ...] | None:
+    """PixelSpacing (row, column) in mm; None when it is absent or not positive (some CR
+    files carry 0\\0), so the volume gets the nominal 1 mm rather than a spacing that no
+    consumer can place."""
+    spacing = _numbers(source, "PixelSpacing", 2)
+    return spacing if spacing is not None and min(spacing) > 0 else None
 
 
 def _common(
@@ -358,7 +434,7 @@ def _by_instance_number(slices: list[_Slice], datasets: Sequence[pydicom.Dataset
 
 def _nominal_slice_spacing(dataset: pydicom.Dataset) -> float:
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        value = _numbers(_macro(dataset, 0, "PixelMeasuresSequence"), keyword, 1)
+        value = _numbers(frame_macro(dataset, 0, "PixelMeasuresSequence"), keyword, 1)
         value = value or _numbers(dataset, keyword, 1)
         if value and value[0] > 0:
             return value[0]
@@ -374,7 +450,7 @@ def _modality_values(
     if dataset.get("ModalityLUTSequence"):
         lut: numpy.typing.NDArray[Any] = apply_modality_lut(pixels, dataset)
         return lut
-    rescale = _macro(dataset, frame, "PixelValueTransformationSequence")
+    rescale = frame_macro(dataset, frame, "PixelValueTransformationSequence")
     slope = _numbers(rescale, "RescaleSlope", 1) or (1.0,)
     intercept = _numbers(rescale, "RescaleIntercept", 1) or (0.0,)
     if (slope[0], intercept[0]) == (1.0, 0.0):

@@ -11,9 +11,10 @@ type and message; never pixels or pseudonyms) before the process exits non-zero.
 Images: each series is a float32 volume (slices, rows, columns[, samples]) in modality
 units, samples averaged into one channel. Networks see it in MONAI's axis order, as the
 inference service hands it to them: a 3D network the whole volume (1, columns, rows,
-slices), a 2D network slices (1, columns, rows). A classifier learns from the middle
-slice (2D); a segmenter from every slice (2D), its labels the SEG's label volume that
-ingest serves on the image's grid, matched slice by slice through the SOP Instance UIDs
+slices), a 2D network every slice (1, columns, rows). A 2D classifier learns from every
+slice, each with its series' class, and is validated as Predict answers: the mean of the
+slices' probabilities per series. A segmenter's labels are the SEG's label volume that
+ingest serves on the image's grid, matched slice by slice through the instance and frame
 of both headers. Images are scaled to [0, 1] per image (MONAI `ScaleIntensity`) and
 resized to `spec.image_size` (labels by nearest neighbour).
 """
@@ -47,19 +48,24 @@ def cache_path(cache_dir: Path, series: str) -> Path:
     return cache_dir / f"{hashlib.sha256(series.encode()).hexdigest()[:40]}.npy"
 
 
+#: A slice of a series: the (de-identified) SOP Instance UID of its instance, and its
+#: frame in that instance (from 1).
+Slice = tuple[str, int]
+
+
 def slices_path(cache_dir: Path, series: str) -> Path:
-    """Beside a cached volume: the (de-identified) SOP Instance UID of each slice."""
-    return cache_path(cache_dir, series).with_suffix(".slices.json")
+    """Beside a cached volume: each slice's instance and frame."""
+    return cache_path(cache_dir, series).with_suffix(".frames.json")
 
 
-def fetch_with_slices(config: Config, series: str) -> tuple[Volume, list[str]]:
-    """The series' volume and the SOP Instance UID of each of its slices."""
+def fetch_with_slices(config: Config, series: str) -> tuple[Volume, list[Slice]]:
+    """The series' volume and the instance and frame of each of its slices."""
     path = slices_path(Path(config["cache_dir"]), series)
     if not path.is_file():
         cache_path(Path(config["cache_dir"]), series).unlink(missing_ok=True)
     volume = fetch(config, series)
     slices = json.loads(path.read_text())
-    return volume, [str(uid) for uid in slices]
+    return volume, [(str(uid), int(frame)) for uid, frame in slices]
 
 
 def fetch(config: Config, series: str) -> Volume:
@@ -91,7 +97,11 @@ def fetch(config: Config, series: str) -> Volume:
         raise RuntimeError(f"ingest sent no volume header for {series}")
     volume = np.frombuffer(b"".join(chunks), dtype="<f4").reshape(tuple(header.shape))
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(slices_path(path.parent, series), list(header.sop_instance_uids))
+    # An ingest without frame numbers serves single-frame slices only.
+    frames = list(header.frame_numbers) or [1] * len(header.sop_instance_uids)
+    _write_json(
+        slices_path(path.parent, series), list(zip(header.sop_instance_uids, frames, strict=True))
+    )
     partial = path.with_suffix(f".{os.getpid()}.tmp")
     with partial.open("wb") as out:
         np.save(out, volume)
@@ -99,25 +109,20 @@ def fetch(config: Config, series: str) -> Volume:
     return volume.astype(np.float32)
 
 
-def to_image(volume: Volume, spatial_dims: int) -> Volume:
-    """(1, columns, rows) of the middle slice, or (1, columns, rows, slices), from a
-    (slices, rows, columns[, samples]) volume; see the module docstring."""
+def network_inputs(volume: Volume, spatial_dims: int) -> list[Volume]:
+    """What a network sees of a (slices, rows, columns[, samples]) volume, as inference hands
+    it over: each slice as (1, columns, rows) for a 2D network, the whole volume as
+    (1, columns, rows, slices) for a 3D one; see the module docstring."""
     array = volume.mean(axis=-1) if volume.ndim == 4 else volume
     if spatial_dims == 2:
-        return np.ascontiguousarray(array[array.shape[0] // 2].T[None], dtype=np.float32)
-    return np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)
-
-
-def to_slices(volume: Volume) -> list[Volume]:
-    """Each slice as (1, columns, rows), from a (slices, rows, columns[, samples]) volume."""
-    array = volume.mean(axis=-1) if volume.ndim == 4 else volume
-    return [np.ascontiguousarray(plane.T[None], dtype=np.float32) for plane in array]
+        return [np.ascontiguousarray(plane.T[None], dtype=np.float32) for plane in array]
+    return [np.ascontiguousarray(array.transpose(2, 1, 0)[None], dtype=np.float32)]
 
 
 def labels_on_image(
-    labels: Volume, label_slices: Sequence[str], image: Volume, image_slices: Sequence[str]
+    labels: Volume, label_slices: Sequence[Slice], image: Volume, image_slices: Sequence[Slice]
 ) -> Volume:
-    """The label volume on the image's slices, matched by SOP Instance UID: (slices, rows,
+    """The label volume on the image's slices, matched by instance and frame: (slices, rows,
     columns) like the image, 0 on slices the labels do not cover."""
     where = {uid: k for k, uid in enumerate(label_slices)}
     if not set(where) <= set(image_slices) or labels.shape[1:3] != image.shape[1:3]:
@@ -147,11 +152,23 @@ def segmentation_records(
             f"a label series holds label {highest}, but the dataset names {classes} labels "
             f"(0 to {classes - 1}): give the dataset one class name per segment number"
         )
-    if spatial_dims == 3:
-        return [{"image": to_image(image, 3), "label": to_image(placed, 3), "group": group}]
     return [
         {"image": picture, "label": label, "group": group}
-        for picture, label in zip(to_slices(image), to_slices(placed), strict=True)
+        for picture, label in zip(
+            network_inputs(image, spatial_dims), network_inputs(placed, spatial_dims), strict=True
+        )
+    ]
+
+
+def classification_records(
+    config: Config, item: Mapping[str, Any], spatial_dims: int, group: int
+) -> list[dict[str, Any]]:
+    """The records of one item: each slice (2D) or the volume (3D) with the item's class,
+    and its `group` (validation averages a series' slices, as Predict does)."""
+    volume = fetch(config, item["series"])
+    return [
+        {"image": picture, "label": item["label_index"], "group": group}
+        for picture in network_inputs(volume, spatial_dims)
     ]
 
 
@@ -227,15 +244,9 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
 
     def records(split: str) -> list[dict[str, Any]]:
         chosen = [item for item in config["items"] if item["split"] == split]
-        if segmenting:
-            dims = len(image_size)
-            return [record for group, item in enumerate(chosen)
-                    for record in segmentation_records(config, item, dims, group)]  # fmt: skip
-        return [
-            {"image": to_image(fetch(config, item["series"]), len(image_size)),
-             "label": item["label_index"]}
-            for item in chosen
-        ]  # fmt: skip
+        of_item = segmentation_records if segmenting else classification_records
+        return [record for group, item in enumerate(chosen)
+                for record in of_item(config, item, len(image_size), group)]  # fmt: skip
 
     keys = ["image", "label"] if segmenting else ["image"]
     transform = Compose(
@@ -416,21 +427,23 @@ def validate_segmentation(model: Any, dataset: Any, device: Any, classes: int) -
 
 
 def validate(model: Any, dataset: Any, device: Any, classes: int) -> dict[str, float]:
-    """Accuracy and macro AUC over the validation split (empty if it has no items)."""
+    """Accuracy and macro AUC over the validation split's series (empty if it has none),
+    each scored as Predict scores it: the mean of its slices' probabilities."""
     import torch
     from monai.metrics.rocauc import compute_roc_auc
 
     if len(dataset) == 0:
         return {}
     model.eval()
-    scores, labels = [], []
+    groups: dict[int, tuple[list[Any], int]] = {}
     with torch.no_grad():
         for record in dataset:
             logits = model(record["image"][None].to(device))
+            scores, _ = groups.setdefault(int(record["group"]), ([], int(record["label"])))
             scores.append(torch.softmax(logits.float(), dim=1)[0].cpu())
-            labels.append(int(record["label"]))
     model.train()
-    predicted = torch.stack(scores)
+    predicted = torch.stack([torch.stack(scores).mean(dim=0) for scores, _ in groups.values()])
+    labels = [label for _, label in groups.values()]
     truth = torch.tensor(labels)
     metrics = {"accuracy": float((predicted.argmax(dim=1) == truth).float().mean())}
     if len(set(labels)) > 1:
