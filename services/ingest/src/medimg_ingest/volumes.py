@@ -215,7 +215,7 @@ def label_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     located_all = normal is not None and len(placed) == len(positions)
     if located_all and normal is not None:
         order, slice_spacing = _by_position(placed, normal)
-    pixel_spacing = _numbers(frame_macro(dataset, 0, "PixelMeasuresSequence"), "PixelSpacing", 2)
+    pixel_spacing = _pixel_spacing(frame_macro(dataset, 0, "PixelMeasuresSequence"))
     row_spacing, column_spacing = pixel_spacing or (1.0, 1.0)
     return Volume(
         array=numpy.ascontiguousarray(labels[order], dtype=numpy.float32),
