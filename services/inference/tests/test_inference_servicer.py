@@ -13,12 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from medimg.inference.v1 import inference_service_pb2 as pb
 from medimg.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from medimg_cli.testing import error_reason
 from medimg_core.identity import USER_HEADER, XFCC_HEADER
 from medimg_core.server import Server
 from medimg_inference.app import build
@@ -43,14 +42,6 @@ def workload(name: str) -> Metadata:
 def user(subject: str, *roles: str) -> Metadata:
     claims = base64.urlsafe_b64encode(json.dumps({"sub": subject, "roles": roles}).encode())
     return (*workload("gateway"), (USER_HEADER, claims.decode()))
-
-
-def reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return str(info.reason)
 
 
 @pytest.fixture
@@ -151,7 +142,7 @@ async def test_bad_requests_get_a_specific_error(
             assert isinstance(request_, pb.PredictRequest)
             await stub.Predict(request_, metadata=caller, timeout=5)
     assert caught.value.code() == code
-    assert reason(caught.value) == expected
+    assert error_reason(caught.value) == expected
 
 
 @pytest.mark.parametrize(("method", "request_"), CALLS)
@@ -163,7 +154,7 @@ async def test_a_user_without_an_allowed_role_is_denied(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await getattr(stub, method)(request_, metadata=user("ann", *roles), timeout=5)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert reason(caught.value) == "ROLE_NOT_ALLOWED"
+    assert error_reason(caught.value) == "ROLE_NOT_ALLOWED"
 
 
 async def test_no_caller_identity_is_unauthenticated(channel: grpc.aio.Channel) -> None:

@@ -11,13 +11,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
-from medimg_cli.testing import StartServer
+from medimg_cli.testing import StartServer, error_reason
 from medimg_core.errors import InvalidArgument
 from medimg_core.identity import XFCC_HEADER
 from medimg_core.server import ServiceDefinition
@@ -62,14 +60,6 @@ def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
         tensor.name: np.frombuffer(raw, dtype=np.dtype("<f4")).reshape(tuple(tensor.shape))
         for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return str(info.reason)
 
 
 # --- conversions ----------------------------------------------------------------------------
