@@ -249,8 +249,9 @@ def test_watch_exits_non_zero_with_the_error_when_the_worker_dies(
 def test_watch_goes_on_through_a_restart_of_the_training_service(
     platform: Platform, dataset: str
 ) -> None:
-    # The service stops the workers when it drains and resumes the job from its last
-    # checkpoint when it is back; the watcher sees the stream cut and watches again.
+    # The service ends the watch streams and stops the workers as soon as it drains (not at
+    # the end of its grace), and resumes the job from its last checkpoint when it is back;
+    # the watcher is told to watch again and does.
     # Long enough (some seconds of training) not to end before the service is stopped.
     job = create_job(platform, dataset, epochs=300, resumeOnRestart=True)
     watcher = subprocess.Popen(
@@ -277,7 +278,11 @@ def test_watch_goes_on_through_a_restart_of_the_training_service(
         if watcher.poll() is None:
             watcher.kill()
     assert watcher.returncode == 0, rest + errors
-    assert re.search(r"^lost the progress stream \(UNAVAILABLE.*\); watching again$", rest, re.M)
+    assert re.search(
+        r"^lost the progress stream \(UNAVAILABLE SERVICE_DRAINING: .*\); watching again$",
+        rest,
+        re.M,
+    )
     assert re.search(
         rf"^{job} SUCCEEDED in .*: registeredModels/cli-train/versions/\d+", rest, re.M
     )

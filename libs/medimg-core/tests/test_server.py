@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 
 import grpc
@@ -109,6 +110,32 @@ async def test_drain_reports_not_serving_and_lets_the_call_in_flight_finish(
     response = await asyncio.wait_for(in_flight, 5)
     assert list(response.log_indexes) == [1, 2, 3]
     await asyncio.wait_for(draining, 5)
+
+
+async def test_on_drain_runs_after_the_delay_and_can_end_a_call_before_the_grace(
+    start_server: StartServer,
+) -> None:
+    servicer = slow()
+    seen: list[int] = []
+
+    async def on_drain() -> None:  # as training ends its watch streams and stops its workers
+        seen.append(await check(channel))
+        servicer.release.set()
+
+    server, channel = await start_server(
+        dataclasses.replace(definition(servicer), on_drain=on_drain),
+        grace_seconds=30.0,
+        drain_delay_seconds=0.2,
+    )
+    stub = pb_grpc.AuditServiceStub(channel)
+    in_flight = stub.AppendEvents(pb.AppendEventsRequest(), metadata=WORKLOAD, timeout=10)
+    await asyncio.wait_for(servicer.entered.wait(), 5)
+    draining = asyncio.create_task(server.drain())
+    await asyncio.sleep(0.1)
+    assert not seen  # not during the delay: routing is still moving away
+    assert list((await asyncio.wait_for(in_flight, 5)).log_indexes) == [1, 2, 3]
+    assert seen == [NOT_SERVING]
+    await asyncio.wait_for(draining, 5)  # not the 30 s of grace: nothing was left in flight
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

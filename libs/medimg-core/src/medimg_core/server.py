@@ -47,6 +47,10 @@ class ServiceDefinition:
     on_denied: DenialHook | None = None
     #: Full method names the gateway calls as itself, with no user (its access log).
     gateway_alone: frozenset[str] = frozenset()
+    #: Awaited when the service starts draining, once callers were told NOT_SERVING and
+    #: before in-flight calls get their grace: ends what would otherwise outlive the grace
+    #: (open-ended streams, worker processes), so it ends cleanly and at once.
+    on_drain: Callable[[], Awaitable[None]] | None = None
 
 
 #: Builds a service's definition; resources it opens go on the exit stack, closed at stop.
@@ -105,6 +109,7 @@ class Server:
         self.settings = settings
         self.names: list[str] = []
         self._policy: dict[str, frozenset[Role]] = {}
+        self._on_drain: Callable[[], Awaitable[None]] | None = None
         self._late = _LateHandlers()
         limit = settings.max_message_bytes
         self._interceptor = CallInterceptor(gateway=settings.gateway, policy=self._policy)
@@ -138,6 +143,7 @@ class Server:
         self._policy.update(definition.policy)
         self._interceptor.on_denied = definition.on_denied
         self._interceptor.gateway_alone = definition.gateway_alone
+        self._on_drain = definition.on_drain
         health = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             ReflectionServicer([*self.names, health, reflection.SERVICE_NAME]),
@@ -158,6 +164,8 @@ class Server:
         """NOT_SERVING first, so callers stop sending; then refuse new calls; old ones finish."""
         await self._set_health(NOT_SERVING)
         await asyncio.sleep(self.settings.drain_delay_seconds)
+        if self._on_drain is not None:
+            await self._on_drain()
         await self.grpc.stop(self.settings.grace_seconds)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:

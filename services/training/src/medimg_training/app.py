@@ -50,8 +50,7 @@ async def build(settings: TrainingSettings, resources: AsyncExitStack) -> Servic
         pool=pool, events=events, settings=settings, executor=executor, code_version=code
     )
     await runner.start()
-    # Closes first at shutdown (the stack unwinds in reverse): workers stop, jobs stay
-    # RUNNING for the next start to resume or fail.
+    # The servicer's drain closes it at shutdown; this is for a build that fails later on.
     resources.push_async_callback(runner.close)
     servicer = TrainingServicer(
         pool=pool,
@@ -71,4 +70,5 @@ async def build(settings: TrainingSettings, resources: AsyncExitStack) -> Servic
         ),
         policy=POLICY,
         on_denied=audit.record_denial,
+        on_drain=servicer.drain,
     )

@@ -132,6 +132,8 @@ class Runner:
         self._scheduler = asyncio.create_task(self._schedule_forever())
 
     async def close(self) -> None:
+        """Stops scheduling and the workers (SIGTERM, then SIGKILL past the cancel grace);
+        their jobs stay RUNNING. A second call finds nothing left to stop."""
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -17,7 +17,7 @@ from medimg.training.v1 import training_service_pb2_grpc as pb_grpc
 from medimg_core import calls, pagination, timestamps
 from medimg_core.audit import Access, Action, AuditClient, Kind
 from medimg_core.calls import Context
-from medimg_core.errors import InvalidArgument
+from medimg_core.errors import InvalidArgument, Unavailable
 from medimg_core.identity import Role
 from medimg_training import datasets, jobs, progress, query, registry, specs
 from medimg_training.datasets import SeriesName, Task
@@ -203,6 +203,15 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self._settings = settings
         self._executor = executor
         self._gpus = gpus
+        self._draining = asyncio.Event()
+
+    async def drain(self) -> None:
+        """At shutdown, before the grace: watchers are told to watch again (another replica,
+        or this one once back) rather than held to the end of the grace and cut, and the
+        workers stop now, while the grace still covers them; their jobs stay RUNNING for the
+        next start to resume or fail."""
+        self._draining.set()
+        await self._runner.close()
 
     # Datasets -----------------------------------------------------------------------
 
@@ -339,6 +348,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         last = latest[0][0] if latest else "0-0"
         entries = latest or []
         while True:
+            if self._draining.is_set():
+                raise Unavailable(
+                    "SERVICE_DRAINING", "the training service is shutting down: watch again"
+                )
             for entry_id, fields in entries:
                 last = entry_id
                 values = progress.decode(fields)
