@@ -299,6 +299,30 @@ async def test_a_batch_waits_up_to_the_queue_delay_for_more_requests(
     assert [len(batch) for batch in backend.executed] == [3, 3]
 
 
+@pytest.mark.parametrize(("preferred", "batches"), [([2, 4], [1, 4, 1]), ([], [1, 5])])
+async def test_the_largest_preferred_batch_size_runs_without_waiting_out_the_delay(
+    make_batcher: MakeBatcher,
+    classifier: TrainedClassifier,
+    preferred: list[int],
+    batches: list[int],
+) -> None:
+    batcher, backend = make_batcher(
+        {"max_batch_size": 8, "max_queue_delay_us": 300_000, "preferred_batch_sizes": preferred}
+    )
+    patches = classifier.patches[:6]
+    first = await hold(batcher, backend, patches[:1])
+    queued = [
+        asyncio.create_task(batcher.infer({"patch": patches[i : i + 1]})) for i in range(1, 6)
+    ]
+    await asyncio.sleep(0.05)  # all five wait behind the held batch
+    backend.gate.set()
+    for patch, answer in zip(patches, await asyncio.gather(first, *queued), strict=True):
+        assert_answers(classifier, patch[None], answer)
+    # Five queued rows: four of them (the largest preferred size) at once, the last one
+    # after the delay; without preferred sizes, all five together.
+    assert [len(batch) for batch in backend.executed] == batches
+
+
 async def test_closing_answers_the_queue_and_refuses_new_requests(
     make_batcher: MakeBatcher, classifier: TrainedClassifier
 ) -> None:

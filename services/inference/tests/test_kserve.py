@@ -105,7 +105,12 @@ def specs(tmp_path: Path, classifier: TrainedClassifier) -> Specs:
     ints = metadata_json(
         {"counts": tensor_json(2, ["8*n"], dtype="int8")},
         {"total": tensor_json(1, [], dtype="int64", kind="probabilities")},
-        {"max_batch_size": 4, "max_queue_delay_us": 500, "instances": 2},
+        {
+            "max_batch_size": 4,
+            "max_queue_delay_us": 500,
+            "preferred_batch_sizes": [4],
+            "instances": 2,
+        },
     )
     write_bundle(tmp_path, "ints", 3, ints, {"model.ts": classifier.torchscript})
     repository = ModelRepository(tmp_path)
@@ -237,6 +242,7 @@ def test_model_config_as_triton_writes_it(specs: Specs) -> None:
         ("total", mc.TYPE_INT64, [1])
     ]
     assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert list(config.dynamic_batching.preferred_batch_size) == [4]
     assert [(g.kind, g.count) for g in config.instance_group] == [
         (mc.ModelInstanceGroup.KIND_CPU, 2)
     ]

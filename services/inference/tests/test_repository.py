@@ -40,6 +40,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
         "max_batch_size": 4,
         "max_queue_delay_us": 1500,
         "queue_limit": 16,
+        "preferred_batch_sizes": [4, 2, 2],
         "instances": 2,
         "labels": ["computed tomography", "magnetic resonance"],
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": True}],
@@ -57,7 +58,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
     assert probabilities.shape == (2,)
     assert dict(probabilities.channel_def) == {0: "CT", 1: "MR"}
     assert config.batching == BatchingConfig(
-        max_batch_size=4, max_queue_delay_us=1500, queue_limit=16
+        max_batch_size=4, max_queue_delay_us=1500, queue_limit=16, preferred_batch_sizes=(2, 4)
     )
     assert config.execution.platform is Platform.ONNX
     assert config.execution.model_file == tmp_path / "patches/3/models/model.onnx"
@@ -301,6 +302,18 @@ MALFORMED: list[tuple[str, Callable[[Metadata], object], str, str]] = [
         lambda m: _medimg(m).update(response_cache="yes"),
         "INVALID_METADATA",
         "medimg.response_cache",
+    ),
+    (
+        "preferred batch size above the largest",
+        lambda m: _medimg(m).update(max_batch_size=4, preferred_batch_sizes=[2, 8]),
+        "INVALID_METADATA",
+        "medimg.preferred_batch_sizes",
+    ),
+    (
+        "preferred batch sizes not a list",
+        lambda m: _medimg(m).update(preferred_batch_sizes=4),
+        "INVALID_METADATA",
+        "medimg.preferred_batch_sizes",
     ),
     (
         "negative delay",

@@ -5,11 +5,13 @@ carry several rows). It is checked against the model's input TensorSpecs before 
 the queue, so a malformed request fails alone and at once. Each instance of the model has
 a worker task; one worker at a time gathers a batch: the oldest request, then later ones
 whose arrays have the same per-row shapes, until `max_batch_size` rows or until the oldest
-has waited `max_queue_delay_us`. The batch's arrays are concatenated along axis 0, run in
-the instance's own thread (never on the event loop), and split back by rows. If a batch of
-several requests fails, its requests run again one by one, so that only the request that
-cannot run fails. Requests whose deadline (an absolute `time.monotonic()` value) passes
-before their batch starts are answered DEADLINE_EXCEEDED and never run.
+has waited `max_queue_delay_us`; a batch of a preferred size runs at once, without the
+wait (the largest one the queue makes: a batch of exactly that many rows). The batch's
+arrays are concatenated along axis 0, run in the instance's own thread (never on the event
+loop), and split back by rows. If a batch of several requests fails, its requests run again
+one by one, so that only the request that cannot run fails. Requests whose deadline (an
+absolute `time.monotonic()` value) passes before their batch starts are answered
+DEADLINE_EXCEEDED and never run.
 """
 
 from __future__ import annotations
@@ -302,7 +304,8 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             fill_by_ns = self._pending[0].arrived_ns + self.batching.max_queue_delay_us * 1000
-            while self._accepting and self._ready_rows() < self.batching.max_batch_size:
+            limit = 0
+            while self._accepting and not (limit := self._rows_to_take_now()):
                 remaining_s = (fill_by_ns - time.monotonic_ns()) / 1e9
                 if remaining_s <= 0:
                     break
@@ -312,17 +315,34 @@ class DynamicBatcher:
                         await self._arrived.wait()
                 except TimeoutError:
                     break
-            return self._take()
+            return self._take(limit or self.batching.max_batch_size)
 
-    def _ready_rows(self) -> int:
+    def _rows_to_take_now(self) -> int:
+        """max_batch_size once that many rows of the oldest request's shapes are queued;
+        else the largest preferred batch size that the requests `_take` would pick add up
+        to on the way; else 0: wait for more."""
+        largest = self.batching.max_batch_size
         if not self._pending:
             return 0
         shapes = self._pending[0].item_shapes
-        return sum(request.rows for request in self._pending if request.item_shapes == shapes)
+        if sum(r.rows for r in self._pending if r.item_shapes == shapes) >= largest:
+            return largest
+        preferred, rows, first = 0, 0, None
+        now = time.monotonic()
+        for request in self._pending:
+            if request.future.done() or (request.deadline is not None and request.deadline <= now):
+                continue
+            first = first or request
+            if request.item_shapes == first.item_shapes and rows + request.rows <= largest:
+                rows += request.rows
+                if rows in self.batching.preferred_batch_sizes:
+                    preferred = rows
+        return preferred
 
-    def _take(self) -> list[_Request]:
+    def _take(self, limit: int) -> list[_Request]:
         """Removes from the queue the oldest live request and the later ones that fit with
-        it; answers the expired ones it meets on the way. May return an empty batch."""
+        it in `limit` rows; answers the expired ones it meets on the way. May return an
+        empty batch."""
         now = time.monotonic()
         batch: list[_Request] = []
         rows = 0
@@ -335,7 +355,7 @@ class DynamicBatcher:
                 self._fail(request, self._deadline_exceeded())
             elif (
                 not batch or request.item_shapes == batch[0].item_shapes
-            ) and rows + request.rows <= self.batching.max_batch_size:
+            ) and rows + request.rows <= limit:
                 batch.append(request)
                 rows += request.rows
             else:

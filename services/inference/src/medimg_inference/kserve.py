@@ -274,6 +274,7 @@ def model_config(config: ModelConfig) -> mc.ModelConfig:
     if config.batching.max_batch_size > 1:
         message.dynamic_batching.CopyFrom(
             mc.ModelDynamicBatching(
+                preferred_batch_size=config.batching.preferred_batch_sizes,
                 max_queue_delay_microseconds=config.batching.max_queue_delay_us,
                 default_queue_policy=mc.ModelQueuePolicy(
                     max_queue_size=config.batching.queue_limit

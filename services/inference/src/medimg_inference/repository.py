@@ -24,6 +24,9 @@ plain MONAI bundle loads::
                                        #   model file present (model.plan, model.onnx, model.ts)
         "max_batch_size": 8,           # rows per execution; 1 turns batching off
         "max_queue_delay_us": 2000,    # how long a batch may wait for more requests
+        "preferred_batch_sizes": [4, 8],  # batch sizes to run at once when they can form,
+                                       #   without waiting out the delay (Triton's
+                                       #   preferred_batch_size); default: none
         "queue_limit": 64,             # requests waiting per model before RESOURCE_EXHAUSTED
         "instances": 1,                # copies of the model, each with its own worker
         "device": "cpu",               # "cpu" | "cuda" | "cuda:N"
@@ -162,6 +165,9 @@ class BatchingConfig:
     # which adds no latency; a model that gains from fuller batches sets a delay.
     max_queue_delay_us: int = 0
     queue_limit: int = 64
+    #: Ascending, each at most max_batch_size. A batch of one of these sizes (the largest
+    #: that can form) runs at once, without waiting out the delay.
+    preferred_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -293,6 +299,10 @@ def load_bundle(path: Path, name: ModelName, version: ModelVersion) -> ModelConf
                 "max_queue_delay_us", BatchingConfig.max_queue_delay_us, 0
             ),
             queue_limit=medimg.positive_int("queue_limit", BatchingConfig.queue_limit),
+            preferred_batch_sizes=medimg.batch_sizes(
+                "preferred_batch_sizes",
+                up_to=medimg.positive_int("max_batch_size", BatchingConfig.max_batch_size),
+            ),
         ),
         execution=_execution(path, medimg, fields),
         labels=medimg.labels(outputs),
@@ -508,6 +518,16 @@ class _MedimgSection:
 
     def positive_int(self, key: str, default: int) -> int:
         return self.int_at_least(key, default, 1)
+
+    def batch_sizes(self, key: str, up_to: int) -> tuple[int, ...]:
+        value = self.section.get(key, [])
+        if not isinstance(value, list) or not all(
+            _is_int(size) and 1 <= size <= up_to for size in value
+        ):
+            raise self.fields.invalid(
+                f"medimg.{key}", f"must be a list of integers from 1 to max_batch_size ({up_to})"
+            )
+        return tuple(sorted(set(value)))
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.section.get(key, default)
