@@ -1,15 +1,24 @@
-"""JSON logs: one object per line, with fields and trace id, never an exception's message."""
+"""JSON logs: one object per line, with fields and trace id, never an exception's message.
+Spans: exported over OTLP/gRPC to a collector."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
+from pydantic import ValidationError
 
-from medimg_core.telemetry import JsonFormatter, current_trace_id
+from medimg_core.settings import ServiceSettings
+from medimg_core.telemetry import JsonFormatter, current_trace_id, tracer_provider
 
 SECRET = "PatientName=DOE^JANE"
 
@@ -86,3 +95,55 @@ def test_trace_id_inside_a_span() -> None:
 def test_a_field_that_is_not_json_still_gives_a_line(tmp_path: Path) -> None:
     line = JsonFormatter("ingest").format(record("stored", path=tmp_path))
     assert json.loads(line)["path"] == str(tmp_path)
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """The receiving end of OTLP/gRPC, as an OpenTelemetry collector serves it."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.received = threading.Event()
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        self.received.set()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[Collector, int]]:
+    server = grpc.server(ThreadPoolExecutor(2))
+    receiver = Collector()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver, port
+    server.stop(None)
+
+
+def test_spans_reach_an_otlp_collector(collector: tuple[Collector, int]) -> None:
+    receiver, port = collector
+    provider = tracer_provider("ingest", to_console=False, otlp_endpoint=f"http://127.0.0.1:{port}")
+    try:
+        with provider.get_tracer("medimg-test").start_as_current_span("StoreInstances") as span:
+            sent = span.get_span_context()
+        assert provider.force_flush(10_000)
+        assert receiver.received.wait(10)
+    finally:
+        provider.shutdown()
+    (request,) = receiver.requests
+    (resource_spans,) = request.resource_spans
+    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert resource["service.name"] == "medimg-ingest"
+    (scope_spans,) = resource_spans.scope_spans
+    (received,) = scope_spans.spans
+    assert received.name == "StoreInstances"
+    assert received.trace_id == sent.trace_id.to_bytes(16, "big")
+
+
+@pytest.mark.parametrize("endpoint", ["otel-collector:4317", "grpc://collector:4317", "http://"])
+def test_an_otlp_endpoint_must_be_an_http_or_https_url(endpoint: str) -> None:
+    with pytest.raises(ValidationError, match="otlp_endpoint"):
+        ServiceSettings(port=1, otlp_endpoint=endpoint)

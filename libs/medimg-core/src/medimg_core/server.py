@@ -176,7 +176,9 @@ class Server:
 async def serve(name: str, settings: ServiceSettings, build: Builder) -> None:
     """Runs one service until SIGTERM or SIGINT, then drains and returns (exit code 0)."""
     telemetry.configure_logging(name, settings.log_level)
-    telemetry.configure_tracing(name, to_console=settings.trace_to_console)
+    telemetry.configure_tracing(
+        name, to_console=settings.trace_to_console, otlp_endpoint=settings.otlp_endpoint
+    )
     telemetry.start_metrics_server(settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

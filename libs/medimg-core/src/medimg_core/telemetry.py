@@ -13,9 +13,14 @@ from typing import Any
 
 import prometheus_client
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+)
 
 RPC_HANDLED = prometheus_client.Counter(
     "medimg_grpc_server_handled",
@@ -65,11 +70,23 @@ def configure_logging(service: str, level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-def configure_tracing(service: str, *, to_console: bool) -> None:
+def tracer_provider(
+    service: str, *, to_console: bool, otlp_endpoint: str | None = None
+) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": f"medimg-{service}"}))
     if to_console:
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
-    trace.set_tracer_provider(provider)
+    if otlp_endpoint:
+        # Batched and sent from the processor's own thread: a slow or absent collector
+        # costs dropped spans (and a warning), never a slower or failed call.
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    return provider
+
+
+def configure_tracing(service: str, *, to_console: bool, otlp_endpoint: str | None = None) -> None:
+    trace.set_tracer_provider(
+        tracer_provider(service, to_console=to_console, otlp_endpoint=otlp_endpoint)
+    )
 
 
 def current_trace_id() -> str:
