@@ -1,6 +1,8 @@
-# S3 for de-identified instances and model bundles (SSE-KMS, versioned, never public),
-# its access log bucket, EFS for the ReadWriteMany volumes of deploy/k8s (storage class
-# efs), and ECR for the images.
+# S3 for de-identified instances (SSE-KMS, versioned, never public: ingest's object store
+# once MEDIMG_INGEST_OBJECT_STORE_URL points at it; the prod overlay still keeps them on
+# EFS, see docs/operations.md), its access log bucket, EFS for the ReadWriteMany volumes of
+# deploy/k8s (storage class efs: training's jobs, checkpoints and model bundles), and ECR
+# for the images.
 
 resource "aws_s3_bucket" "data" {
   bucket = "${local.name}-data-${data.aws_caller_identity.current.account_id}"
