@@ -409,12 +409,6 @@ def _other_pixel_spacing(series: list[pydicom.Dataset]) -> None:
     series[2].PixelSpacing = [0.7, 0.7]
 
 
-def _a_multi_frame_instance(series: list[pydicom.Dataset]) -> None:
-    other = corpus_file("rtdose.dcm")
-    other.SeriesInstanceUID = series[0].SeriesInstanceUID
-    series.append(other)
-
-
 def _two_at_one_position(series: list[pydicom.Dataset]) -> None:
     series[3].ImagePositionPatient = series[2].ImagePositionPatient
 
@@ -439,7 +433,6 @@ def _no_order(series: list[pydicom.Dataset]) -> None:
         (_other_orientation, "differ in ImageOrientationPatient"),
         (_other_size, "differ in Rows"),
         (_other_pixel_spacing, "differ in PixelSpacing"),
-        (_a_multi_frame_instance, "multi-frame"),
         (_two_at_one_position, "same position"),
         (_a_slice_missing, "uneven"),
         (_another_series, "more than one series"),

@@ -449,6 +449,49 @@ def test_a_multi_frame_source_that_cannot_be_placed_is_refused_saying_why(
     assert why in caught.value.message
 
 
+def _split_in_two_multi_frame_instances(*, placed: bool = True) -> list[pydicom.Dataset]:
+    """The CT series as two multi-frame images of one series (slices 3 to 5, then 1 and 2:
+    stored out of order), each frame placed by its Plane Position unless `placed` is False."""
+    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()]
+    images = [legacy_enhanced_ct(slices[2:]), legacy_enhanced_ct(slices[:2])]
+    images[1].SeriesInstanceUID = images[0].SeriesInstanceUID
+    images[1].InstanceNumber = 2
+    if not placed:
+        del images[1].PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    return [stored(image) for image in images]
+
+
+def test_frames_of_several_multi_frame_instances_make_one_volume_in_patient_order() -> None:
+    parts = _split_in_two_multi_frame_instances()
+    single_frames = series_volume([pydicom.dcmread(BytesIO(data)) for data in ct_files()])
+
+    volume = series_volume(parts)
+
+    numpy.testing.assert_array_equal(volume.array, single_frames.array)
+    assert volume.spacing == pytest.approx(single_frames.spacing)
+    assert volume.origin == pytest.approx(single_frames.origin)
+    assert volume.direction == pytest.approx(single_frames.direction)
+    # Each slice names the instance and frame it came from: every frame once.
+    uids = [str(part.SOPInstanceUID) for part in parts]
+    assert sorted(zip(volume.sop_instance_uids, volume.frame_numbers, strict=True)) == sorted(
+        [(uids[0], n) for n in (1, 2, 3)] + [(uids[1], n) for n in (1, 2)]
+    )
+    for uid, frame, position in zip(
+        volume.sop_instance_uids, volume.frame_numbers, volume.positions or [], strict=True
+    ):
+        part = parts[uids.index(uid)]
+        group = part.PerFrameFunctionalGroupsSequence[frame - 1]
+        stored_at = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx(stored_at)
+
+
+def test_frames_of_several_multi_frame_instances_not_all_placed_are_refused() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        series_volume(_split_in_two_multi_frame_instances(placed=False))
+    assert caught.value.reason == "INCONSISTENT_SERIES"
+    assert "only when every frame is placed in the patient" in caught.value.message
+
+
 # Through the service ----------------------------------------------------------------------
 
 

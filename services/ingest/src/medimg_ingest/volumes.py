@@ -84,12 +84,14 @@ class _Slice:
 
 
 def series_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
-    """Builds the volume of single-frame instances of one series, or of one multi-frame one.
+    """Builds the volume of the instances of one series: single-frame ones, one multi-frame
+    one, or several multi-frame ones (an Enhanced MR stack split over instances, say).
 
-    Slices are sorted along the slice normal by the projection of ImagePositionPatient on
-    it. When a slice has no position (or there is no orientation), single-frame slices are
-    sorted by InstanceNumber and frames keep their stored order. Refused (InvalidArgument
-    INCONSISTENT_SERIES): several series, multi-frame mixed with other instances, slices
+    Slices (frames) are sorted along the slice normal by the projection of
+    ImagePositionPatient on it. When a slice has no position (or there is no orientation),
+    single-frame slices are sorted by InstanceNumber and the frames of one multi-frame
+    instance keep their stored order. Refused (InvalidArgument INCONSISTENT_SERIES): several
+    series, frames of several instances (multi-frame ones among them) not all placed, slices
     differing in rows, columns, samples, orientation or pixel spacing, two slices at one
     position, uneven slice spacing (a slice missing), or an order that cannot be told.
     Pixel data that do not decode are refused as by `pixels.check_decodable`.
@@ -117,6 +119,12 @@ def series_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     if normal is not None and len(placed) == len(slices):
         order, slice_spacing = _by_position(placed, normal)
         positions = [placed[k] for k in order]
+    elif len(datasets) > 1 and any(frame_count(d) > 1 for d in datasets):
+        raise _inconsistent(
+            "the frames of several instances, multi-frame ones among them, make a volume "
+            "only when every frame is placed in the patient (ImagePositionPatient and "
+            "ImageOrientationPatient), and some are not"
+        )
     else:
         order = _by_instance_number(slices, datasets)
     slices = [slices[k] for k in order]
@@ -300,10 +308,6 @@ def _invalid_segmentation(message: str) -> InvalidArgument:
 def _check_instances(datasets: Sequence[pydicom.Dataset]) -> None:
     if len({str(d.get("SeriesInstanceUID", "")) for d in datasets}) > 1:
         raise _inconsistent("the instances belong to more than one series")
-    if len(datasets) > 1 and any(frame_count(d) > 1 for d in datasets):
-        raise _inconsistent(
-            "a volume is made of one multi-frame instance or of single-frame instances only"
-        )
     for index, dataset in enumerate(datasets):
         if pixel_keyword(dataset) is None:
             raise InvalidArgument(
