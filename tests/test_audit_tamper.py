@@ -24,8 +24,10 @@ from google.protobuf import timestamp_pb2
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from medimg_cli import verify as audit_verify
-from medimg_cli.platform import Platform, with_database
+from medimg_cli.pki import create_signing_key
+from medimg_cli.platform import Platform, Process, with_database
 from tests.helpers import channel, fresh_instance, upload
+from tests.test_audit_delivery import wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -185,6 +187,64 @@ async def test_another_trusted_key_refuses_every_checkpoint(
     answer = medimg_verify(platform, "--public-key", str(stranger))
     assert answer.returncode == 1
     assert "signed by unknown key" in answer.stdout
+    # Trusted beside the log's own key, a key that signed nothing changes nothing.
+    assert platform.pki is not None
+    own = audit_verify.key_id(audit_verify.load_public_key(platform.pki.audit_public_key))
+    both = medimg_verify(
+        platform, "--public-key", str(stranger), "--public-key", str(platform.pki.audit_public_key)
+    )
+    assert both.returncode == 0, both.stdout + both.stderr
+    assert re.search(rf"\d+ checkpoints signed \(\d+ by key {own[:16]}…\)", both.stdout)
+
+
+def restart_audit(platform: Platform, **settings: str) -> None:
+    """Audit stopped, then started again with `settings` over its usual ones."""
+    assert platform.services["audit"].stop(grace=10) == 0
+    process = Process(
+        "audit",
+        [sys.executable, "-m", "medimg_audit"],
+        platform.service_env("audit", **settings),
+        platform.log("audit"),
+    )
+    process.start()
+    platform.services["audit"] = process
+    wait_until_serving(platform, "audit")
+
+
+async def test_checkpoints_across_a_signing_key_rotation_verify_with_both_keys(
+    platform: Platform,
+    audit: pb_grpc.AuditServiceAsyncStub,
+    public_key: Ed25519PublicKey,
+    tmp_path: Path,
+) -> None:
+    assert platform.pki is not None
+    await grow(platform, audit)
+    old_pem, old_id = platform.pki.audit_public_key, audit_verify.key_id(public_key)
+    new_key, new_pem = tmp_path / "audit-log-key.2.pem", tmp_path / "audit-log-pub.2.pem"
+    create_signing_key(new_key, new_pem)
+    new_id = audit_verify.key_id(audit_verify.load_public_key(new_pem))
+    # The log's tables, and audit on its usual key, as they were afterwards.
+    async with tampering(platform):
+        try:
+            restart_audit(
+                platform,
+                SIGNING_KEY_FILE=str(new_key),
+                PREVIOUS_PUBLIC_KEY_FILES=json.dumps([str(old_pem)]),
+            )
+            upload(platform, fresh_instance())
+            rotated = await audit.CreateCheckpoint(pb.CreateCheckpointRequest(), timeout=10)
+            assert rotated.key_id == new_id
+            both = medimg_verify(
+                platform, "--public-key", str(old_pem), "--public-key", str(new_pem)
+            )
+            assert both.returncode == 0, both.stdout + both.stderr
+            assert f"by key {old_id[:16]}…" in both.stdout
+            assert f"1 by key {new_id[:16]}…" in both.stdout
+            alone = medimg_verify(platform, "--public-key", str(new_pem))
+            assert alone.returncode == 1
+            assert f"signed by unknown key {old_id}" in alone.stdout
+        finally:
+            restart_audit(platform)
 
 
 # --- The five tamperings ------------------------------------------------------------------

@@ -723,6 +723,34 @@ async def test_a_bad_signature_under_the_trusted_key_id(log: FakeLog) -> None:
     ]
 
 
+async def test_checkpoints_across_a_signing_key_rotation(log: FakeLog) -> None:
+    old = log.public_key
+    log.key = Ed25519PrivateKey.generate()  # the log restarted with a new signing key
+    log.sign()
+    log.append(2)
+    log.sign()
+    new = log.public_key
+    report = await v.verify(log.stub, [old, new])
+    assert report.ok, report.summary()
+    assert report.consistency_proofs == 5  # across the rotation too
+    assert report.signed_by == {v.key_id(old): 4, v.key_id(new): 2}
+    assert f"4 by key {v.key_id(old)[:16]}…" in report.summary()
+    assert f"2 by key {v.key_id(new)[:16]}…" in report.summary()
+
+    report = await v.verify(log.stub, new)  # the old key not trusted
+    assert messages(report, "signature") == [
+        f"checkpoint {size} signed by unknown key {v.key_id(old)}" for size in (5, 17, 18, 38)
+    ]
+    assert report.signed_by == {v.key_id(new): 2}
+
+    # Each checkpoint verifies under the key its key id names, not under any trusted one.
+    log.checkpoints[0].key_id = v.key_id(new)
+    report = await v.verify(log.stub, [old, new])
+    assert messages(report, "signature") == [
+        "checkpoint 5: its signature does not verify under the trusted key"
+    ]
+
+
 async def test_a_log_without_checkpoints_proves_nothing() -> None:
     log = FakeLog()
     log.append(3)

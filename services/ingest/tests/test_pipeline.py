@@ -174,10 +174,10 @@ async def test_a_new_instance_is_de_identified_stored_indexed_audited_and_announ
     sealed = await pool.fetchval(
         "SELECT sealed FROM identities WHERE patient_pseudonym = $1", result.patient_pseudonym
     )
-    assert VAULT.open(result.patient_pseudonym, sealed) == original.PatientID
+    assert VAULT.open(result.patient_pseudonym, sealed, VAULT.key_id) == original.PatientID
     assert original.PatientID.encode() not in sealed
     with pytest.raises(ValueError):
-        VAULT.open("ANON-SOMEONEELSE", sealed)
+        VAULT.open("ANON-SOMEONEELSE", sealed, VAULT.key_id)
 
 
 async def test_the_second_upload_is_a_duplicate(

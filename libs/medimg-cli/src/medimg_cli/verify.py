@@ -20,6 +20,7 @@ import itertools
 import json
 import random
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,7 +356,7 @@ def _signed_by(public_key: Ed25519PublicKey, body: bytes, signature: bytes) -> b
 
 #: The checks, in the order they run; a Finding names one of them.
 CHECKS = {
-    "signature": "1. every checkpoint is signed by the trusted key",
+    "signature": "1. every checkpoint is signed by the trusted key its key id names",
     "checkpoint": "1. every checkpoint is well formed and its fields match its body",
     "consistency": "2. each checkpoint extends the one before",
     "remembered": "2. the latest checkpoint extends the remembered one",
@@ -383,8 +384,11 @@ class Finding:
 class Report:
     """The outcome of one verification."""
 
-    key_id: str
+    #: The ids of the trusted keys (one per signing key the log had, across rotations).
+    key_ids: tuple[str, ...]
     findings: list[Finding] = field(default_factory=list)
+    #: How many of the listed checkpoints each trusted key id verified.
+    signed_by: Counter[str] = field(default_factory=Counter)
     checkpoints: int = 0
     tree_size: int = 0
     root_hash: bytes = b""
@@ -412,9 +416,12 @@ class Report:
 
     def summary(self) -> str:
         if self.ok:
+            keys = ", ".join(
+                f"{count} by key {key[:16]}…" for key, count in sorted(self.signed_by.items())
+            )
             return (
-                f"audit log verified: {self.checkpoints} checkpoints signed by key "
-                f"{self.key_id[:16]}…, latest size {self.tree_size} root "
+                f"audit log verified: {self.checkpoints} checkpoints signed ({keys}), "
+                f"latest size {self.tree_size} root "
                 f"{self.root_hash.hex()[:16]}…; {self.events} events re-hashed, "
                 f"{self.roots_compared} roots recomputed, {self.consistency_proofs} "
                 f"consistency and {self.inclusion_proofs} inclusion proofs verified"
@@ -434,7 +441,7 @@ class VerifyError(Exception):
 
 @dataclass(frozen=True)
 class _Trusted:
-    """A checkpoint whose body parsed and whose signature verified under the trusted key."""
+    """A checkpoint whose body parsed and whose signature verified under a trusted key."""
 
     label: str
     note: ParsedCheckpoint
@@ -451,7 +458,7 @@ class _Trusted:
 
 async def verify(
     stub: pb_grpc.AuditServiceAsyncStub,
-    public_key: Ed25519PublicKey,
+    public_keys: Ed25519PublicKey | Iterable[Ed25519PublicKey],
     *,
     remembered: pb.Checkpoint | None = None,
     samples: int = 6,
@@ -459,14 +466,18 @@ async def verify(
     call_timeout: float = 30.0,
     origin: str = ORIGIN,
 ) -> Report:
-    """Verifies the whole log behind `stub` against `public_key`, trusting nothing it serves.
+    """Verifies the whole log behind `stub`, trusting nothing it serves.
 
+    `public_keys` are the log's trusted keys: after a rotation of its signing key, the old
+    public key and the new one. Each checkpoint must verify under the key its key id names.
     `remembered` is a checkpoint kept from an earlier run (trust on first use): the log's
     latest checkpoint must extend it. `call_timeout` is the deadline of each call. Raises
     VerifyError when the log cannot be read at all; every other problem is a Finding of
     the returned Report.
     """
-    verifier = _Verifier(stub, public_key, origin, call_timeout)
+    if isinstance(public_keys, Ed25519PublicKey):
+        public_keys = [public_keys]
+    verifier = _Verifier(stub, public_keys, origin, call_timeout)
     await verifier.run(remembered, samples, seed)
     return verifier.report
 
@@ -477,16 +488,17 @@ class _Verifier:
     def __init__(
         self,
         stub: pb_grpc.AuditServiceAsyncStub,
-        public_key: Ed25519PublicKey,
+        public_keys: Iterable[Ed25519PublicKey],
         origin: str,
         call_timeout: float,
     ) -> None:
         self.stub = stub
-        self.public_key = public_key
-        self.key_id = key_id(public_key)
+        self.keys = {key_id(key): key for key in public_keys}
+        if not self.keys:
+            raise ValueError("no trusted public key")
         self.origin = origin
         self.call_timeout = call_timeout
-        self.report = Report(key_id=self.key_id)
+        self.report = Report(key_ids=tuple(self.keys))
 
     async def run(self, remembered: pb.Checkpoint | None, samples: int, seed: int | None) -> None:
         report = self.report
@@ -562,8 +574,9 @@ class _Verifier:
             self.report.fail("remembered" if remembered else "checkpoint", f"{name}: {error}")
             return None
         label = f"{'remembered ' if remembered else ''}checkpoint {note.tree_size}"
-        if not _signed_by(self.public_key, message.body, message.signature):
-            if message.key_id != self.key_id:
+        signer = self._signer(message)
+        if signer is None:
+            if message.key_id not in self.keys:
                 text = f"{label} signed by unknown key {message.key_id or '(none)'}"
             else:
                 text = f"{label}: its signature does not verify under the trusted key"
@@ -577,17 +590,31 @@ class _Verifier:
             )
             return None
         if not remembered:
-            self._compare_fields(label, note, message)
+            self.report.signed_by[signer] += 1
+            self._compare_fields(label, note, message, signer)
         return _Trusted(label, note, message)
 
-    def _compare_fields(self, label: str, note: ParsedCheckpoint, message: pb.Checkpoint) -> None:
+    def _signer(self, message: pb.Checkpoint) -> str | None:
+        """The id of the trusted key the checkpoint's signature verifies under: the one its
+        key id names, else (a served key id that lies; `_compare_fields` reports it) any."""
+        named = self.keys.get(message.key_id)
+        if named is not None:
+            return message.key_id if _signed_by(named, message.body, message.signature) else None
+        for kid, key in self.keys.items():
+            if _signed_by(key, message.body, message.signature):
+                return kid
+        return None
+
+    def _compare_fields(
+        self, label: str, note: ParsedCheckpoint, message: pb.Checkpoint, signer: str
+    ) -> None:
         # The served fields are not trusted, but a log that serves fields its signed body
         # contradicts is broken or lying, so say so.
         served: dict[str, tuple[object, object]] = {
             "name": (message.name, f"checkpoints/{note.tree_size}"),
             "tree_size": (message.tree_size, note.tree_size),
             "root_hash": (message.root_hash, note.root_hash),
-            "key_id": (message.key_id, self.key_id),
+            "key_id": (message.key_id, signer),
         }
         if message.HasField("sign_time"):
             served["sign_time"] = (message.sign_time.ToDatetime(dt.UTC), note.time)
@@ -925,7 +952,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--public-key",
         type=Path,
-        help="the log's trusted Ed25519 public key, PEM (default <state>/pki/audit-log-pub.pem)",
+        action="append",
+        dest="public_keys",
+        help="a trusted Ed25519 public key of the log, PEM; repeat it for every signing key "
+        "the log had across rotations (default <state>/pki/audit-log-pub.pem)",
     )
     parser.add_argument(
         "--remember",
@@ -946,13 +976,14 @@ def command(args: argparse.Namespace, state: Path) -> int:
     """Runs `medimg audit verify`: 0 verified, 1 verification failed, 2 could not verify."""
     try:
         target, credentials = _connection(args, state)
-        public_key = load_public_key(args.public_key or state / "pki" / "audit-log-pub.pem")
+        paths = args.public_keys or [state / "pki" / "audit-log-pub.pem"]
+        public_keys = [load_public_key(path) for path in paths]
         remembered = read_remembered(args.remember) if args.remember else None
     except (OSError, ValueError, KeyError) as error:
         print(f"medimg audit verify: {error}", file=sys.stderr)
         return 2
     try:
-        report = asyncio.run(_run(target, credentials, public_key, remembered, args))
+        report = asyncio.run(_run(target, credentials, public_keys, remembered, args))
     except VerifyError as error:
         print(f"medimg audit verify: cannot verify: {error}", file=sys.stderr)
         return 2
@@ -967,14 +998,14 @@ def command(args: argparse.Namespace, state: Path) -> int:
 async def _run(
     target: str,
     credentials: grpc.ChannelCredentials,
-    public_key: Ed25519PublicKey,
+    public_keys: Sequence[Ed25519PublicKey],
     remembered: pb.Checkpoint | None,
     args: argparse.Namespace,
 ) -> Report:
     async with grpc.aio.secure_channel(target, credentials) as channel:
         return await verify(
             pb_grpc.AuditServiceStub(channel),
-            public_key,
+            public_keys,
             remembered=remembered,
             samples=args.samples,
             seed=args.seed,

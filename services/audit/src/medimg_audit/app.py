@@ -15,7 +15,9 @@ from medimg_core.server import ServiceDefinition, run_in_background
 
 
 async def build(settings: AuditSettings, resources: AsyncExitStack) -> ServiceDefinition:
-    signer = checkpoints.Signer.from_file(settings.signing_key_file, settings.origin)
+    signer = checkpoints.Signer.from_file(
+        settings.signing_key_file, settings.origin, settings.previous_public_key_files
+    )
     owner = await db.connect(settings.database_url, max_size=1)
     try:
         await db.migrate(owner, files("medimg_audit.migrations"))

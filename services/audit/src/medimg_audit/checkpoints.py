@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import asyncpg
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg_audit import log
@@ -34,24 +35,39 @@ _COLUMNS = "tree_size, root_hash, sign_time, body, signature, key_id"
 class Signer:
     key: Ed25519PrivateKey
     origin: str
+    #: The log's earlier public keys (before rotations of its signing key).
+    previous: tuple[Ed25519PublicKey, ...] = ()
 
     @classmethod
-    def from_file(cls, path: Path, origin: str) -> Signer:
+    def from_file(cls, path: Path, origin: str, previous: Sequence[Path] = ()) -> Signer:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} is not an Ed25519 private key")
-        return cls(key, origin)
+        earlier = []
+        for old in previous:
+            public = serialization.load_pem_public_key(old.read_bytes())
+            if not isinstance(public, Ed25519PublicKey):
+                raise ValueError(f"{old} is not an Ed25519 public key")
+            earlier.append(public)
+        return cls(key, origin, tuple(earlier))
 
     @property
     def key_id(self) -> str:
-        raw = self.key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        return hashlib.sha256(raw).hexdigest()
+        return _key_id(self.key.public_key())
+
+    def trusted(self, key_id: str) -> Ed25519PublicKey | None:
+        """The log's key (current or earlier) with `key_id`."""
+        keys = {_key_id(k): k for k in (self.key.public_key(), *self.previous)}
+        return keys.get(key_id)
 
     def body(self, size: int, root: bytes, when: datetime) -> bytes:
         stamp = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return f"{self.origin}\n{size}\n{base64.b64encode(root).decode()}\ntime {stamp}\n".encode()
+
+
+def _key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 class LogTampered(FailedPrecondition):
@@ -88,15 +104,19 @@ async def create(pool: asyncpg.Pool, signer: Signer) -> pb.Checkpoint:
 async def _check_extends(
     pool: asyncpg.Pool, signer: Signer, latest: asyncpg.Record, size: int
 ) -> None:
+    # After a rotation the latest checkpoint may carry an earlier key of this log.
+    key = signer.trusted(latest["key_id"])
     try:
-        signer.key.public_key().verify(bytes(latest["signature"]), bytes(latest["body"]))
-        signed = latest["key_id"] == signer.key_id
+        if key is not None:
+            key.verify(bytes(latest["signature"]), bytes(latest["body"]))
+        signed = key is not None
     except InvalidSignature:
         signed = False
     if not signed:
         raise LogTampered(
             "CHECKPOINT_NOT_OURS",
-            f"the latest checkpoint ({latest['tree_size']}) is not signed by this log's key",
+            f"the latest checkpoint ({latest['tree_size']}) is not signed by this log's key "
+            "or one of its previous keys",
         )
     old_size = latest["tree_size"]
     if size < old_size or (

@@ -17,6 +17,9 @@ class AuditSettings(ServiceSettings):
     database_role: str = "medimg_audit_writer"
     #: PEM file of the Ed25519 key that signs checkpoints (required).
     signing_key_file: Path
+    #: PEM files of the log's earlier public keys, a JSON list: after a rotation of the
+    #: signing key the log signs on over a latest checkpoint signed by one of them.
+    previous_public_key_files: tuple[Path, ...] = ()
     #: The origin line of every checkpoint: names this log.
     origin: str = "medimg.local/audit"
     #: Seconds between checkpoints while the log grows.

@@ -32,7 +32,9 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
     audit = await resources.enter_async_context(
         AuditClient.for_service(audit_channel, service="ingest", settings=settings, redis=events)
     )
-    vault = IdentityVault.from_file(settings.identity_key_file)
+    vault = IdentityVault.from_file(
+        settings.identity_key_file, settings.previous_identity_key_files
+    )
     objects = open_store(settings)
     run_in_background(
         resources,

@@ -229,17 +229,18 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         if prefix != "patients" or not pseudonym or "/" in pseudonym:
             raise InvalidArgument("INVALID_NAME", "name must look like patients/{pseudonym}")
         reason = _reason(request.reason, "why the identity is needed")
-        sealed = await self._pool.fetchval(
-            "SELECT sealed FROM identities WHERE patient_pseudonym = $1", pseudonym
+        row = await self._pool.fetchrow(
+            "SELECT key_id, sealed FROM identities WHERE patient_pseudonym = $1", pseudonym
         )
-        outcome = AuditOutcome.OUTCOME_SUCCESS if sealed else AuditOutcome.OUTCOME_FAILURE
+        outcome = AuditOutcome.OUTCOME_SUCCESS if row else AuditOutcome.OUTCOME_FAILURE
         access = Access(
             Action.ACTION_READ, request.name, outcome, pseudonym, break_glass_reason=reason
         )
         await self._audit.report([access])  # before anything is revealed
-        if sealed is None:
+        if row is None:
             raise NotFound("PATIENT_NOT_FOUND", f"{request.name} is not a known pseudonym")
-        return pb.ReidentifyPatientResponse(patient_id=self._vault.open(pseudonym, sealed))
+        patient_id = self._vault.open(pseudonym, bytes(row["sealed"]), row["key_id"])
+        return pb.ReidentifyPatientResponse(patient_id=patient_id)
 
     async def ListQuarantinedInstances(
         self, request: pb.ListQuarantinedInstancesRequest, context: Context

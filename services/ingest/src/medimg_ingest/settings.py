@@ -40,6 +40,10 @@ class IngestSettings(AuditedServiceSettings):
     deid_key_file: Path
     #: File of the AES-256 key (32 bytes) that seals the pseudonym-to-patient links (required).
     identity_key_file: Path
+    #: Files of earlier identity keys, a JSON list (`["/keys/identity-key.previous.bin"]`):
+    #: links they sealed still open (each row names its key id) until `python -m
+    #: medimg_ingest.rekey` has re-sealed every link with the current key.
+    previous_identity_key_files: tuple[Path, ...] = ()
     #: The de-identification policy: PS3.15 Annex E options on top of the Basic Profile.
     retain_modified_dates: bool = True
     retain_patient_characteristics: bool = False
