@@ -199,7 +199,8 @@ async def test_another_trusted_key_refuses_every_checkpoint(
 
 def restart_audit(platform: Platform, **settings: str) -> None:
     """Audit stopped, then started again with `settings` over its usual ones."""
-    assert platform.services["audit"].stop(grace=10) == 0
+    # Past the service's own drain (delay, then up to 10 s for calls in flight).
+    assert platform.services["audit"].stop(grace=30) == 0
     process = Process(
         "audit",
         [sys.executable, "-m", "medimg_audit"],

@@ -20,6 +20,7 @@ from medimg_cli import k8s
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import ensure_pki
 from medimg_protos import DESCRIPTOR_SET_PATH
+from medimg_training import launchers
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -321,21 +322,156 @@ def test_training_may_run_jobs_and_nothing_more(rendered: dict[str, Objects]) ->
     objects = rendered["prod"]
     (role,) = of_kind(objects, "Role").values()
     rules = {
-        (group, resource): sorted(rule["verbs"])
+        (group, resource): frozenset(rule["verbs"])
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    assert rules == {
-        ("batch", "jobs"): ["create", "delete", "get", "list", "watch"],
-        ("", "pods"): ["get", "list", "watch"],
-        ("", "pods/log"): ["get"],
-    }
+    # Exactly the calls the launcher makes: none more, none missing.
+    assert rules == dict(launchers.KUBERNETES_VERBS)
     (binding,) = of_kind(objects, "RoleBinding").values()
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "training", "namespace": "medimg"}
     ]
     assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
+
+
+def worker_template(objects: Objects) -> dict[str, Any]:
+    """The workers' pod template as the training pod mounts it."""
+    (deployment,) = [d for n, d in of_kind(objects, "Deployment").items() if n == "training"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    config_map = of_kind(objects, "ConfigMap")[volumes["worker-template"]["configMap"]["name"]]
+    template: dict[str, Any] = yaml.safe_load(config_map["data"]["pod-template.yaml"])
+    return template
+
+
+def test_prod_runs_training_jobs_as_kubernetes_jobs(rendered: dict[str, Objects]) -> None:
+    deployment = of_kind(rendered["prod"], "Deployment")["training"]
+    pod = deployment["spec"]["template"]["spec"]
+    (envoy,) = pod["initContainers"]
+    (training,) = pod["containers"]
+    settings = env(training)
+    assert settings["MEDIMG_TRAINING_LAUNCHER"] == "kubernetes"
+    mounts = {m["name"]: m["mountPath"] for m in training["volumeMounts"]}
+    template_path = Path(settings["MEDIMG_TRAINING_WORKER_POD_TEMPLATE"])
+    assert mounts["worker-template"] == str(template_path.parent)
+    # The workers run the release's training image, whatever the template names.
+    assert settings["MEDIMG_TRAINING_WORKER_IMAGE"] == training["image"]
+    assert training["image"].endswith("/medimg-training:0.1.0-cuda")
+    # The API token reaches the training container alone, never Envoy.
+    assert pod["automountServiceAccountToken"] is False
+    assert mounts["kube-api-access"] == str(launchers.SERVICE_ACCOUNT_DIR)
+    assert "kube-api-access" not in {m["name"] for m in envoy["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    sources = volumes["kube-api-access"]["projected"]["sources"]
+    assert {"path": "token", "expirationSeconds": 3607} in [
+        s.get("serviceAccountToken") for s in sources
+    ]
+    # dev keeps local processes and has no token at all.
+    dev = of_kind(rendered["dev"], "Deployment")["training"]["spec"]["template"]["spec"]
+    assert "MEDIMG_TRAINING_LAUNCHER" not in env(dev["containers"][0])
+    assert "kube-api-access" not in {v["name"] for v in dev["volumes"]}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_worker_jobs_from_the_shipped_template_are_valid(
+    rendered: dict[str, Objects], version: str, tmp_path: Path
+) -> None:
+    objects = rendered["prod"]
+    template = worker_template(objects)
+    assert template == yaml.safe_load((K8S / "base" / "training-worker-template.yaml").read_text())
+    training = env(
+        of_kind(objects, "Deployment")["training"]["spec"]["template"]["spec"]["containers"][0]
+    )
+    path = tmp_path / "pod-template.yaml"
+    path.write_text(yaml.safe_dump(template))
+    # The service's own start-up check: the worker mounts object_dir and cache_dir there.
+    launchers.load_template(
+        path,
+        mounts={
+            "object_dir": Path(training["MEDIMG_TRAINING_OBJECT_DIR"]),
+            "cache_dir": Path(training["MEDIMG_TRAINING_CACHE_DIR"]),
+        },
+    )
+    request = launchers.Launch(
+        job_id="0123456789abcdef",
+        config=Path(training["MEDIMG_TRAINING_OBJECT_DIR"])
+        / "jobs"
+        / "0123456789abcdef"
+        / "worker.json",
+        processes=2,
+        gpus=1,
+    )
+    job = launchers.job_manifest(
+        template, request, namespace="medimg", ttl_seconds=3600, grace_seconds=3
+    )
+    kubernetes_validate.validate(job, version, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    # Every ConfigMap and Secret the worker pod names exists under that very name.
+    maps = set(of_kind(objects, "ConfigMap"))
+    for volume in pod["volumes"]:
+        if "configMap" in volume:
+            assert volume["configMap"]["name"] in maps
+        if "secret" in volume:
+            assert volume["secret"]["secretName"] == k8s.tls_secret("training")
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims <= set(of_kind(objects, "PersistentVolumeClaim"))
+    assert pod["serviceAccountName"] in of_kind(objects, "ServiceAccount")
+    assert pod["automountServiceAccountToken"] is False
+    # Their Envoy runs the training sidecar's config: the same files, kept in step.
+    (envoy_config,) = [
+        v["configMap"]["name"] for v in pod["volumes"] if v["name"] == "envoy-config"
+    ]
+    training_volumes = of_kind(objects, "Deployment")["training"]["spec"]["template"]["spec"][
+        "volumes"
+    ]
+    (training_config,) = [
+        v["configMap"]["name"] for v in training_volumes if v["name"] == "envoy-config"
+    ]
+    assert (
+        of_kind(objects, "ConfigMap")[envoy_config]["data"]
+        == of_kind(objects, "ConfigMap")[training_config]["data"]
+    )
+
+
+def test_worker_pods_reach_ingest_redis_and_dns_only(
+    rendered: dict[str, Objects], mesh: meshlib.Mesh
+) -> None:
+    for overlay, objects in rendered.items():
+        policies = of_kind(objects, "NetworkPolicy")
+        selecting = {
+            name
+            for name, policy in policies.items()
+            if policy["spec"]["podSelector"] == {}
+            or launchers.WORKER_APP in policy["spec"]["podSelector"].get("matchLabels", {}).values()
+            or any(
+                launchers.WORKER_APP in e.get("values", [])
+                for e in policy["spec"]["podSelector"].get("matchExpressions", [])
+            )
+        }
+        assert selecting == {"default-deny", "allow-dns", "backend-redis", "training-worker"}
+        own = policies["training-worker"]["spec"]
+        assert set(own["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in own
+        ingest_port = mesh.services["ingest"].sidecar_port
+        assert own["egress"] == [
+            {
+                "to": [{"podSelector": {"matchLabels": {k8s.NAME_LABEL: "ingest"}}}],
+                "ports": [{"port": ingest_port, "protocol": "TCP"}],
+            }
+        ], overlay
+        # ingest admits them on its sidecar port alone.
+        admit = policies["ingest-from-training-workers"]["spec"]
+        assert admit["podSelector"] == {"matchLabels": {k8s.NAME_LABEL: "ingest"}}
+        assert admit["ingress"] == [
+            {
+                "from": [{"podSelector": {"matchLabels": {k8s.NAME_LABEL: launchers.WORKER_APP}}}],
+                "ports": [{"port": ingest_port, "protocol": "TCP"}],
+            }
+        ]
 
 
 # --- what comes from deploy/mesh.toml -----------------------------------------------------
@@ -417,24 +553,34 @@ def test_pod_envoy_configs_listen_where_kubernetes_needs(mesh: meshlib.Mesh) -> 
 
 
 def test_pod_envoy_configs_pass_envoy_validation(mesh: meshlib.Mesh, tmp_path: Path) -> None:
-    """Envoy 1.40 (the version of the sidecar image) accepts every pod config, with the
-    mounted files replaced by a dev PKI of the same identities."""
+    """Envoy 1.40 (the version of the sidecar image) accepts every pod config, with its SDS
+    files from the same ConfigMap and the mounted files replaced by a dev PKI of the same
+    identities."""
     pki = ensure_pki(tmp_path / "pki", mesh.trust_domain, mesh.namespace, mesh.all_identities())
-    for key, rendered in k8s.render(mesh, DESCRIPTOR_SET_PATH).files.items():
-        if not key.startswith("envoy/"):
-            continue
-        identity = Path(key).stem.removeprefix("sidecar-")
-        text = rendered
-        for mounted, local in {
+    files = k8s.render(mesh, DESCRIPTOR_SET_PATH).files
+    mounts_sds = (k8s.CERTIFICATE_SDS_FILE, k8s.CA_SDS_FILE)
+    for key in [k for k in files if k.startswith("envoy/")]:
+        name = Path(key).stem
+        identity = name.removeprefix("sidecar-")
+        config_dir = tmp_path / name
+        config_dir.mkdir()
+        mounts = {
             f"{k8s.TLS_DIR}/tls.crt": pki.cert(identity),
             f"{k8s.TLS_DIR}/tls.key": pki.key(identity),
             f"{k8s.TLS_DIR}/ca.crt": pki.ca_cert,
+            k8s.TLS_DIR: pki.identity_dir(identity),
             k8s.JWKS_PATH: pki.jwks,
             k8s.DESCRIPTOR_PATH: DESCRIPTOR_SET_PATH,
-        }.items():
-            text = text.replace(f'"{mounted}"', f'"{local}"')
-        path = tmp_path / Path(key).name
-        path.write_text(text)
+            **{f"{k8s.CONFIG_DIR}/{sds}": config_dir / sds for sds in mounts_sds},
+        }
+        written = {config_dir / sds: files[f"sds/{name}/{sds}"] for sds in mounts_sds}
+        written[config_dir / "envoy.json"] = files[key]
+        for path, rendered in written.items():
+            text = rendered
+            for mounted, local in mounts.items():
+                text = text.replace(f'"{mounted}"', f'"{local}"')
+            path.write_text(text)
+        path = config_dir / "envoy.json"
         command = [*meshlib.envoy_command(path, log_level="error"), "--mode", "validate"]
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
         assert done.returncode == 0, f"{key}: {done.stdout}{done.stderr}"

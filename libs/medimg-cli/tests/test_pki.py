@@ -63,11 +63,15 @@ def test_ca_certificate(dev_pki: Pki) -> None:
     assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days >= 3650
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    # Every file, those of the identities' directories (and their versions) included.
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def test_ensure_pki_is_idempotent(dev_pki: Pki) -> None:
-    before = {p.name: p.read_bytes() for p in dev_pki.root.iterdir()}
+    before = _files(dev_pki.root)
     again = ensure_pki(dev_pki.root, "medimg.local", "medimg", NAMES)
-    after = {p.name: p.read_bytes() for p in again.root.iterdir()}
-    assert after == before
+    assert _files(again.root) == before
 
 
 def test_ensure_pki_adds_a_new_identity_and_keeps_the_others(dev_pki: Pki) -> None:

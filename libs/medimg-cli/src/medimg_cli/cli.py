@@ -17,7 +17,7 @@ from medimg_cli import k8s as medimg_k8s
 from medimg_cli import mesh as meshlib
 from medimg_cli import train as medimg_train
 from medimg_cli import verify as audit_verify
-from medimg_cli.pki import ensure_pki, mint_token
+from medimg_cli.pki import ensure_pki, mint_token, renew
 from medimg_cli.platform import Platform, default_state_dir, read_status
 
 
@@ -38,7 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--user", required=True)
     token.add_argument("--role", action="append", required=True, dest="roles")
     token.add_argument("--ttl", type=int, default=3600, help="seconds")
-    commands.add_parser("certs", help="create the dev CA, workload certificates and JWT key")
+    certs = commands.add_parser(
+        "certs", help="create the dev CA, workload certificates and JWT key; renew certificates"
+    )
+    certs.add_argument(
+        "--renew",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="re-issue this identity's certificate (new key and serial, same SPIFFE id); "
+        "running Envoys reload it within seconds. Repeatable.",
+    )
     render = commands.add_parser("mesh", help="render the Envoy configs from deploy/mesh.toml")
     render.add_argument("--out", type=Path, default=Path("deploy/envoy"))
     medimg_ingest.add_arguments(
@@ -167,8 +177,23 @@ def _token(args: argparse.Namespace, state: Path) -> int:
 
 def _certs(args: argparse.Namespace, state: Path) -> int:
     mesh = meshlib.load_mesh()
-    pki = ensure_pki(state / "pki", mesh.trust_domain, mesh.namespace, mesh.all_identities())
+    identities = mesh.all_identities()
+    unknown = [name for name in args.renew if name not in identities]
+    if unknown:
+        print(
+            f"medimg certs: not an identity of the mesh: {', '.join(unknown)} "
+            f"(identities: {', '.join(identities)})",
+            file=sys.stderr,
+        )
+        return 2
+    pki = ensure_pki(state / "pki", mesh.trust_domain, mesh.namespace, identities)
     print(f"dev PKI in {pki.root}: CA {pki.ca_cert}, JWKS {pki.jwks}")
+    for name in dict.fromkeys(args.renew):
+        cert = renew(pki, name, mesh.spiffe(name))
+        print(
+            f"renewed {name}: serial {cert.serial_number:x}, "
+            f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({pki.cert(name)})"
+        )
     return 0
 
 

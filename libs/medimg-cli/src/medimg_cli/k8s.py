@@ -10,8 +10,11 @@ The Envoy configs are those of the local run (medimg_cli.mesh.render), moved int
 
 - the inbound (sidecar) and gateway listeners bind every address of the pod; the service
   itself, the outbound listeners and Envoy's admin stay on 127.0.0.1, as locally;
-- certificates come from the workload's cert-manager Secret mounted at TLS_DIR, the JWKS
-  and the gateway's descriptor set from their own mounts;
+- certificates come from the workload's cert-manager Secret mounted at TLS_DIR, through
+  file-based SDS: the SDS files sit in the Envoy ConfigMap beside envoy.json, and name
+  TLS_DIR as the directory to watch, so the kubelet's swap of `..data` when cert-manager
+  renews the Secret makes Envoy reload the pair (and the CA) without a restart;
+- the JWKS and the gateway's descriptor set come from their own mounts;
 - an upstream is its headless Service's DNS name (STRICT_DNS, so Envoy balances each
   call over the ready pods, where a ClusterIP would pin a long-lived HTTP/2 connection);
 - two plaintext listeners serve what the kubelet and Prometheus need and nothing else:
@@ -60,6 +63,10 @@ JWKS_PATH = "/etc/medimg/jwks/jwks.json"
 DESCRIPTOR_PATH = "/etc/medimg/protos/descriptor_set.binpb"
 #: Where the Envoy ConfigMap is mounted (key envoy.json).
 CONFIG_DIR = "/etc/envoy"
+#: The ConfigMap's SDS resource files (keys beside envoy.json): the workload's certificate
+#: and key, and the CA it trusts, both read from TLS_DIR.
+CERTIFICATE_SDS_FILE = "certificate.json"
+CA_SDS_FILE = "ca.json"
 #: Plaintext gRPC health of the service, for the kubelet's gRPC probes.
 HEALTH_PORT = 15021
 #: Plaintext HTTP: Envoy's /stats/prometheus and /ready, the service's /metrics.
@@ -77,6 +84,7 @@ GENERATED_RELATIVE = Path("deploy") / "k8s" / "base" / "generated"
 # Placeholder root of the PKI the local renderer is given: every file it names under it
 # is mapped to a mount of the pod, and any left over fails the render.
 _PKI_ROOT = Path("/medimg-k8s-pki-placeholder")
+_SDS_ROOT = Path("/medimg-k8s-sds-placeholder")
 _HEALTH_CHECK = f"{meshlib.HEALTH_PREFIX}Check"
 
 
@@ -90,15 +98,21 @@ def default_out_dir() -> Path:
 
 def render_envoy(
     mesh: meshlib.Mesh, descriptor_set: Path, *, cluster_domain: str = CLUSTER_DOMAIN
-) -> dict[str, dict[str, Any]]:
-    """The Envoy bootstrap configs of the pods, keyed as medimg_cli.mesh.render keys them."""
-    local = meshlib.render(mesh, Pki(_PKI_ROOT), descriptor_set)
+) -> dict[str, meshlib.EnvoyConfig]:
+    """The Envoy bootstrap configs of the pods, keyed as medimg_cli.mesh.render keys them,
+    with their SDS files (`secrets`) keyed by their path in the pod."""
+    local = meshlib.render(mesh, Pki(_PKI_ROOT), descriptor_set, sds_dir=_SDS_ROOT)
     files = _file_mounts(mesh, descriptor_set)
-    configs: dict[str, dict[str, Any]] = {}
+    configs: dict[str, meshlib.EnvoyConfig] = {}
     for key, config in local.items():
         identity = GATEWAY if key == "gateway" else key.removeprefix("sidecar-")
-        pod = _map_strings(config, {**files["common"], **files[identity]})
-        leftover = [s for s in _strings(pod) if str(_PKI_ROOT) in s]
+        mapping = {**files["common"], **files[identity]}
+        pod = _map_strings(dict(config), mapping)
+        sds = {
+            mapping[path]: _map_strings(resource, mapping)
+            for path, resource in config.secrets.items()
+        }
+        leftover = [s for s in _strings([pod, sds]) if str(_PKI_ROOT) in s or str(_SDS_ROOT) in s]
         if leftover:
             raise ValueError(f"{key}: local file paths left in the pod config: {leftover}")
         listeners = pod["static_resources"]["listeners"]
@@ -117,7 +131,7 @@ def render_envoy(
             routes.append(_exact("/metrics", "service_metrics"))
             listeners.append(_health_listener())
         listeners.append(_pod_listener("pod_metrics", METRICS_PORT, "AUTO", routes))
-        configs[key] = pod
+        configs[key] = meshlib.EnvoyConfig(pod, sds)
     return configs
 
 
@@ -126,14 +140,20 @@ def _file_mounts(mesh: meshlib.Mesh, descriptor_set: Path) -> dict[str, dict[str
     mounts: dict[str, dict[str, str]] = {
         "common": {
             str(pki.ca_cert): f"{TLS_DIR}/ca.crt",
+            # The CA's directory is watched for its renames: in the pod, the Secret's.
+            str(pki.ca_cert.parent): TLS_DIR,
             str(pki.jwks): JWKS_PATH,
             str(descriptor_set.resolve()): DESCRIPTOR_PATH,
         }
     }
     for identity in [*mesh.services, GATEWAY]:
+        sds = meshlib.sds_files(_SDS_ROOT, identity)
         mounts[identity] = {
             str(pki.cert(identity)): f"{TLS_DIR}/tls.crt",
             str(pki.key(identity)): f"{TLS_DIR}/tls.key",
+            str(pki.identity_dir(identity)): TLS_DIR,
+            str(sds[meshlib.CERTIFICATE_SECRET]): f"{CONFIG_DIR}/{CERTIFICATE_SDS_FILE}",
+            str(sds[meshlib.CA_SECRET]): f"{CONFIG_DIR}/{CA_SDS_FILE}",
         }
     return mounts
 
@@ -509,11 +529,16 @@ def render(
 
     resources: list[str] = []
     patches: list[str] = []
-    generators: list[tuple[str, str]] = []
+    generators: list[tuple[str, dict[str, str]]] = []
     workloads = [*mesh.services, GATEWAY]
     for key, config in render_envoy(mesh, descriptor_set, cluster_domain=cluster_domain).items():
         identity = GATEWAY if key == "gateway" else key.removeprefix("sidecar-")
-        generators.append((f"envoy-{identity}", add(f"envoy/{key}.json", config)))
+        # ConfigMap key (the file name under CONFIG_DIR) -> generated file.
+        config_files = {"envoy.json": add(f"envoy/{key}.json", config)}
+        for pod_path, resource in config.secrets.items():
+            name = Path(pod_path).name
+            config_files[name] = add(f"sds/{key}/{name}", resource)
+        generators.append((f"envoy-{identity}", config_files))
     for name in workloads:
         resources.append(add(f"service-{name}.json", _service(mesh, name)))
         resources.append(add(f"certificate-{name}.json", _certificate(mesh, name)))
@@ -525,7 +550,7 @@ def render(
 
 
 def _kustomization(
-    resources: list[str], patches: list[str], generators: list[tuple[str, str]]
+    resources: list[str], patches: list[str], generators: list[tuple[str, dict[str, str]]]
 ) -> str:
     lines = [
         "# Generated by `medimg k8s render` from deploy/mesh.toml: do not edit.",
@@ -537,8 +562,9 @@ def _kustomization(
         *(f"  - path: {path}" for path in patches),
         "configMapGenerator:",
     ]
-    for name, path in generators:
-        lines += [f"  - name: {name}", "    files:", f"      - envoy.json={path}"]
+    for name, files in generators:
+        lines += [f"  - name: {name}", "    files:"]
+        lines += [f"      - {key}={path}" for key, path in files.items()]
     return "\n".join(lines) + "\n"
 
 

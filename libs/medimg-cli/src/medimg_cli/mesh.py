@@ -21,7 +21,10 @@ from medimg_cli.pki import Pki, spiffe_id
 from medimg_core.calls import HTTP_STATUS_HEADER
 
 __all__ = [
+    "CA_SECRET",
+    "CERTIFICATE_SECRET",
     "GATEWAY_IDENTITY",
+    "EnvoyConfig",
     "GatewaySpec",
     "Mesh",
     "ServiceSpec",
@@ -31,11 +34,17 @@ __all__ = [
     "load_mesh",
     "port",
     "render",
+    "sds_files",
     "write_configs",
 ]
 
 # The identity (certificate name) the gateway presents to the sidecars.
 GATEWAY_IDENTITY = "gateway"
+#: The two secrets every Envoy of the mesh reads through file-based SDS: its own certificate
+#: and key, and the CA it trusts. SDS, unlike a static TLS context, reloads them when they
+#: change on disk, so a renewed certificate is served without restarting Envoy.
+CERTIFICATE_SECRET = "mesh_certificate"
+CA_SECRET = "mesh_ca"
 #: Envoy's gRPC access log method: the gateway streams the logins it refuses to audit.
 ACCESS_LOG_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 LOOPBACK = "127.0.0.1"
@@ -422,36 +431,75 @@ def _check_against_descriptors(mesh: Mesh, descriptor_set: Path) -> MethodPaths:
 # --- rendering ------------------------------------------------------------------------
 
 
+class EnvoyConfig(dict[str, Any]):
+    """An Envoy bootstrap config, and the SDS resource files it reads (`secrets`: path ->
+    DiscoveryResponse), which write_configs writes beside it."""
+
+    def __init__(self, bootstrap: Mapping[str, Any], secrets: Mapping[str, dict[str, Any]]):
+        super().__init__(bootstrap)
+        self.secrets = dict(secrets)
+
+
+def sds_files(sds_dir: Path, identity: str) -> dict[str, Path]:
+    """The SDS resource files of the Envoy of one identity, by secret name."""
+    return {
+        CERTIFICATE_SECRET: sds_dir / f"{identity}-certificate.json",
+        CA_SECRET: sds_dir / "ca.json",
+    }
+
+
 def render(
-    mesh: Mesh, pki: Pki, descriptor_set: Path, *, port_offset: int = 0
-) -> dict[str, dict[str, Any]]:
+    mesh: Mesh,
+    pki: Pki,
+    descriptor_set: Path,
+    *,
+    port_offset: int = 0,
+    sds_dir: Path | None = None,
+) -> dict[str, EnvoyConfig]:
     """The Envoy bootstrap configs: "gateway" and "sidecar-<service>" for each service.
 
     port_offset moves every port of the mesh (equivalent to mesh.with_offset(port_offset)),
-    so a second platform can run beside one on the default ports.
+    so a second platform can run beside one on the default ports. sds_dir is where the
+    configs' SDS resources are to be written (write_configs does), by default pki.root/sds.
     """
     mesh = mesh.with_offset(port_offset)
     paths = _check_against_descriptors(mesh, descriptor_set)
     # Envoy resolves relative paths against its own working directory, not ours.
     pki = Pki(pki.root.resolve())
-    configs = {"gateway": _gateway(mesh, pki, descriptor_set.resolve())}
+    sds_dir = (sds_dir if sds_dir is not None else pki.root / "sds").resolve()
+    configs = {
+        "gateway": EnvoyConfig(
+            _gateway(mesh, sds_dir, pki, descriptor_set.resolve()),
+            _secrets(pki, sds_dir, GATEWAY_IDENTITY),
+        )
+    }
     for name, spec in mesh.services.items():
-        configs[f"sidecar-{name}"] = _sidecar(mesh, pki, spec, paths[name])
+        configs[f"sidecar-{name}"] = EnvoyConfig(
+            _sidecar(mesh, sds_dir, spec, paths[name]), _secrets(pki, sds_dir, name)
+        )
     return configs
 
 
 def write_configs(configs: Mapping[str, dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """Writes each config to out_dir/<key>.json and returns the paths by key."""
+    """Writes each config to out_dir/<key>.json, and the SDS resources of each EnvoyConfig
+    where it names them; returns the paths of the configs by key."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for key, config in configs.items():
-        path = out_dir / f"{key}.json"
-        # Renamed into place so that an Envoy starting meanwhile never reads half a file.
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, path)
-        paths[key] = path
+        for secret_path, resource in getattr(config, "secrets", {}).items():
+            _write_json(Path(secret_path), resource)
+        paths[key] = _write_json(out_dir / f"{key}.json", config)
     return paths
+
+
+def _write_json(path: Path, document: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Renamed into place: an Envoy starting meanwhile never reads half a file, and a running
+    # one reloads an SDS file on that rename (it watches for moves, not writes).
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def envoy_binary() -> Path:
@@ -488,7 +536,10 @@ def envoy_command(
     return command
 
 
-def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec, paths: Mapping[str, str]) -> dict[str, Any]:
+def _sidecar(
+    mesh: Mesh, sds_dir: Path, spec: ServiceSpec, paths: Mapping[str, str]
+) -> dict[str, Any]:
+    sds = sds_files(sds_dir, spec.name)
     inbound_hcm = _hcm(
         "inbound",
         codec="HTTP2",
@@ -506,7 +557,7 @@ def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec, paths: Mapping[str, str]) 
             {
                 "transport_socket": _tls(
                     "DownstreamTlsContext",
-                    _common_tls(pki, spec.name, {"prefix": f"spiffe://{mesh.trust_domain}/"}),
+                    _common_tls(sds, {"prefix": f"spiffe://{mesh.trust_domain}/"}),
                     require_client_certificate=True,
                 ),
                 "filters": [inbound_hcm],
@@ -542,7 +593,7 @@ def _sidecar(mesh: Mesh, pki: Pki, spec: ServiceSpec, paths: Mapping[str, str]) 
                 target.sidecar_port,
                 transport_socket=_tls(
                     "UpstreamTlsContext",
-                    _common_tls(pki, spec.name, {"exact": mesh.spiffe(upstream)}),
+                    _common_tls(sds, {"exact": mesh.spiffe(upstream)}),
                 ),
             )
         )
@@ -603,8 +654,9 @@ def _rbac(mesh: Mesh, spec: ServiceSpec, paths: Mapping[str, str]) -> dict[str, 
     }
 
 
-def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
+def _gateway(mesh: Mesh, sds_dir: Path, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
     gw = mesh.gateway
+    sds = sds_files(sds_dir, GATEWAY_IDENTITY)
     provider = "medimg"
     http_filters = [
         {
@@ -714,7 +766,7 @@ def _gateway(mesh: Mesh, pki: Pki, descriptor_set: Path) -> dict[str, Any]:
             spec.sidecar_port,
             transport_socket=_tls(
                 "UpstreamTlsContext",
-                _common_tls(pki, GATEWAY_IDENTITY, {"exact": mesh.spiffe(name)}),
+                _common_tls(sds, {"exact": mesh.spiffe(name)}),
             ),
         )
         for name, spec in mesh.services.items()
@@ -879,7 +931,7 @@ def _cluster(
     return cluster
 
 
-def _common_tls(pki: Pki, identity: str, peer_san: dict[str, str]) -> dict[str, Any]:
+def _common_tls(sds: Mapping[str, Path], peer_san: dict[str, str]) -> dict[str, Any]:
     return {
         # Envoy as a TLS client stops at 1.2 unless the maximum is raised explicitly.
         "tls_params": {
@@ -888,16 +940,62 @@ def _common_tls(pki: Pki, identity: str, peer_san: dict[str, str]) -> dict[str, 
         },
         # gRPC clients refuse a connection without ALPN h2 ("missing selected ALPN property").
         "alpn_protocols": ["h2"],
-        "tls_certificates": [
-            {
+        "tls_certificate_sds_secret_configs": [_sds_config(CERTIFICATE_SECRET, sds)],
+        # The trusted CA comes from SDS (reloaded like the certificate); the peer's SAN is
+        # checked by the static part, which Envoy merges with each CA it loads.
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}],
+            },
+            "validation_context_sds_secret_config": _sds_config(CA_SECRET, sds),
+        },
+    }
+
+
+def _sds_config(secret: str, sds: Mapping[str, Path]) -> dict[str, Any]:
+    return {
+        "name": secret,
+        "sds_config": {
+            "path_config_source": {"path": str(sds[secret])},
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def _secrets(pki: Pki, sds_dir: Path, identity: str) -> dict[str, dict[str, Any]]:
+    """The SDS resource files of one Envoy: path -> DiscoveryResponse of one Secret.
+
+    Each secret names the directory whose renames trigger a reload (watched_directory):
+    an identity's directory swaps `..data` when its pair changes (pki.py locally, the
+    kubelet for a mounted Secret), so Envoy reads the new key and certificate together.
+    """
+    files = sds_files(sds_dir, identity)
+    secrets_by_name = {
+        CERTIFICATE_SECRET: {
+            "tls_certificate": {
                 "certificate_chain": {"filename": str(pki.cert(identity))},
                 "private_key": {"filename": str(pki.key(identity))},
+                "watched_directory": {"path": str(pki.identity_dir(identity))},
             }
-        ],
-        "validation_context": {
-            "trusted_ca": {"filename": str(pki.ca_cert)},
-            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": peer_san}],
         },
+        CA_SECRET: {
+            "validation_context": {
+                "trusted_ca": {"filename": str(pki.ca_cert)},
+                "watched_directory": {"path": str(pki.ca_cert.parent)},
+            }
+        },
+    }
+    return {
+        str(files[name]): {
+            "resources": [
+                {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                    "name": name,
+                    **secret,
+                }
+            ]
+        }
+        for name, secret in secrets_by_name.items()
     }
 
 

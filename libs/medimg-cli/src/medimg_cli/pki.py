@@ -1,4 +1,12 @@
-"""The local dev PKI: a CA, one SPIFFE X.509 identity per workload, and the JWT signing key."""
+"""The local dev PKI: a CA, one SPIFFE X.509 identity per workload, and the JWT signing key.
+
+Each identity's certificate and key live in a directory of their own, laid out as the
+kubelet lays out a mounted Secret: the files are in a versioned subdirectory, `..data` is a
+symlink to the current version, and `tls.crt` and `tls.key` are symlinks through `..data`.
+A renewal writes a new version and renames a new `..data` over the old one, so the pair
+changes in one atomic step, and Envoy (which watches the directory for that rename,
+mesh.py) reloads it live exactly as it does in Kubernetes.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ __all__ = [
     "issue_certificate",
     "jwk_thumbprint",
     "mint_token",
+    "renew",
     "spiffe_id",
 ]
 
@@ -40,6 +49,10 @@ BACKDATE = dt.timedelta(minutes=5)
 RENEW_BEFORE = dt.timedelta(days=7)
 ORGANIZATION = "medimg dev"
 JWT_ALGORITHM = "ES256"
+#: The symlink to an identity's current version, as the kubelet names it.
+DATA_LINK = "..data"
+CERT_FILE = "tls.crt"
+KEY_FILE = "tls.key"
 
 
 def spiffe_id(trust_domain: str, namespace: str, name: str) -> str:
@@ -61,10 +74,21 @@ class Pki:
     def ca_key(self) -> Path:
         return self.root / "ca-key.pem"
 
+    def identity_dir(self, name: str) -> Path:
+        """The directory of one identity's certificate and key (what Envoy watches)."""
+        return self.root / name
+
     def cert(self, name: str) -> Path:
-        return self.root / f"{name}.pem"
+        return self.identity_dir(name) / CERT_FILE
 
     def key(self, name: str) -> Path:
+        return self.identity_dir(name) / KEY_FILE
+
+    def cert_link(self, name: str) -> Path:
+        """<name>.pem beside the CA: a stable name for clients (grpcurl, the docs)."""
+        return self.root / f"{name}.pem"
+
+    def key_link(self, name: str) -> Path:
         return self.root / f"{name}-key.pem"
 
     @property
@@ -111,8 +135,8 @@ def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[st
     ca = _load_cert(pki.ca_cert)
     for name in names:
         spiffe = spiffe_id(trust_domain, namespace, name)
-        if not _leaf_is_current(pki.cert(name), pki.key(name), ca, spiffe):
-            issue_certificate(pki.ca_cert, pki.ca_key, pki.cert(name), pki.key(name), spiffe, name)
+        if not _leaf_is_current(pki, name, ca, spiffe):
+            _install(pki, name, *_new_leaf(pki.ca_cert, pki.ca_key, spiffe, name))
     if not (pki.jwt_key.exists() and pki.jwks.exists()):
         _create_jwt_key(pki.jwt_key, pki.jwks)
     if not (pki.audit_key.exists() and pki.audit_public_key.exists()):
@@ -121,6 +145,20 @@ def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[st
         if not secret.exists():
             _write_atomically(secret, os.urandom(32), 0o600)
     return pki
+
+
+def renew(pki: Pki, name: str, spiffe: str) -> x509.Certificate:
+    """Re-issues an identity's certificate for spiffe: new key, new serial.
+
+    The new pair replaces the old one in one rename (see the module's docstring), so a
+    reader (Envoy) sees either the old pair or the new one, never a mix. The old pair need
+    not be readable: renewing is also how a broken pair is repaired.
+    """
+    if not pki.ca_key.exists():
+        raise ValueError(f"no CA key at {pki.ca_key}: run `medimg certs` first")
+    key_pem, cert_pem = _new_leaf(pki.ca_cert, pki.ca_key, spiffe, name)
+    _install(pki, name, key_pem, cert_pem)
+    return x509.load_pem_x509_certificate(cert_pem)
 
 
 def create_signing_key(key_path: Path, public_path: Path) -> None:
@@ -186,7 +224,15 @@ def issue_certificate(  # noqa: PLR0917 - the signature the launcher and tests c
     spiffe: str,
     common_name: str,
 ) -> None:
-    """Writes a new EC P-256 workload certificate (1 year) for spiffe, signed by the CA.
+    """Writes a new EC P-256 workload certificate (1 year) for spiffe, signed by the CA."""
+    key_pem, cert_pem = _new_leaf(ca_cert, ca_key, spiffe, common_name)
+    # Key first: a reader that finds the certificate then also finds its key.
+    _write_atomically(key_path, key_pem, 0o600)
+    _write_public(cert_path, cert_pem)
+
+
+def _new_leaf(ca_cert: Path, ca_key: Path, spiffe: str, common_name: str) -> tuple[bytes, bytes]:
+    """A new key and workload certificate for spiffe, signed by the CA, both PEM.
 
     The certificate serves both ends of mTLS (serverAuth and clientAuth) and also names
     localhost and 127.0.0.1, so local clients verify a sidecar without a name override.
@@ -251,9 +297,52 @@ def issue_certificate(  # noqa: PLR0917 - the signature the launcher and tests c
         )
         .sign(issuer_key, hashes.SHA256())
     )
-    # Key first: a reader that finds the certificate then also finds its key.
-    _write_private_key(key_path, key)
-    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _install(pki: Pki, name: str, key_pem: bytes, cert_pem: bytes) -> None:
+    """Makes key_pem and cert_pem the identity's pair in one atomic step.
+
+    The kubelet's way of updating a Secret volume: write a new version directory, point a
+    new symlink at it and rename that over `..data`. The rename is the one event Envoy
+    reacts to, and after it both files are the new ones.
+    """
+    directory = pki.identity_dir(name)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S', time.gmtime())}.{secrets.token_hex(4)}"
+    version = directory / stamp
+    version.mkdir(mode=0o700)
+    _write_atomically(version / KEY_FILE, key_pem, 0o600)
+    _write_public(version / CERT_FILE, cert_pem)
+    data = directory / DATA_LINK
+    previous = os.readlink(data) if data.is_symlink() else None
+    _symlink_atomically(data, stamp)
+    for filename in (CERT_FILE, KEY_FILE):
+        _symlink_atomically(directory / filename, f"{DATA_LINK}/{filename}")
+    _symlink_atomically(pki.cert_link(name), f"{name}/{CERT_FILE}")
+    _symlink_atomically(pki.key_link(name), f"{name}/{KEY_FILE}")
+    # The version just replaced stays: a reader may have resolved `..data` to it a moment
+    # ago. Any older one goes.
+    for old in directory.glob("..*"):
+        if old.is_dir() and not old.is_symlink() and old.name not in (stamp, previous):
+            for entry in old.iterdir():
+                entry.unlink()
+            old.rmdir()
+
+
+def _symlink_atomically(path: Path, target: str) -> None:
+    if path.is_symlink() and os.readlink(path) == target:
+        return
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def mint_token(
@@ -311,14 +400,20 @@ def _public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     }
 
 
-def _leaf_is_current(cert_path: Path, key_path: Path, ca: x509.Certificate, spiffe: str) -> bool:
+def _leaf_is_current(pki: Pki, name: str, ca: x509.Certificate, spiffe: str) -> bool:
+    cert_path, key_path = pki.cert(name), pki.key(name)
     if not (cert_path.exists() and key_path.exists()):
         return False
+    if not (pki.cert_link(name).is_symlink() and pki.key_link(name).is_symlink()):
+        return False  # the layout of an older release: re-issued into the new one
     try:
         cert = _load_cert(cert_path)
         cert.verify_directly_issued_by(ca)
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+        return False
+    if key.public_key() != cert.public_key():
         return False
     uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     return uris == [spiffe] and cert.not_valid_after_utc - _now() > RENEW_BEFORE

@@ -202,7 +202,11 @@ class Platform:
         self._start_postgres()
         self._start_redis()
         configs = meshlib.render(
-            self.mesh, self.pki, DESCRIPTOR_SET_PATH, port_offset=self.port_offset
+            self.mesh,
+            self.pki,
+            DESCRIPTOR_SET_PATH,
+            port_offset=self.port_offset,
+            sds_dir=self.state / "envoy" / "sds",
         )
         for name, path in meshlib.write_configs(configs, self.state / "envoy").items():
             self.envoys[name] = Process(

@@ -14,6 +14,7 @@ from medimg_core import channels, db
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition
+from medimg_training import launchers
 from medimg_training.ingest import IngestIndex, IngestProbe
 from medimg_training.runner import Runner, code_version
 from medimg_training.servicer import POLICY, TrainingServicer
@@ -46,8 +47,15 @@ async def build(settings: TrainingSettings, resources: AsyncExitStack) -> Servic
     )
     code = await loop.run_in_executor(executor, code_version, version("medimg-training"))
     settings.object_dir.mkdir(parents=True, exist_ok=True)
+    launcher = launchers.build(settings, settings.object_dir / "jobs")
+    resources.push_async_callback(launcher.aclose)
     runner = Runner(
-        pool=pool, events=events, settings=settings, executor=executor, code_version=code
+        pool=pool,
+        events=events,
+        settings=settings,
+        executor=executor,
+        code_version=code,
+        launcher=launcher,
     )
     await runner.start()
     # The servicer's drain closes it at shutdown; this is for a build that fails later on.

@@ -1,18 +1,19 @@
-"""Runs training jobs as local worker processes and keeps their state machine true.
+"""Runs training jobs' workers through a launcher and keeps the jobs' state machine true.
 
-Each job runs in its own process group (`start_new_session`): `python -m
-medimg_training.worker` for one process, `torchrun --standalone` for several, so a cancel
-reaches every worker with one `killpg`. Files of a job lie under `<object_dir>/jobs/<job>/`:
-`worker.json` (the worker's config), `worker.log`, `checkpoints/`, `error-rank<N>.json`,
-`result.json` and `bundle/` (until registered). A monitor task per job drains the job's
-progress stream into its row and, when the workers end, decides the outcome:
-`result.json` → the bundle is registered and the job SUCCEEDED; else FAILED with
-WORKER_FAILED and the workers' last error (or exit status).
+Where the workers run (local processes, a Kubernetes Job) is the launcher's business (see
+`launchers`). Files of a job lie under `<object_dir>/jobs/<job>/`, which every worker
+sees at the same path: `worker.json` (the worker's config), `worker.log` (local
+launcher), `checkpoints/`, `error-rank<N>.json`, `result.json` and `bundle/` (until
+registered). A monitor task per job drains the job's progress stream into its row and,
+when the workers end, decides the outcome: `result.json` → the bundle is registered and
+the job SUCCEEDED; else FAILED with WORKER_FAILED and the workers' last error (or how the
+launcher saw them end), or WORKER_LOST if their workload vanished.
 
-At start-up, jobs left RUNNING are looked at: live workers (the service crashed) are
-adopted and watched; finished workers' results are registered; workers that are gone
-fail the job (WORKER_LOST), unless its spec asks to resume from the last checkpoint. At a
-graceful shutdown the workers are stopped and the jobs stay RUNNING for the next start.
+At start-up, jobs left RUNNING are looked at: workers the launcher still finds (the
+service crashed, or they outlive it) are adopted and watched; finished workers' results
+are registered; workers that are gone fail the job (WORKER_LOST), unless its spec asks to
+resume from the last checkpoint. At a graceful shutdown local workers are stopped
+(Kubernetes Jobs run on, to be adopted) and the jobs stay RUNNING for the next start.
 """
 
 from __future__ import annotations
@@ -21,11 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import signal
-import socket
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -35,54 +32,15 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from medimg_core.bundles import bundle_digest
-from medimg_training import datasets, jobs, progress, registry, specs
+from medimg_training import datasets, jobs, launchers, progress, registry, specs
 from medimg_training.jobs import Job, State
+from medimg_training.launchers import Exit, Launch, Launcher, Workers
 from medimg_training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 
 #: Called when a job ends (for audit and metrics): the job as it ended.
 OnEnd = Callable[[Job], Awaitable[None]]
-
-
-class _Workers:
-    """A job's worker process group: our child, or one adopted after a restart."""
-
-    def __init__(self, pid: int, process: asyncio.subprocess.Process | None) -> None:
-        self.pid = pid
-        self.process = process
-
-    def exit_status(self) -> int | None:
-        """None while running; the exit code (negative: signal), or 0 if unknown (adopted)."""
-        if self.process is not None:
-            return self.process.returncode
-        return None if _alive(self.pid) else 0
-
-    def signal(self, number: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, number)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is gone for our purposes.
-    with contextlib.suppress(OSError):
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return status != "Z"
-    return True
-
-
-def _runs_job(pid: int, config: Path) -> bool:
-    """Whether `pid` is still this job's worker, not a stranger that got its pid."""
-    try:
-        return str(config) in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    except OSError:
-        return False
 
 
 def code_version(version: str) -> str:
@@ -111,6 +69,7 @@ class Runner:
         executor: Executor,
         code_version: str,
         on_end: OnEnd | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self._pool = pool
         self._events = events
@@ -119,11 +78,12 @@ class Runner:
         self.code_version = code_version
         self._on_end = on_end
         self._wake = asyncio.Event()
-        self._workers: dict[str, _Workers] = {}
+        self._workers: dict[str, Workers] = {}
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._scheduler: asyncio.Task[None] | None = None
         self.jobs_root = settings.object_dir / "jobs"
         self.models_root = settings.object_dir / "models"
+        self._launcher = launcher or launchers.LocalLauncher(settings, self.jobs_root)
 
     # Life of the runner -------------------------------------------------------------
 
@@ -132,17 +92,19 @@ class Runner:
         self._scheduler = asyncio.create_task(self._schedule_forever())
 
     async def close(self) -> None:
-        """Stops scheduling and the workers (SIGTERM, then SIGKILL past the cancel grace);
-        their jobs stay RUNNING. A second call finds nothing left to stop."""
+        """Stops scheduling and the workers (SIGTERM, then SIGKILL past the cancel grace)
+        unless they outlive the service; their jobs stay RUNNING. A second call finds
+        nothing left to stop."""
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
         for task in list(self._monitors.values()):
             task.cancel()
-        for job_id, workers in list(self._workers.items()):
-            log.info("stopping workers at shutdown", extra={"fields": {"job": job_id}})
-            await self._stop(workers)
+        if not self._launcher.detached:
+            for job_id, workers in list(self._workers.items()):
+                log.info("stopping workers at shutdown", extra={"fields": {"job": job_id}})
+                await workers.stop()
         for task in list(self._monitors.values()):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -152,18 +114,12 @@ class Runner:
 
     async def recover(self) -> None:
         for job in await jobs.in_state(self._pool, State.RUNNING):
-            config = self.job_dir(job.job_id) / "worker.json"
-            pid = job.worker_pid
-            if (
-                pid is not None
-                and job.worker_host == socket.gethostname()
-                and _alive(pid)
-                and _runs_job(pid, config)
-            ):
-                log.info("adopting live workers", extra={"fields": {"job": job.job_id}})
-                self._watch(job.job_id, _Workers(pid, None))
+            workers = await self._launcher.recover(job)
+            if workers is not None:
+                log.info("adopting the workers", extra={"fields": {"job": job.job_id}})
+                self._watch(job.job_id, workers)
             elif (self.job_dir(job.job_id) / "result.json").is_file():
-                await self._finish(job.job_id, _Workers(pid or 0, None))
+                await self._finish(job.job_id, None)
             elif job.spec.get("resume_on_restart"):
                 log.info("resuming after restart", extra={"fields": {"job": job.job_id}})
                 await jobs.mark_resume(self._pool, job.job_id)
@@ -210,33 +166,32 @@ class Runner:
             stale.unlink(missing_ok=True)
         path = directory / "worker.json"
         path.write_text(json.dumps(config))
-        processes = int(job.spec["resources"]["processes"])
-        python = self._settings.worker_python or sys.executable
-        module = ["-m", "medimg_training.worker", str(path)]
-        command = (
-            [python, *module]
-            if processes == 1
-            else [python, "-m", "torch.distributed.run", "--standalone",
-                  f"--nproc-per-node={processes}", *module]
-        )  # fmt: skip
-        with (directory / "worker.log").open("ab") as output:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        resources = job.spec["resources"]
+        request = Launch(
+            job_id=job.job_id,
+            config=path,
+            processes=int(resources["processes"]),
+            gpus=int(resources["gpus"]),
+        )
+        try:
+            workers = await self._launcher.launch(request)
+        except Exception as error:  # e.g. the API server refused the Job
+            log.exception("launch failed", extra={"fields": {"job": job.job_id}})
+            await self._end_failed(
+                job.job_id, "LAUNCH_FAILED", f"cannot start the workers: {error}"
             )
-        workers = _Workers(process.pid, process)
-        started = await jobs.start(self._pool, job.job_id, process.pid, socket.gethostname())
+            return
+        started = await jobs.start(self._pool, job.job_id, workers.pid, workers.host)
         if started is None:  # cancelled meanwhile
-            await self._stop(workers)
+            await workers.stop()
             return
         log.info(
             "workers started",
-            extra={"fields": {"job": job.job_id, "pid": process.pid, "processes": processes}},
-        )
+            extra={
+                "fields": {"job": job.job_id, "host": workers.host, "pid": workers.pid,
+                           "processes": request.processes}
+            },
+        )  # fmt: skip
         self._watch(job.job_id, workers)
 
     async def _config(self, job: Job) -> dict[str, Any]:
@@ -273,25 +228,19 @@ class Runner:
 
     # Watching -----------------------------------------------------------------------
 
-    def _watch(self, job_id: str, workers: _Workers) -> None:
+    def _watch(self, job_id: str, workers: Workers) -> None:
         self._workers[job_id] = workers
         self._monitors[job_id] = asyncio.create_task(self._monitor(job_id, workers))
 
-    async def _monitor(self, job_id: str, workers: _Workers) -> None:
+    async def _monitor(self, job_id: str, workers: Workers) -> None:
         last = "0-0"
         try:
             while True:
-                if workers.process is not None:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            workers.process.wait(), timeout=self._settings.poll_seconds
-                        )
-                else:
-                    await asyncio.sleep(self._settings.poll_seconds)
+                ended = await workers.wait(self._settings.poll_seconds)
                 last = await self._drain_progress(job_id, last)
-                if workers.exit_status() is not None:
+                if ended is not None:
                     break
-            await self._finish(job_id, workers)
+            await self._finish(job_id, ended)
         finally:
             self._workers.pop(job_id, None)
             self._monitors.pop(job_id, None)
@@ -307,7 +256,8 @@ class Runner:
             await jobs.set_progress(self._pool, job_id, latest)
         return str(last)
 
-    async def _finish(self, job_id: str, workers: _Workers) -> None:
+    async def _finish(self, job_id: str, how: Exit | None) -> None:
+        """Decides a RUNNING job's outcome once its workers ended (`how`, when known)."""
         job = await jobs.get(self._pool, job_id)
         if job.state is not State.RUNNING:  # cancelled (or ended by another replica)
             await self._announce(job)
@@ -338,19 +288,18 @@ class Runner:
             if ended is not None:
                 await self._announce(ended)
             return
-        await self._end_failed(job_id, "WORKER_FAILED", self._last_error(directory, workers))
+        last = self._last_error(directory)
+        if last is None and how is not None and how.lost:
+            await self._end_failed(job_id, "WORKER_LOST", how.describe())
+            return
+        await self._end_failed(job_id, "WORKER_FAILED", last or (how or Exit(0)).describe())
 
-    def _last_error(self, directory: Path, workers: _Workers) -> str:
+    def _last_error(self, directory: Path) -> str | None:
         errors = sorted(directory.glob("error-rank*.json"))
-        if errors:
-            error = json.loads(errors[0].read_text())
-            return f"{errors[0].stem.removeprefix('error-')}: {error['type']}: {error['message']}"
-        status = workers.exit_status()
-        if status is not None and status < 0:
-            return f"the workers were killed by signal {signal.Signals(-status).name}"
-        if status:
-            return f"the workers exited with status {status}"
-        return "the workers ended without a result"
+        if not errors:
+            return None
+        error = json.loads(errors[0].read_text())
+        return f"{errors[0].stem.removeprefix('error-')}: {error['type']}: {error['message']}"
 
     async def _end_failed(self, job_id: str, reason: str, message: str) -> None:
         job = await jobs.fail(self._pool, job_id, reason, message)
@@ -378,15 +327,4 @@ class Runner:
             job = await jobs.get(self._pool, job_id)
             await self._announce(job)
             return
-        await self._stop(workers)
-
-    async def _stop(self, workers: _Workers) -> None:
-        workers.signal(signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.cancel_grace_seconds
-        while workers.exit_status() is None and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        # The leader may be gone while its children linger: the group gets SIGKILL anyway.
-        workers.signal(signal.SIGKILL)
-        if workers.process is not None:
-            await workers.process.wait()
+        await workers.stop()

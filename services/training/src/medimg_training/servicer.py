@@ -207,9 +207,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     async def drain(self) -> None:
         """At shutdown, before the grace: watchers are told to watch again (another replica,
-        or this one once back) rather than held to the end of the grace and cut, and the
+        or this one once back) rather than held to the end of the grace and cut, and local
         workers stop now, while the grace still covers them; their jobs stay RUNNING for the
-        next start to resume or fail."""
+        next start to resume or fail (Kubernetes Jobs run on: the next start adopts them)."""
         self._draining.set()
         await self._runner.close()
 

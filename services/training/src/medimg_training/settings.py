@@ -1,8 +1,9 @@
 """Settings of the training service (`MEDIMG_TRAINING_*`)."""
 
 from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from medimg_core.settings import AuditedServiceSettings
@@ -36,8 +37,53 @@ class TrainingSettings(AuditedServiceSettings):
     cancel_grace_seconds: float = 3.0
     #: Seconds between looks at a running job's workers and progress.
     poll_seconds: float = 0.5
-    #: The Python that runs the workers (default: this one).
+    #: The Python that runs the workers (default: this one; local launcher only).
     worker_python: str = ""
+    #: Where workers run: `local` processes of this service, or a `kubernetes` Job per job
+    #: (see `launchers`).
+    launcher: Literal["local", "kubernetes"] = "local"
+    #: Namespace of the workers' Jobs (default: this pod's, from its service account).
+    kubernetes_namespace: str = ""
+    #: The workers' pod template (`kind: PodTemplate`, YAML), for the kubernetes launcher.
+    worker_pod_template: Path | None = None
+    #: Image of the workers' container (default: the template's), for the kubernetes launcher.
+    worker_image: str = ""
+    #: Seconds a finished worker Job (and its pods' logs) is kept; long enough for the
+    #: service to read how it ended.
+    worker_ttl_seconds: int = Field(default=86_400, ge=60)
+
+    @model_validator(mode="after")
+    def _launcher_settings_fit(self) -> Self:
+        kubernetes_only = {
+            "KUBERNETES_NAMESPACE": self.kubernetes_namespace,
+            "WORKER_POD_TEMPLATE": self.worker_pod_template,
+            "WORKER_IMAGE": self.worker_image,
+        }
+        prefix = "MEDIMG_TRAINING_"
+        if self.launcher == "local":
+            given = [prefix + name for name, value in kubernetes_only.items() if value]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} apply to the kubernetes launcher only: set "
+                    f"{prefix}LAUNCHER=kubernetes or unset them"
+                )
+            return self
+        if self.worker_pod_template is None:
+            raise ValueError(
+                f"{prefix}LAUNCHER=kubernetes needs {prefix}WORKER_POD_TEMPLATE: the path of "
+                "the workers' pod template (deploy/k8s/base/training-worker-template.yaml)"
+            )
+        if self.worker_python:
+            raise ValueError(
+                f"{prefix}WORKER_PYTHON applies to the local launcher only: the worker image's "
+                "python runs the workers in Kubernetes"
+            )
+        if self.gpus < 0:
+            raise ValueError(
+                f"{prefix}LAUNCHER=kubernetes needs {prefix}GPUS: the GPUs one worker pod may "
+                "have (a node of the GPU pool), not counted on the service's own node"
+            )
+        return self
 
     @property
     def cache(self) -> Path:
