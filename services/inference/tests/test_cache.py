@@ -276,11 +276,12 @@ async def test_a_lookup_never_eats_the_caller_s_deadline(
     silent = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
     try:
-        # A long cache timeout, but the caller has 0.4 s: the lookup takes at most half.
+        # A long cache timeout (5 s), but the caller has 2 s: the lookup takes at most half,
+        # which leaves the model the other half even on a loaded machine.
         server, name = await make_server(f"redis://127.0.0.1:{port}/0", timeout_seconds=5)
         started = time.monotonic()
         outputs = await server.infer(
-            name, None, {"patch": classifier.patches[:1]}, time.monotonic() + 0.4
+            name, None, {"patch": classifier.patches[:1]}, time.monotonic() + 2.0
         )
         elapsed = time.monotonic() - started
     finally:
@@ -290,4 +291,4 @@ async def test_a_lookup_never_eats_the_caller_s_deadline(
         await silent.wait_closed()
 
     assert outputs["probabilities"].shape == (1, 2)
-    assert elapsed < 0.4
+    assert elapsed < 2.0
