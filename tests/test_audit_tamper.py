@@ -295,7 +295,8 @@ async def test_swapped_events_are_found(
     # Two even indexes short of the end: their rows hold a leaf and complete no subtree,
     # so no later append reads them (the frontier's hashes sit in odd rows, or in the last
     # row), and audit still appends its own reads while verify lists the log. Swapped odd
-    # rows can be frontier rows, depending on the log's size: appends then fail (INTERNAL).
+    # rows can be frontier rows, depending on the log's size: appends are then refused
+    # (TREE_INCOMPLETE, services/audit/tests/test_log.py) and verify could not list the log.
     first = (sizes[-1] - 8) // 2 * 2
     second = first + 4
     async with tampering(platform) as conn:

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 from medimg.audit.v1 import audit_service_pb2 as pb
 from medimg_audit import log
 from medimg_core import db
-from medimg_core.errors import InvalidArgument
+from medimg_core.errors import FailedPrecondition, InvalidArgument
 
 INGEST = "spiffe://medimg.local/ns/medimg/sa/ingest"
 
@@ -286,3 +286,18 @@ async def test_grouped_appends_keep_the_tree_consistent(pool: asyncpg.Pool) -> N
     for index in range(size):
         proof = await log.inclusion_proof(pool, index, size)
         assert proof is not None
+
+
+async def test_an_append_over_a_damaged_frontier_is_refused_and_writes_nothing(
+    pool: asyncpg.Pool,
+) -> None:
+    await log.append(pool, [event() for _ in range(7)], "ingest")
+    # Row 3 holds the hashes of the perfect subtrees [2, 4) and [0, 4): the frontier's left
+    # part. Someone with the table owner's rights cuts them off.
+    await pool.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update_delete")
+    await pool.execute("UPDATE audit_events SET subtree_hashes = '' WHERE log_index = 3")
+    with pytest.raises(FailedPrecondition) as refused:
+        await log.append(pool, [event()], "ingest")
+    assert refused.value.reason == "TREE_INCOMPLETE"
+    assert "lacks node (2, 0)" in str(refused.value)
+    assert await count(pool) == 7

@@ -268,7 +268,8 @@ async def _append(pool: asyncpg.Pool, prepared: Sequence[_Prepared]) -> list[int
             )
         }
         size = await _size(conn)
-        frontier = await nodes(conn, merkle.range_nodes(0, size))
+        # A damaged frontier refuses the append: new nodes built on it would be wrong forever.
+        frontier = await _complete(conn, merkle.range_nodes(0, size))
         indexes, rows = await asyncio.to_thread(_sequence, prepared, known, size, frontier)
         if rows:
             await conn.copy_records_to_table("audit_events", records=rows, columns=_EVENT_COLUMNS)
@@ -338,15 +339,24 @@ async def nodes(
     return found
 
 
-async def _hashes(pool: asyncpg.Pool, ranges: Sequence[merkle.Range]) -> list[bytes]:
-    wanted = merkle.needed(ranges)
-    found = await nodes(pool, wanted)
+async def _complete(
+    conn: asyncpg.Connection | asyncpg.Pool, wanted: Iterable[merkle.Node]
+) -> dict[merkle.Node, bytes]:
+    """The stored hashes of `wanted`, every one of them, or TREE_INCOMPLETE."""
+    wanted = set(wanted)
+    found = await nodes(conn, wanted)
     if len(found) < len(wanted):
         missing = min(wanted - found.keys())
         raise FailedPrecondition(
-            "TREE_INCOMPLETE", f"the log's tree lacks node {missing}: it was damaged"
+            "TREE_INCOMPLETE",
+            f"the log's tree lacks node {missing}: it was damaged; restore the audit tables "
+            "from backup and run `medimg audit verify`",
         )
-    return merkle.fold(ranges, found)
+    return found
+
+
+async def _hashes(pool: asyncpg.Pool, ranges: Sequence[merkle.Range]) -> list[bytes]:
+    return merkle.fold(ranges, await _complete(pool, merkle.needed(ranges)))
 
 
 async def root(pool: asyncpg.Pool, size: int) -> bytes:
