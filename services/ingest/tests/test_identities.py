@@ -276,6 +276,11 @@ async def test_a_rotation_end_to_end_through_the_service_and_the_command(
             f"patients/{pseudonym}",
             "ingest",
         )
+        assert (event.actor.workload, event.actor.user, event.method) == (
+            "spiffe://medimg.local/ns/medimg/sa/ingest",
+            "",
+            "medimg_ingest.rekey",
+        )
         code, out, _ = await rekey_command(rotated)
         assert code == 0 and "re-sealed 0 identity links" in out and "1 were on it already" in out
 

@@ -8,9 +8,11 @@ the key that sealed a row must be the current key or listed among the previous o
 
 It works in batches, one transaction each, and only on rows not sealed with the current
 key yet, so it can be stopped and run again at any time. Each re-sealed link is audited
-(an update of `patients/{pseudonym}`) before its batch commits. A row that does not open
-stops the run, and nothing of its batch is written. Patient IDs exist only in memory
-between opening and re-sealing: nothing here prints or logs one.
+(an update of `patients/{pseudonym}`) before its batch commits, with ingest's workload as
+the actor and `medimg_ingest.rekey` as the method: the command runs with ingest's own
+certificate, and the person who ran it is in the Kubernetes API audit log (`kubectl exec`).
+A row that does not open stops the run, and nothing of its batch is written. Patient IDs
+exist only in memory between opening and re-sealing: nothing here prints or logs one.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from medimg.audit.v1.audit_service_pb2 import ACTION_UPDATE
-from medimg_core import channels, db
+from medimg_core import calls, channels, db
 from medimg_core import redis as medimg_redis
 from medimg_core.audit import Access, AuditClient
 from medimg_core.errors import MedimgError
+from medimg_core.identity import Principal
 from medimg_core.settings import load_settings
 from medimg_ingest.identities import BrokenSeal, IdentityVault, UnknownIdentityKey
 from medimg_ingest.settings import IngestSettings
+
+#: The method the command's audit events name.
+COMMAND = "medimg_ingest.rekey"
 
 #: Records the accesses in the audit log before a batch commits (AuditClient.report).
 Report = Callable[[Sequence[Access]], Awaitable[object]]
@@ -168,7 +174,9 @@ async def run(settings: IngestSettings, *, check: bool, batch_size: int) -> int:
             counts = await links_by_key_id(pool)
             print(describe(counts, vault))
             return 0 if set(counts) <= {vault.key_id} else 1
-        # Audited as ingest itself audits, with the same spool while audit is down.
+        # Audited as ingest itself audits, with the same spool while audit is down, and
+        # as ingest's workload: no RPC here names a caller.
+        calls.enter(calls.Call(COMMAND, Principal(settings.spiffe("ingest"))))
         events = medimg_redis.connect(settings.redis_url)
         resources.push_async_callback(events.aclose)
         audit_channel = channels.outbound(settings.audit_target, settings)
