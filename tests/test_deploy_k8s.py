@@ -19,6 +19,7 @@ import yaml
 from medimg_cli import k8s
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import ensure_pki
+from medimg_ingest.objects import S3Location
 from medimg_protos import DESCRIPTOR_SET_PATH
 from medimg_training import launchers
 
@@ -371,6 +372,42 @@ def test_prod_runs_training_jobs_as_kubernetes_jobs(rendered: dict[str, Objects]
     dev = of_kind(rendered["dev"], "Deployment")["training"]["spec"]["template"]["spec"]
     assert "MEDIMG_TRAINING_LAUNCHER" not in env(dev["containers"][0])
     assert "kube-api-access" not in {v["name"] for v in dev["volumes"]}
+
+
+def test_prod_ingest_keeps_instances_on_s3_with_its_own_role(
+    rendered: dict[str, Objects],
+) -> None:
+    deployment = of_kind(rendered["prod"], "Deployment")["ingest"]
+    pod = deployment["spec"]["template"]["spec"]
+    (envoy,) = pod["initContainers"]
+    (ingest,) = pod["containers"]
+    settings = env(ingest)
+    assert "MEDIMG_INGEST_OBJECT_DIR" not in settings
+    location = S3Location.parse(settings["MEDIMG_INGEST_OBJECT_STORE_URL"])
+    assert location.prefix == ""  # the role allows instances/ at the bucket's root
+    # The names terraform gives the bucket and the role (storage.tf, iam.tf), one account.
+    account = settings["AWS_ROLE_ARN"].split(":")[4]
+    assert location.bucket == f"medimg-prod-data-{account}"
+    assert settings["AWS_ROLE_ARN"] == f"arn:aws:iam::{account}:role/medimg-prod-ingest"
+    # IRSA's token reaches the ingest container alone, for STS only; no volume is left.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "objects" not in volumes
+    (source,) = volumes["aws-iam-token"]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "sts.amazonaws.com"
+    mounts = {m["name"]: m["mountPath"] for m in ingest["volumeMounts"]}
+    assert Path(settings["AWS_WEB_IDENTITY_TOKEN_FILE"]).parent == Path(mounts["aws-iam-token"])
+    assert "aws-iam-token" not in {m["name"] for m in envoy.get("volumeMounts", [])}
+    assert "ingest-objects" not in of_kind(rendered["prod"], "PersistentVolumeClaim")
+    assert "ingest-objects" in of_kind(rendered["dev"], "PersistentVolumeClaim")
+    # Out of the cluster only to the VPC's S3 and STS endpoints, on 443.
+    policy = of_kind(rendered["prod"], "NetworkPolicy")["backend-object-store"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "ingest"}}
+    assert policy["egress"] == [
+        {
+            "to": [{"ipBlock": {"cidr": "10.40.0.0/16"}}],
+            "ports": [{"port": 443, "protocol": "TCP"}],
+        }
+    ]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)

@@ -1,6 +1,5 @@
 # S3 for de-identified instances (SSE-KMS, versioned, never public: ingest's object store
-# once MEDIMG_INGEST_OBJECT_STORE_URL points at it; the prod overlay still keeps them on
-# EFS, see docs/operations.md), its access log bucket, EFS for the ReadWriteMany volumes of
+# in the prod overlay, deploy/k8s/overlays/prod/ingest-s3.yaml), its access log bucket, EFS for the ReadWriteMany volumes of
 # deploy/k8s (storage class efs: training's jobs, checkpoints and model bundles), and ECR
 # for the images.
 

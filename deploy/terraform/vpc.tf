@@ -148,3 +148,39 @@ resource "aws_iam_role_policy" "flow_logs" {
     }]
   })
 }
+
+# S3 and STS through interface endpoints in the private subnets: ingest's objects (and
+# IRSA's AssumeRoleWithWebIdentity) never leave the VPC, and the pods' NetworkPolicy can
+# name their destination as the VPC CIDR on 443 (deploy/k8s/overlays/prod/ingest-s3.yaml).
+# With private DNS on, the regional names (s3.<region>.amazonaws.com,
+# sts.<region>.amazonaws.com) resolve to these endpoints.
+resource "aws_vpc_endpoint" "interface" {
+  for_each            = toset(["s3", "sts"])
+  vpc_id              = aws_vpc.main.id
+  service_name        = "com.amazonaws.${var.region}.${each.key}"
+  vpc_endpoint_type   = "Interface"
+  subnet_ids          = aws_subnet.private[*].id
+  security_group_ids  = [aws_security_group.endpoints.id]
+  private_dns_enabled = true
+  dynamic "dns_options" {
+    # S3's private DNS answers for the whole VPC only when told so (no gateway endpoint).
+    for_each = each.key == "s3" ? [1] : []
+    content {
+      private_dns_only_for_inbound_resolver_endpoint = false
+    }
+  }
+  tags = { Name = "${local.name}-${each.key}" }
+}
+
+resource "aws_security_group" "endpoints" {
+  name        = "${local.name}-endpoints"
+  description = "HTTPS from inside the VPC to the S3 and STS interface endpoints"
+  vpc_id      = aws_vpc.main.id
+  ingress {
+    description = "HTTPS from the VPC"
+    from_port   = 443
+    to_port     = 443
+    protocol    = "tcp"
+    cidr_blocks = [var.vpc_cidr]
+  }
+}
