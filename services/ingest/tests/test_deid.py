@@ -28,6 +28,7 @@ from pydicom.datadict import dictionary_has_tag, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 import medimg_ingest.deid
@@ -44,7 +45,7 @@ from medimg_ingest.deid.table import (
     parse_safe_private,
     parse_table,
     resolved_table,
-    safe_private_keys,
+    safe_private_vrs,
 )
 
 # As in medimg_ingest.dicom: the corpus holds deliberately odd values, and pydicom's reading
@@ -182,7 +183,7 @@ def _leaks(source: Dataset, output: Dataset, policy: Policy) -> list[str]:
 
 def _private_problems(output: Dataset, policy: Policy) -> list[str]:
     problems = []
-    safe = safe_private_keys()
+    safe = safe_private_vrs()
     for holder, element in _elements(output):
         tag = element.tag
         if not tag.is_private:
@@ -592,6 +593,47 @@ def test_retain_safe_private_keeps_only_listed_private_attributes() -> None:
     assert not _private_problems(kept, Policy(retain_safe_private=True))
 
 
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
+def test_a_listed_private_element_is_kept_only_with_numbers_or_codes(implicit: bool) -> None:
+    source = _rich()
+    source.add_new(0x00190011, "LO", "SIEMENS MR HEADER")
+    source.add_new(0x0019110C, "IS", "1000")  # B Value: kept
+    source.add_new(0x0019110D, "CS", "DIRECTIONAL")  # Diffusion Directionality: kept
+    source.add_new(0x20010010, "LO", "Philips Imaging DD 001")
+    source.add_new(0x20011003, "FL", 800.0)  # Diffusion B-Factor: kept
+    source.add_new(0x20011004, "CS", "doe john")  # a code string in lower case: text, dropped
+    source.add_new(0x09030010, "LO", "GEIIS PACS")
+    source.add_new(0x00990010, "LO", "NQHeader")
+    source.add_new(0x00991021, "FL", 1234.5)  # ICV: kept
+    source.add_new(0x00991004, "SS", 0)  # Return Code: kept
+    source.add_new(0x01990010, "LO", "NQLeft")
+    source.add_new(0x01991001, "LO", "DOE^JOHN 1.5")  # listed as FL, stated LO: dropped
+    source.file_meta.TransferSyntaxUID = (
+        pydicom.uid.ImplicitVRLittleEndian if implicit else pydicom.uid.ExplicitVRLittleEndian
+    )
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, source)
+    buffer.seek(0)
+    read = pydicom.dcmread(buffer, force=True)
+    # Three bytes for a US (Reject Image Flag): damaged, dropped. pydicom writes no such thing.
+    vr = None if implicit else "US"
+    # Put in as read (Dataset.__setitem__ would decode it, and refuse).
+    read._dict[Tag(0x09031010)] = RawDataElement(
+        Tag(0x09031010), vr, 3, b"\1\0\2", 0, implicit, True
+    )
+    kept = deidentify(read, Policy(retain_safe_private=True), KEY).dataset
+    private = {int(tag) for tag in list(kept.keys()) if tag.is_private and tag.element >= 0x1000}
+    dropped = {0x20011004, 0x09031010}
+    if not implicit:  # an implicit-VR file cannot say the element is LO
+        dropped.add(0x01991001)
+    listed = {0x00191023, 0x0019110C, 0x0019110D, 0x20011003, 0x00991021, 0x00991004}
+    assert listed <= private
+    assert not dropped & private
+    again = _round_trip(kept)
+    assert again[0x0019110C].value in ("1000", 1000, b"1000")
+    assert not _private_problems(kept, Policy(retain_safe_private=True))
+
+
 def test_markers_name_every_option_applied() -> None:
     output = deidentify(_rich(), ALL_OPTIONS, KEY).dataset
     assert not _marker_problems(output, ALL_OPTIONS)
@@ -766,8 +808,13 @@ def test_the_integrity_check_rejects_broken_tables() -> None:
 
 def test_the_safe_private_list_is_well_formed() -> None:
     entries = load_safe_private()
-    assert 0 < len(entries) < 50
+    assert 80 < len(entries) < 120
     assert all(entry.group % 2 == 1 for entry in entries)
+    # Numbers and code strings only (PS3.15 E.3.10 Note 2): no text, UIDs, sequences or bulk
+    # data, but for one ratio written as text.
+    texts = {(e.creator, e.group, e.element_in_block) for e in entries if e.vr == "SH"}
+    assert texts == {("GEMS_PARM_01", 0x0043, 0x27)}
+    assert {e.vr for e in entries} <= {"US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "CS", "SH"}
     with pytest.raises(ValueError, match="not a private"):
         parse_safe_private(["creator,group,element_in_block,vr,name", "X,0018,10,DS,even"])
     with pytest.raises(ValueError, match="twice"):

@@ -12,7 +12,7 @@ Rules beyond the table's rows, each chosen to keep the output valid or to leak l
 * Public attributes not in the table are kept, except that with Modified Dates every DA and DT
   value shifts, listed or not, so that no unlisted date gives the offset away.
 * Private attributes go, unless Retain Safe Private keeps those in `safe_private.csv` (with
-  the private creator of their block).
+  the private creator of their block) whose values are numbers or code strings of their VR.
 * Group lengths go (stale once anything is removed), and so does a whole overlay group when
   the table removes its Overlay Data: an overlay plane without its data is not valid.
 * The file meta is rebuilt: its UIDs follow the new SOP Instance UID, and the AE titles of the
@@ -24,7 +24,8 @@ pydicom's immutable raw elements.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableSequence
+import re
+from collections.abc import Callable, Iterator, Mapping, MutableSequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ from medimg_ingest.deid.table import (
     ResolvedTable,
     load_table,
     resolved_table,
-    safe_private_keys,
+    safe_private_vrs,
 )
 
 _PATIENT_ID = 0x00100020
@@ -131,7 +132,7 @@ def deidentify(dataset: Dataset, policy: Policy, key: bytes) -> DeidResult:
         table=resolved_table(policy.option_columns()),
         key=key,
         offset=offset,
-        safe_private=safe_private_keys() if policy.retain_safe_private else None,
+        safe_private=safe_private_vrs() if policy.retain_safe_private else None,
         source=dataset,
     )
     encoding = dataset.original_character_set or "iso8859"
@@ -182,6 +183,34 @@ def _new(tag: int, vr: str, value: Any) -> DataElement:
     return DataElement(tag, vr, value, validation_mode=config.IGNORE)
 
 
+#: Bytes per value of the binary VRs a safe private attribute may have.
+_BINARY_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8}
+#: What the text of a kept private value may be: numbers (DS, IS, and a ratio "n.nnn:1"
+#: written as SH), or a code string (CS). PS3.15 E.3.10 Note 2.
+_NUMBERS = re.compile(rb"[0-9+\-.eE: \\]*")
+_CODES = re.compile(rb"[A-Z0-9_ \\]*")
+
+
+def _holds(item: _Item, vr: str) -> bool:
+    """Whether a listed private element holds what the safe list says: the element's own VR
+    (when the file states one) is the listed one, and its value is numbers or a code string.
+    A vendor that reused the element for text, or a damaged file, loses the element."""
+    if item.VR not in (None, "UN", vr):
+        return False
+    value = item.value
+    if value is None or isinstance(value, bytes | bytearray):
+        raw = bytes(value or b"")  # as read: raw, or decoded as UN
+    elif vr in _BINARY_SIZES:
+        return True  # decoded by pydicom as numbers of this VR
+    else:
+        values_ = value if isinstance(value, MutableSequence) else [value]
+        raw = "\\".join("" if v is None else str(v) for v in values_).encode("ascii", "replace")
+    if vr in _BINARY_SIZES:
+        return len(raw) % _BINARY_SIZES[vr] == 0
+    text = raw.rstrip(b" \0")
+    return (_CODES if vr == "CS" else _NUMBERS).fullmatch(text) is not None
+
+
 def _copy(item: _Item) -> _Item:
     """An element for the output that no later change to either dataset can reach."""
     if isinstance(item, RawDataElement):
@@ -199,7 +228,7 @@ class _Walker:
         table: ResolvedTable,
         key: bytes,
         offset: int | None,
-        safe_private: frozenset[tuple[str, int, int]] | None,
+        safe_private: Mapping[tuple[str, int, int], str] | None,
         source: Dataset,
     ) -> None:
         self._table = table
@@ -254,7 +283,8 @@ class _Walker:
         creator = _convert(source, creator_item, encoding).value
         if not isinstance(creator, str):
             return None
-        if (creator.strip(" \0"), tag.group, tag.element & 0xFF) not in self._safe_private:
+        vr = self._safe_private.get((creator.strip(" \0"), tag.group, tag.element & 0xFF))
+        if vr is None or not _holds(item, vr):
             return None
         creators[creator_tag] = _copy(creator_item)
         return self._keep(source, tag, item, encoding, dummy_text)

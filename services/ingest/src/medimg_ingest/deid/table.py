@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache, lru_cache
 from importlib import resources
+from types import MappingProxyType
 
 TABLE_FILE = "table_e1_1.csv"
 SAFE_PRIVATE_FILE = "safe_private.csv"
@@ -255,8 +256,9 @@ def load_safe_private() -> tuple[SafePrivateAttribute, ...]:
 
 
 @cache
-def safe_private_keys() -> frozenset[tuple[str, int, int]]:
-    """(private creator, group, element within its block) of every safe private attribute."""
-    return frozenset(
-        (entry.creator, entry.group, entry.element_in_block) for entry in load_safe_private()
+def safe_private_vrs() -> Mapping[tuple[str, int, int], str]:
+    """The VR of every safe private attribute, by (private creator, group, element within its
+    block)."""
+    return MappingProxyType(
+        {(e.creator, e.group, e.element_in_block): e.vr for e in load_safe_private()}
     )
