@@ -457,6 +457,40 @@ def test_medimg_certs_renew(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "nobody" in capsys.readouterr().err
 
 
+def test_medimg_mesh_out_is_self_contained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`medimg mesh --out DIR` writes the SDS files its configs read under DIR (not under the
+    state's PKI), and the configs name them there: DIR can be moved beside the PKI alone."""
+    state, out = tmp_path / "state", tmp_path / "out"
+    assert medimg(["--state", str(state), "mesh", "--out", str(out)]) == 0
+    capsys.readouterr()
+    mesh = meshlib.load_mesh(REPO / "deploy" / "mesh.toml")
+    sds = {path.name for path in (out / "sds").iterdir()}
+    assert sds == {"ca.json"} | {
+        f"{identity}-certificate.json" for identity in [*mesh.services, meshlib.GATEWAY_IDENTITY]
+    }
+    assert not (state / "pki" / "sds").exists()
+    for config in out.glob("*.json"):
+        text = config.read_text()
+        named = {
+            line.split('"')[3]
+            for line in text.splitlines()
+            if '"path": "' in line and line.strip().endswith('.json"')
+        }
+        assert named, config.name
+        assert all(Path(path).parent == (out / "sds").resolve() for path in named), named
+    # And Envoy accepts what it wrote, SDS files included.
+    done = subprocess.run(
+        [*meshlib.envoy_command(out / "sidecar-ingest.json"), "--mode", "validate"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 # --- Kubernetes -----------------------------------------------------------------------------
 
 

@@ -21,7 +21,16 @@ The Envoy configs are those of the local run (medimg_cli.mesh.render), moved int
   HEALTH_PORT forwards only `grpc.health.v1.Health/Check` to the service (the kubelet's
   native gRPC probe: no probe binary in the image, and it checks Envoy and the service
   together), and METRICS_PORT serves Envoy's /stats/prometheus and /ready and the
-  service's /metrics (both bound to 127.0.0.1 in the pod).
+  service's /metrics (both bound to 127.0.0.1 in the pod);
+- spans: each sidecar has an OTLP listener on 127.0.0.1:OTLP_LISTEN_PORT (what
+  MEDIMG_<SERVICE>_OTLP_ENDPOINT names) that forwards TraceService/Export to the
+  collector's headless Service over mTLS with the workload's own certificate, checking the
+  collector's SAN (deploy/monitoring: its receiver requires a client certificate of the
+  mesh CA). The local run has no collector, so its sidecars have no such listener;
+- DIMSE: the service's C-STORE SCP binds 127.0.0.1 as locally, on DIMSE_SERVICE_PORT;
+  ingest's Envoy forwards DIMSE_PORT of the pod to it (a TCP proxy: DIMSE has no TLS and
+  no identity here, so the Service `ingest-dimse` and its network policy admit the
+  hospital's PACS and modalities, nothing else).
 """
 
 from __future__ import annotations
@@ -41,9 +50,13 @@ from medimg_cli import mesh as meshlib
 from medimg_cli.pki import Pki
 
 __all__ = [
+    "COLLECTOR",
     "CONFIG_DIR",
+    "DIMSE_PORT",
     "HEALTH_PORT",
     "METRICS_PORT",
+    "OTLP_LISTEN_PORT",
+    "OTLP_PORT",
     "TLS_DIR",
     "Rendered",
     "add_arguments",
@@ -78,7 +91,26 @@ NAME_LABEL = "app.kubernetes.io/name"
 PART_OF = {"app.kubernetes.io/part-of": "medimg"}
 #: The namespace Prometheus runs in: only it may scrape METRICS_PORT.
 MONITORING_NAMESPACE = "monitoring"
+#: The OpenTelemetry collector (deploy/monitoring): its Deployment, Service, certificate
+#: identity and network policy names, and its OTLP/gRPC receiver's port (TLS, client
+#: certificates of the mesh CA required).
+COLLECTOR = "otel-collector"
+OTLP_PORT = 4317
+#: The sidecars' plaintext OTLP listener on 127.0.0.1 (each pod has its own loopback).
+OTLP_LISTEN_PORT = 4317
+#: Where the collector sends traces on: Tempo in the monitoring namespace.
+TRACING_BACKEND = "tempo"
+#: The DIMSE door: ingest's Envoy listens on DIMSE_PORT (what PACS dial, as locally) and
+#: forwards to the service's SCP on 127.0.0.1:DIMSE_SERVICE_PORT.
+DIMSE_SERVICE = "ingest"
+DIMSE_PORT = 11112
+DIMSE_SERVICE_PORT = 11113
+#: The addresses DIMSE is admitted from in the base: a placeholder the overlays replace
+#: with the hospital networks' (the prod overlay does, as it does the backends' CIDR).
+DIMSE_CLIENTS_CIDR = "10.0.0.0/16"
 GATEWAY = meshlib.GATEWAY_IDENTITY
+#: The training workers' pods (deploy/k8s/base/training-worker-template.yaml).
+TRAINING_WORKER = "training-worker"
 GENERATED_RELATIVE = Path("deploy") / "k8s" / "base" / "generated"
 
 # Placeholder root of the PKI the local renderer is given: every file it names under it
@@ -101,7 +133,15 @@ def render_envoy(
 ) -> dict[str, meshlib.EnvoyConfig]:
     """The Envoy bootstrap configs of the pods, keyed as medimg_cli.mesh.render keys them,
     with their SDS files (`secrets`) keyed by their path in the pod."""
-    local = meshlib.render(mesh, Pki(_PKI_ROOT), descriptor_set, sds_dir=_SDS_ROOT)
+    collector = meshlib.Collector(
+        host=service_host(mesh, COLLECTOR, cluster_domain),
+        port=OTLP_PORT,
+        identity=COLLECTOR,
+        listen_port=OTLP_LISTEN_PORT,
+    )
+    local = meshlib.render(
+        mesh, Pki(_PKI_ROOT), descriptor_set, sds_dir=_SDS_ROOT, collector=collector
+    )
     files = _file_mounts(mesh, descriptor_set)
     configs: dict[str, meshlib.EnvoyConfig] = {}
     for key, config in local.items():
@@ -130,6 +170,9 @@ def render_envoy(
             clusters.append(_plain_cluster("service_metrics", spec.metrics_port))
             routes.append(_exact("/metrics", "service_metrics"))
             listeners.append(_health_listener())
+            if identity == DIMSE_SERVICE:
+                listeners.append(_dimse_listener())
+                clusters.append(_plain_cluster("local_dimse", DIMSE_SERVICE_PORT))
         listeners.append(_pod_listener("pod_metrics", METRICS_PORT, "AUTO", routes))
         configs[key] = meshlib.EnvoyConfig(pod, sds)
     return configs
@@ -284,6 +327,30 @@ def _pod_listener(
     }
 
 
+def _dimse_listener() -> dict[str, Any]:
+    # Plain TCP to the SCP: DICOM's own TLS (PS3.15 Annex B) is not offered here, and the
+    # calling AE title is not an identity, so the network policy is the access control.
+    return {
+        "name": "dimse",
+        "address": {"socket_address": {"address": ANY_ADDRESS, "port_value": DIMSE_PORT}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.tcp_proxy",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                            "stat_prefix": "dimse",
+                            "cluster": "local_dimse",
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
 def _health_listener() -> dict[str, Any]:
     # Only Health/Check, never Watch or any other method: this port has no mTLS and no RBAC.
     route = _exact(_HEALTH_CHECK, "local_service")
@@ -309,8 +376,15 @@ def _port(name: str, number: int) -> dict[str, Any]:
 
 
 def _service(mesh: meshlib.Mesh, name: str) -> dict[str, Any]:
-    if name == GATEWAY:
-        spec: dict[str, Any] = {
+    spec: dict[str, Any]
+    if name == COLLECTOR:
+        # Headless, as the services': each sidecar balances its spans over the collectors.
+        spec = {
+            "clusterIP": "None",
+            "ports": [{**_port("grpc-otlp", OTLP_PORT), "targetPort": "grpc-otlp"}],
+        }
+    elif name == GATEWAY:
+        spec = {
             "type": "ClusterIP",
             "ports": [{**_port("http", mesh.gateway.port), "targetPort": "http"}],
         }
@@ -328,6 +402,21 @@ def _service(mesh: meshlib.Mesh, name: str) -> dict[str, Any]:
         "kind": "Service",
         "metadata": {"name": name, "labels": labels(name)},
         "spec": spec,
+    }
+
+
+def _dimse_service() -> dict[str, Any]:
+    """The DIMSE door's Service: a ClusterIP on ingest's Envoy (its `dicom` port); the prod
+    overlay makes it an internal load balancer the hospital network reaches."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{DIMSE_SERVICE}-dimse", "labels": labels(DIMSE_SERVICE)},
+        "spec": {
+            "type": "ClusterIP",
+            "ports": [{**_port("dicom", DIMSE_PORT), "targetPort": "dicom"}],
+            "selector": {NAME_LABEL: DIMSE_SERVICE},
+        },
     }
 
 
@@ -354,6 +443,7 @@ def _network_policies(mesh: meshlib.Mesh) -> list[dict[str, Any]]:
         ],
         "ports": [{"port": METRICS_PORT, "protocol": "TCP"}],
     }
+    spans = {"to": _pods(COLLECTOR), "ports": [{"port": OTLP_PORT, "protocol": "TCP"}]}
     policies = [
         # Nothing in or out of the namespace that a policy below does not allow.
         policy("default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
@@ -389,6 +479,7 @@ def _network_policies(mesh: meshlib.Mesh) -> list[dict[str, Any]]:
             }
             for upstream in spec.upstreams
         ]
+        egress.append(spans)
         policies.append(
             policy(
                 f"mesh-{name}",
@@ -423,6 +514,56 @@ def _network_policies(mesh: meshlib.Mesh) -> list[dict[str, Any]]:
                         "ports": [{"port": spec.sidecar_port, "protocol": "TCP"}],
                     }
                     for name, spec in mesh.services.items()
+                ],
+            },
+        )
+    )
+    policies.append(
+        policy(
+            f"{DIMSE_SERVICE}-dimse",
+            {
+                # PACS and modalities, from the hospital network only: DIMSE carries no
+                # identity, so this policy is its access control. Ingress only: what ingest
+                # reaches is mesh-ingest's.
+                "podSelector": {"matchLabels": {NAME_LABEL: DIMSE_SERVICE}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [{"ipBlock": {"cidr": DIMSE_CLIENTS_CIDR}}],
+                        "ports": [{"port": DIMSE_PORT, "protocol": "TCP"}],
+                    }
+                ],
+            },
+        )
+    )
+    policies.append(
+        policy(
+            f"mesh-{COLLECTOR}",
+            {
+                "podSelector": {"matchLabels": {NAME_LABEL: COLLECTOR}},
+                "policyTypes": ["Ingress", "Egress"],
+                # Spans from every service's sidecar, and from the training workers' (they
+                # run the training sidecar's config), on the TLS receiver alone.
+                "ingress": [
+                    {
+                        "from": _pods(*mesh.services, TRAINING_WORKER),
+                        "ports": [{"port": OTLP_PORT, "protocol": "TCP"}],
+                    }
+                ],
+                "egress": [
+                    {
+                        "to": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {
+                                        "kubernetes.io/metadata.name": MONITORING_NAMESPACE
+                                    }
+                                },
+                                "podSelector": {"matchLabels": {NAME_LABEL: TRACING_BACKEND}},
+                            }
+                        ],
+                        "ports": [{"port": OTLP_PORT, "protocol": "TCP"}],
+                    }
                 ],
             },
         )
@@ -485,9 +626,28 @@ def _deployment_patch(mesh: meshlib.Mesh, name: str) -> dict[str, Any]:
                 f"{upstream.upper()}_TARGET": f"{meshlib.LOOPBACK}:{port}"
                 for upstream, port in spec.upstreams.items()
             },
+            # Spans go to the sidecar's OTLP listener, which forwards them over mTLS.
+            "OTLP_ENDPOINT": f"http://{meshlib.LOOPBACK}:{OTLP_LISTEN_PORT}",
         }
+        if name == DIMSE_SERVICE:
+            # On loopback, as locally; the pod's DIMSE_PORT is Envoy's (the `dicom` port).
+            env |= {"DIMSE_HOST": meshlib.LOOPBACK, "DIMSE_PORT": str(DIMSE_SERVICE_PORT)}
+            envoy_ports.insert(1, {"name": "dicom", "containerPort": DIMSE_PORT, "protocol": "TCP"})
         containers = [
-            {"name": name, "env": [{"name": prefix + k, "value": v} for k, v in env.items()]}
+            {
+                "name": name,
+                "env": [
+                    *_POD_ENV,
+                    *({"name": prefix + k, "value": v} for k, v in env.items()),
+                    # The spans' resource says which pod sent them (OpenTelemetry's SDK reads
+                    # this variable): the collector needs no access to the Kubernetes API.
+                    {
+                        "name": "OTEL_RESOURCE_ATTRIBUTES",
+                        "value": "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),"
+                        "k8s.node.name=$(NODE_NAME)",
+                    },
+                ],
+            }
         ]
     envoy = {"name": "envoy", "ports": envoy_ports}
     pod_spec: dict[str, Any] = {
@@ -508,6 +668,17 @@ def _deployment_patch(mesh: meshlib.Mesh, name: str) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"template": {"spec": pod_spec}},
     }
+
+
+#: The downward API variables OTEL_RESOURCE_ATTRIBUTES refers to (defined before it).
+_POD_ENV: tuple[dict[str, Any], ...] = tuple(
+    {"name": variable, "valueFrom": {"fieldRef": {"fieldPath": field}}}
+    for variable, field in (
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("NODE_NAME", "spec.nodeName"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -543,6 +714,11 @@ def render(
         resources.append(add(f"service-{name}.json", _service(mesh, name)))
         resources.append(add(f"certificate-{name}.json", _certificate(mesh, name)))
         patches.append(add(f"deployment-{name}.json", _deployment_patch(mesh, name)))
+    # The collector's Deployment and config are deploy/monitoring's; its Service and
+    # identity are the mesh's, like the workloads'.
+    resources.append(add(f"service-{COLLECTOR}.json", _service(mesh, COLLECTOR)))
+    resources.append(add(f"certificate-{COLLECTOR}.json", _certificate(mesh, COLLECTOR)))
+    resources.append(add(f"service-{DIMSE_SERVICE}-dimse.json", _dimse_service()))
     for document in _network_policies(mesh):
         resources.append(add(f"networkpolicy-{document['metadata']['name']}.json", document))
     files["kustomization.yaml"] = _kustomization(resources, patches, generators)

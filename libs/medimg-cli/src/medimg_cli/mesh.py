@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -24,6 +25,8 @@ __all__ = [
     "CA_SECRET",
     "CERTIFICATE_SECRET",
     "GATEWAY_IDENTITY",
+    "OTLP_TRACE_SERVICE",
+    "Collector",
     "EnvoyConfig",
     "GatewaySpec",
     "Mesh",
@@ -48,6 +51,8 @@ CA_SECRET = "mesh_ca"
 #: Envoy's gRPC access log method: the gateway streams the logins it refuses to audit.
 ACCESS_LOG_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 LOOPBACK = "127.0.0.1"
+#: The one gRPC service a sidecar's OTLP listener forwards: spans, nothing else of the collector.
+OTLP_TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -128,6 +133,24 @@ class GatewaySpec:
         return dataclasses.replace(
             self, port=port(self.port, offset), admin_port=port(self.admin_port, offset)
         )
+
+
+@dataclass(frozen=True)
+class Collector:
+    """Where the sidecars forward the services' spans: an OpenTelemetry collector whose
+    OTLP/gRPC receiver serves TLS with a certificate of the mesh's CA and requires one from
+    its clients. The service exports plaintext to its sidecar's listener on 127.0.0.1
+    (`http://127.0.0.1:<listen_port>`); the sidecar presents the service's own mesh
+    certificate and checks the collector's SAN, as for any upstream."""
+
+    host: str  # an IP address, or a DNS name every address of which is a collector
+    port: int
+    identity: str  # the collector's certificate names mesh.spiffe(identity)
+    listen_port: int  # the sidecar's plaintext OTLP listener on 127.0.0.1
+
+    def with_offset(self, offset: int) -> Collector:
+        """A copy with the sidecars' listener moved by offset (the collector stays put)."""
+        return dataclasses.replace(self, listen_port=port(self.listen_port, offset))
 
 
 @dataclass(frozen=True)
@@ -439,6 +462,29 @@ class EnvoyConfig(dict[str, Any]):
         super().__init__(bootstrap)
         self.secrets = dict(secrets)
 
+    def placed(self, sds_dir: Path) -> EnvoyConfig:
+        """This config with its SDS files under sds_dir, if render left them unplaced."""
+        prefix = str(_UNPLACED_SDS)
+        if not any(path.startswith(prefix + os.sep) for path in self.secrets):
+            return self
+        target = str(sds_dir.resolve())
+
+        def move(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [move(v) for v in value]
+            if isinstance(value, str) and value.startswith(prefix + os.sep):
+                return target + value[len(prefix) :]
+            return value
+
+        return EnvoyConfig(move(dict(self)), {move(k): v for k, v in self.secrets.items()})
+
+
+#: Where render puts the SDS files when it is not told: write_configs moves them under the
+#: directory it writes the configs to, so that its output is self-contained.
+_UNPLACED_SDS = Path("/medimg-unplaced-sds")
+
 
 def sds_files(sds_dir: Path, identity: str) -> dict[str, Path]:
     """The SDS resource files of the Envoy of one identity, by secret name."""
@@ -455,18 +501,27 @@ def render(
     *,
     port_offset: int = 0,
     sds_dir: Path | None = None,
+    collector: Collector | None = None,
 ) -> dict[str, EnvoyConfig]:
     """The Envoy bootstrap configs: "gateway" and "sidecar-<service>" for each service.
 
     port_offset moves every port of the mesh (equivalent to mesh.with_offset(port_offset)),
     so a second platform can run beside one on the default ports. sds_dir is where the
-    configs' SDS resources are to be written (write_configs does), by default pki.root/sds.
+    configs' SDS resources are to be written (write_configs does); by default the `sds`
+    directory beside the configs write_configs writes. With a collector, every sidecar
+    also forwards spans to it (an OTLP listener on 127.0.0.1); without one there is no
+    such listener (the local run has no collector).
     """
     mesh = mesh.with_offset(port_offset)
     paths = _check_against_descriptors(mesh, descriptor_set)
+    if collector is not None:
+        collector = collector.with_offset(port_offset)
+        taken = {value: owner for owner, value in mesh.ports()}
+        if owner := taken.get(collector.listen_port):
+            raise ValueError(f"collector listen_port {collector.listen_port} is also {owner}")
     # Envoy resolves relative paths against its own working directory, not ours.
     pki = Pki(pki.root.resolve())
-    sds_dir = (sds_dir if sds_dir is not None else pki.root / "sds").resolve()
+    sds_dir = sds_dir.resolve() if sds_dir is not None else _UNPLACED_SDS
     configs = {
         "gateway": EnvoyConfig(
             _gateway(mesh, sds_dir, pki, descriptor_set.resolve()),
@@ -475,17 +530,19 @@ def render(
     }
     for name, spec in mesh.services.items():
         configs[f"sidecar-{name}"] = EnvoyConfig(
-            _sidecar(mesh, sds_dir, spec, paths[name]), _secrets(pki, sds_dir, name)
+            _sidecar(mesh, sds_dir, spec, paths[name], collector), _secrets(pki, sds_dir, name)
         )
     return configs
 
 
 def write_configs(configs: Mapping[str, dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     """Writes each config to out_dir/<key>.json, and the SDS resources of each EnvoyConfig
-    where it names them; returns the paths of the configs by key."""
+    where it names them (out_dir/sds where render was given no sds_dir); returns the paths
+    of the configs by key."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for key, config in configs.items():
+    for key, given in configs.items():
+        config = given.placed(out_dir / "sds") if isinstance(given, EnvoyConfig) else given
         for secret_path, resource in getattr(config, "secrets", {}).items():
             _write_json(Path(secret_path), resource)
         paths[key] = _write_json(out_dir / f"{key}.json", config)
@@ -537,7 +594,11 @@ def envoy_command(
 
 
 def _sidecar(
-    mesh: Mesh, sds_dir: Path, spec: ServiceSpec, paths: Mapping[str, str]
+    mesh: Mesh,
+    sds_dir: Path,
+    spec: ServiceSpec,
+    paths: Mapping[str, str],
+    collector: Collector | None,
 ) -> dict[str, Any]:
     sds = sds_files(sds_dir, spec.name)
     inbound_hcm = _hcm(
@@ -597,6 +658,9 @@ def _sidecar(
                 ),
             )
         )
+    if collector is not None:
+        listeners.append(_otlp_listener(collector))
+        clusters.append(_otlp_cluster(mesh, sds, collector))
     return {
         "node": {"id": f"sidecar-{spec.name}", "cluster": spec.name},
         "admin": {"address": _address(spec.admin_port)},
@@ -604,6 +668,47 @@ def _sidecar(
         "overload_manager": _OVERLOAD_MANAGER,
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
+
+
+#: The sidecar's cluster of the collector (not "outbound_": that prefix means a mesh service).
+OTLP_CLUSTER = "otlp_collector"
+
+
+def _otlp_listener(collector: Collector) -> dict[str, Any]:
+    # Only TraceService: the service's exporter needs nothing else of the collector.
+    routes = [
+        _route_to({"prefix": f"/{OTLP_TRACE_SERVICE}/"}, OTLP_CLUSTER),
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+    ]
+    return {
+        "name": "otlp",
+        "address": _address(collector.listen_port),
+        "filter_chains": [
+            {
+                "filters": [
+                    _hcm("otlp", codec="HTTP2", routes=routes, http_filters=[_ROUTER]),
+                ]
+            }
+        ],
+    }
+
+
+def _otlp_cluster(mesh: Mesh, sds: Mapping[str, Path], collector: Collector) -> dict[str, Any]:
+    cluster = _cluster(
+        OTLP_CLUSTER,
+        collector.port,
+        transport_socket=_tls(
+            "UpstreamTlsContext", _common_tls(sds, {"exact": mesh.spiffe(collector.identity)})
+        ),
+    )
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    address["socket_address"]["address"] = collector.host
+    try:
+        ipaddress.ip_address(collector.host)
+    except ValueError:
+        # A name (a headless Service): every ready collector pod, re-resolved as they change.
+        cluster.update(type="STRICT_DNS", dns_lookup_family="V4_ONLY", dns_refresh_rate="5s")
+    return cluster
 
 
 def _rbac(mesh: Mesh, spec: ServiceSpec, paths: Mapping[str, str]) -> dict[str, Any]:

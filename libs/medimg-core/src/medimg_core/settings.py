@@ -37,8 +37,9 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     #: Print finished spans as JSON to stderr (there is no collector in the local run).
     trace_to_console: bool = False
-    #: An OpenTelemetry collector's OTLP/gRPC endpoint for the spans, for example
-    #: `http://otel-collector.monitoring:4317` (http: plaintext, https: TLS); unset: none.
+    #: An OpenTelemetry collector's OTLP/gRPC endpoint for the spans (http: plaintext,
+    #: https: TLS); unset: none. In Kubernetes, the sidecar's OTLP listener
+    #: `http://127.0.0.1:4317`, which forwards to the collector over mTLS.
     otlp_endpoint: str | None = Field(default=None, pattern=r"^https?://[^/\s]+/?$")
 
     def spiffe(self, name: str) -> SpiffeId:
