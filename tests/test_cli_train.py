@@ -246,6 +246,27 @@ def test_watch_exits_non_zero_with_the_error_when_the_worker_dies(
     ), rest
 
 
+def test_a_job_past_its_max_runtime_fails_deadline_exceeded(
+    platform: Platform, dataset: str
+) -> None:
+    job = create_job(platform, dataset, epochs=2000, maxRuntime="6s")  # would run for long
+    watcher = subprocess.run(
+        medimg(platform, "train", "watch", job, "--interval", "0"),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert watcher.returncode == 1, watcher.stdout + watcher.stderr
+    assert re.search(
+        rf"^{job} FAILED in 0:00:0\d: DEADLINE_EXCEEDED: .*max_runtime \(0:00:06\)",
+        watcher.stdout,
+        re.MULTILINE,
+    ), watcher.stdout
+    assert json.loads(run(platform, "train", "get", job).stdout)["spec"]["maxRuntime"] == "6s"
+    assert worker_pid(platform, job) is None
+
+
 def test_watch_goes_on_through_a_restart_of_the_training_service(
     platform: Platform, dataset: str
 ) -> None:

@@ -39,6 +39,9 @@ EXTERNAL_SECRETS = {
     "gateway-jwks",
 }
 WORKLOADS = ("audit", "ingest", "inference", "training", "gateway")
+#: Mesh identities that are not Envoy-fronted workloads: the traces' collector
+#: (deploy/monitoring), whose own receiver terminates the mesh's mTLS.
+COLLECTOR = k8s.COLLECTOR
 
 Objects = list[dict[str, Any]]
 
@@ -83,7 +86,7 @@ def env(container: dict[str, Any]) -> dict[str, str]:
 
 def test_every_overlay_renders_every_workload(rendered: dict[str, Objects]) -> None:
     for overlay, objects in rendered.items():
-        assert set(of_kind(objects, "Deployment")) == set(WORKLOADS), overlay
+        assert set(of_kind(objects, "Deployment")) == {*WORKLOADS, COLLECTOR}, overlay
         # Everything lands in the namespace of the SPIFFE ids.
         namespaced = [o for o in objects if o["kind"] != "Namespace"]
         assert {o["metadata"].get("namespace") for o in namespaced} == {"medimg"}, overlay
@@ -136,7 +139,14 @@ def test_cert_manager_objects(rendered: dict[str, Objects], mesh: meshlib.Mesh) 
             envoy = next(c for c in pod_containers(deployments[workload]) if c["name"] == "envoy")
             mounts = {m["name"]: m["mountPath"] for m in envoy["volumeMounts"]}
             assert mounts["mesh-tls"] == k8s.TLS_DIR
-        others = set(certificates) - {f"{w}-mesh" for w in WORKLOADS}
+        # The collector's certificate: the mesh's, mounted where its receiver reads it.
+        spec = certificates[f"{COLLECTOR}-mesh"]["spec"]
+        assert spec["uris"] == [mesh.spiffe(COLLECTOR)]
+        assert spec["issuerRef"]["name"] == k8s.ISSUER
+        assert {"server auth", "client auth"} <= set(spec["usages"])
+        volumes = deployments[COLLECTOR]["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "mesh-tls", "secret": {"secretName": spec["secretName"]}} in volumes
+        others = set(certificates) - {f"{w}-mesh" for w in (*WORKLOADS, COLLECTOR)}
         if overlay == "dev":
             # cert-manager makes the dev CA itself, in the Secret the CA Issuer reads.
             assert others == {ca_secret}
@@ -157,9 +167,9 @@ def test_no_secret_values_are_committed(rendered: dict[str, Objects]) -> None:
                     referenced.add(volume["secret"]["secretName"])
             for container in pod_containers(deployment):
                 for variable in container.get("env", []):
-                    if "valueFrom" in variable:
+                    if "secretKeyRef" in variable.get("valueFrom", {}):
                         referenced.add(variable["valueFrom"]["secretKeyRef"]["name"])
-        tls = {k8s.tls_secret(w) for w in WORKLOADS}
+        tls = {k8s.tls_secret(w) for w in (*WORKLOADS, COLLECTOR)}
         assert referenced - tls == EXTERNAL_SECRETS, overlay
 
 
@@ -199,7 +209,7 @@ def test_services_are_probed_over_grpc_health_through_the_sidecar(
 ) -> None:
     for deployment in of_kind(rendered["prod"], "Deployment").values():
         name = deployment["metadata"]["name"]
-        if name == "gateway":
+        if name in {"gateway", COLLECTOR}:
             continue
         (service,) = deployment["spec"]["template"]["spec"]["containers"]
         (envoy,) = deployment["spec"]["template"]["spec"]["initContainers"]
@@ -213,7 +223,7 @@ def test_services_are_probed_over_grpc_health_through_the_sidecar(
 def test_termination_outlasts_the_drain(rendered: dict[str, Objects]) -> None:
     for deployment in of_kind(rendered["prod"], "Deployment").values():
         name = deployment["metadata"]["name"]
-        if name == "gateway":
+        if name in {"gateway", COLLECTOR}:
             continue
         pod = deployment["spec"]["template"]["spec"]
         settings = env(pod["containers"][0])
@@ -261,7 +271,10 @@ def test_network_policies_allow_exactly_the_mesh_paths(
             (rule["to"][0]["podSelector"]["matchLabels"][k8s.NAME_LABEL], rule["ports"][0]["port"])
             for rule in policy["egress"]
         }
-        assert egress == {(u, mesh.services[u].sidecar_port) for u in spec.upstreams}, name
+        spans = (COLLECTOR, k8s.OTLP_PORT)  # its spans, through its sidecar
+        assert egress == {(u, mesh.services[u].sidecar_port) for u in spec.upstreams} | {spans}, (
+            name
+        )
         # The service's own plaintext and metrics ports are never opened.
         opened = set(sources)
         assert spec.service_port not in opened and spec.metrics_port not in opened
@@ -270,9 +283,21 @@ def test_network_policies_allow_exactly_the_mesh_paths(
 def test_no_service_is_reachable_without_the_mesh(
     rendered: dict[str, Objects], mesh: meshlib.Mesh
 ) -> None:
+    """Every Service lands on an Envoy's TLS (or gateway) listener, on the collector's
+    receiver that requires a mesh client certificate, or on the DIMSE door (ingest's Envoy,
+    a TCP proxy to the SCP on 127.0.0.1, admitted from the hospital CIDR alone)."""
+    dimse = f"{k8s.DIMSE_SERVICE}-dimse"
     for overlay, objects in rendered.items():
         deployments = of_kind(objects, "Deployment")
-        for name, service in of_kind(objects, "Service").items():
+        services = of_kind(objects, "Service")
+        assert set(services) == {*WORKLOADS, COLLECTOR, dimse}, overlay
+        for name, service in services.items():
+            if name == COLLECTOR:
+                check_collector_service(objects, service)
+                continue
+            if name == dimse:
+                check_dimse_service(objects, service, overlay)
+                continue
             envoy = next(c for c in pod_containers(deployments[name]) if c["name"] == "envoy")
             envoy_ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
             allowed = (
@@ -289,22 +314,116 @@ def test_no_service_is_reachable_without_the_mesh(
                 # The service itself has no container port at all: it binds 127.0.0.1.
                 assert "ports" not in container
                 assert env(container)[f"MEDIMG_{name.upper()}_PORT"] == str(spec.service_port)
-        for service in of_kind(objects, "Service").values():
+        for service in services.values():
             assert service["spec"].get("type", "ClusterIP") != "NodePort"
+
+
+def check_collector_service(objects: Objects, service: dict[str, Any]) -> None:
+    """The collector's Service reaches its OTLP receiver alone, which serves TLS with the
+    mounted mesh certificate and requires a client certificate of the mesh CA."""
+    deployment = of_kind(objects, "Deployment")[COLLECTOR]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert service["spec"]["clusterIP"] == "None"
+    assert [(p["port"], ports[p["targetPort"]]) for p in service["spec"]["ports"]] == [
+        (k8s.OTLP_PORT, k8s.OTLP_PORT)
+    ]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config_map = of_kind(objects, "ConfigMap")[volumes["config"]["configMap"]["name"]]
+    config_path = next(a for a in container["args"] if a.startswith("--config=")).split("=")[1]
+    assert Path(config_path).parent == Path(mounts["config"])
+    config = yaml.safe_load(config_map["data"][Path(config_path).name])
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert set(protocols) == {"grpc"}, "no plaintext (or HTTP) receiver is open"
+    assert protocols["grpc"]["endpoint"] == f"0.0.0.0:{k8s.OTLP_PORT}"
+    tls = protocols["grpc"]["tls"]
+    tls_dir = Path(mounts["mesh-tls"])
+    assert volumes["mesh-tls"]["secret"]["secretName"] == k8s.tls_secret(COLLECTOR)
+    assert (tls["cert_file"], tls["key_file"], tls["client_ca_file"]) == (
+        str(tls_dir / "tls.crt"),
+        str(tls_dir / "tls.key"),
+        str(tls_dir / "ca.crt"),
+    )
+
+
+def check_dimse_service(objects: Objects, service: dict[str, Any], overlay: str) -> None:
+    deployment = of_kind(objects, "Deployment")[k8s.DIMSE_SERVICE]
+    envoy = next(c for c in pod_containers(deployment) if c["name"] == "envoy")
+    envoy_ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == envoy_ports[port["targetPort"]] == k8s.DIMSE_PORT
+    assert service["spec"]["selector"] == {k8s.NAME_LABEL: k8s.DIMSE_SERVICE}
+    # Envoy's listener on that port is a TCP proxy to the SCP on the pod's loopback.
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    config_map = of_kind(objects, "ConfigMap")[volumes["envoy-config"]["configMap"]["name"]]
+    config = yaml.safe_load(config_map["data"]["envoy.json"])
+    (listener,) = [
+        listener
+        for listener in config["static_resources"]["listeners"]
+        if listener["address"]["socket_address"]["port_value"] == k8s.DIMSE_PORT
+    ]
+    (chain,) = listener["filter_chains"]
+    assert "transport_socket" not in chain
+    (proxy,) = chain["filters"]
+    assert proxy["name"] == "envoy.filters.network.tcp_proxy"
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    (endpoint,) = clusters[proxy["typed_config"]["cluster"]]["load_assignment"]["endpoints"][0][
+        "lb_endpoints"
+    ]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": k8s.DIMSE_SERVICE_PORT,
+    }
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    settings = env(container)
+    assert settings["MEDIMG_INGEST_DIMSE_HOST"] == "127.0.0.1"
+    assert settings["MEDIMG_INGEST_DIMSE_PORT"] == str(k8s.DIMSE_SERVICE_PORT)
+    # Only the hospital networks, on that port alone; no other policy opens it.
+    policies = of_kind(objects, "NetworkPolicy")
+    opening = [
+        policy
+        for policy in policies.values()
+        for rule in policy["spec"].get("ingress", [])
+        if any(p["port"] == k8s.DIMSE_PORT for p in rule.get("ports", []))
+    ]
+    assert [p["metadata"]["name"] for p in opening] == ["ingest-dimse"], overlay
+    (rule,) = opening[0]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": k8s.DIMSE_PORT, "protocol": "TCP"}]
+    cidrs = [peer["ipBlock"]["cidr"] for peer in rule["from"]]
+    assert len(cidrs) == len(rule["from"]) == 1, "ipBlocks only"
+    if overlay == "prod":
+        # An internal NLB that lets the hospital networks in, and passes on their address.
+        annotations = service["metadata"]["annotations"]
+        assert service["spec"]["type"] == "LoadBalancer"
+        assert annotations["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internal"
+        assert (
+            "preserve_client_ip.enabled=true"
+            in annotations["service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"]
+        )
+        assert service["spec"]["loadBalancerSourceRanges"] == cidrs
+        assert cidrs != [k8s.DIMSE_CLIENTS_CIDR], "prod replaces the base's placeholder"
+    else:
+        assert service["spec"]["type"] == "ClusterIP"
 
 
 def test_prod_scales_3_to_20_and_inference_on_queue_time(rendered: dict[str, Objects]) -> None:
     hpas = of_kind(rendered["prod"], "HorizontalPodAutoscaler")
     deployments = of_kind(rendered["prod"], "Deployment")
-    assert set(hpas) == set(WORKLOADS) - {"training"}
+    assert set(hpas) == set(WORKLOADS)
     for name, hpa in hpas.items():
         assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20), name
         assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
     custom = [m for m in hpas["inference"]["spec"]["metrics"] if m["type"] == "Pods"]
     assert [m["pods"]["metric"]["name"] for m in custom] == ["medimg_inference_queue_seconds"]
-    # training's workers are processes of its one pod: one replica, never two at once.
-    assert deployments["training"]["spec"]["strategy"] == {"type": "Recreate"}
-    assert deployments["training"]["spec"]["replicas"] == 1
+    # training's replicas share the scheduling through a leader lease: rolled like the rest.
+    assert deployments["training"]["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert deployments["training"]["spec"]["replicas"] == 3
+    budgets = of_kind(rendered["prod"], "PodDisruptionBudget")
+    assert budgets["training"]["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "training"
+    }
 
 
 def test_inference_runs_on_the_gpu_pool_in_prod_only(rendered: dict[str, Objects]) -> None:
@@ -420,6 +539,14 @@ def test_worker_jobs_from_the_shipped_template_are_valid(
     training = env(
         of_kind(objects, "Deployment")["training"]["spec"]["template"]["spec"]["containers"][0]
     )
+    # The workers' Redis URL comes from the Secret training's own does, not worker.json.
+    (worker,) = template["template"]["spec"]["containers"]
+    pod = of_kind(objects, "Deployment")["training"]["spec"]["template"]["spec"]
+    (service,) = pod["containers"]
+    variable = launchers.REDIS_URL_VARIABLE
+    redis_url = {e["name"]: e for e in worker["env"]}[variable]
+    assert redis_url == {e["name"]: e for e in service["env"]}[variable]
+    assert redis_url["valueFrom"]["secretKeyRef"]["name"] == "medimg-redis"
     path = tmp_path / "pod-template.yaml"
     path.write_text(yaml.safe_dump(template))
     # The service's own start-up check: the worker mounts object_dir and cache_dir there.
@@ -498,7 +625,11 @@ def test_worker_pods_reach_ingest_redis_and_dns_only(
             {
                 "to": [{"podSelector": {"matchLabels": {k8s.NAME_LABEL: "ingest"}}}],
                 "ports": [{"port": ingest_port, "protocol": "TCP"}],
-            }
+            },
+            {
+                "to": [{"podSelector": {"matchLabels": {k8s.NAME_LABEL: COLLECTOR}}}],
+                "ports": [{"port": k8s.OTLP_PORT, "protocol": "TCP"}],
+            },
         ], overlay
         # ingest admits them on its sidecar port alone.
         admit = policies["ingest-from-training-workers"]["spec"]
@@ -540,6 +671,8 @@ def test_config_maps_carry_the_rendered_envoy_configs(
     maps = of_kind(rendered["prod"], "ConfigMap")
     for deployment in of_kind(rendered["prod"], "Deployment").values():
         name = deployment["metadata"]["name"]
+        if name == COLLECTOR:
+            continue
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         config_map = maps[volumes["envoy-config"]["configMap"]["name"]]
         key = "gateway" if name == "gateway" else f"sidecar-{name}"
@@ -587,6 +720,65 @@ def test_pod_envoy_configs_listen_where_kubernetes_needs(mesh: meshlib.Mesh) -> 
             {"prefix": "/"},
         ]
         assert routes[1]["direct_response"]["status"] == 404
+
+
+def test_spans_leave_through_the_sidecar_to_the_collector(
+    rendered: dict[str, Objects], mesh: meshlib.Mesh
+) -> None:
+    """Each service exports to its own sidecar's OTLP listener on 127.0.0.1, which forwards
+    to the collector's headless Service over mTLS, checking the collector's SPIFFE id."""
+    configs = k8s.render_envoy(mesh, DESCRIPTOR_SET_PATH)
+    for overlay, objects in rendered.items():
+        deployments = of_kind(objects, "Deployment")
+        for name in mesh.services:
+            (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+            variables = [e["name"] for e in container["env"]]
+            settings = env(container)
+            endpoint = settings[f"MEDIMG_{name.upper()}_OTLP_ENDPOINT"]
+            assert endpoint == f"http://127.0.0.1:{k8s.OTLP_LISTEN_PORT}", (overlay, name)
+            # The pod's identity in the spans' resource: each $(VAR) is defined before use.
+            attributes = settings["OTEL_RESOURCE_ATTRIBUTES"]
+            position = variables.index("OTEL_RESOURCE_ATTRIBUTES")
+            for variable in ("POD_NAME", "POD_NAMESPACE", "NODE_NAME"):
+                assert f"$({variable})" in attributes
+                assert variables.index(variable) < position, (overlay, name, variable)
+    for name in mesh.services:
+        config = configs[f"sidecar-{name}"]
+        (listener,) = [
+            entry for entry in config["static_resources"]["listeners"] if entry["name"] == "otlp"
+        ]
+        assert listener["address"]["socket_address"] == {
+            "address": "127.0.0.1",
+            "port_value": k8s.OTLP_LISTEN_PORT,
+        }
+        routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+            "virtual_hosts"
+        ][0]["routes"]
+        assert routes[0]["match"] == {"prefix": f"/{meshlib.OTLP_TRACE_SERVICE}/"}
+        assert routes[0]["route"]["cluster"] == meshlib.OTLP_CLUSTER
+        assert routes[1]["direct_response"]["status"] == 404
+        clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+        cluster = clusters[meshlib.OTLP_CLUSTER]
+        (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert cluster["type"] == "STRICT_DNS"
+        assert endpoint["endpoint"]["address"]["socket_address"] == {
+            "address": f"{COLLECTOR}.medimg.svc.cluster.local",
+            "port_value": k8s.OTLP_PORT,
+        }
+        tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+        validation = tls["combined_validation_context"]["default_validation_context"]
+        assert validation["match_typed_subject_alt_names"] == [
+            {"san_type": "URI", "matcher": {"exact": mesh.spiffe(COLLECTOR)}}
+        ]
+        # The sidecar's own mesh certificate, from the Secret mount like its other clusters.
+        assert tls["tls_certificate_sds_secret_configs"][0]["name"] == meshlib.CERTIFICATE_SECRET
+    # The collector admits exactly the services' pods and the training workers', on OTLP.
+    for objects in rendered.values():
+        policy = of_kind(objects, "NetworkPolicy")[f"mesh-{COLLECTOR}"]["spec"]
+        (rule,) = policy["ingress"]
+        assert rule["ports"] == [{"port": k8s.OTLP_PORT, "protocol": "TCP"}]
+        senders = {peer["podSelector"]["matchLabels"][k8s.NAME_LABEL] for peer in rule["from"]}
+        assert senders == {*mesh.services, launchers.WORKER_APP}
 
 
 def test_pod_envoy_configs_pass_envoy_validation(mesh: meshlib.Mesh, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ the same global batch and seed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from medimg_training import specs
+from medimg_training import launchers, specs
 from medimg_training.datasets import Dataset
 from medimg_training.settings import TrainingSettings
 from medimg_training.worker import latest_checkpoint
@@ -49,7 +50,6 @@ def config(dataset: Dataset, settings: TrainingSettings, job: str, processes: in
         "ingest_target": settings.ingest_target,
         "max_message_bytes": settings.max_message_bytes,
         "fetch_deadline_seconds": 10,
-        "redis_url": settings.redis_url,
         "job_dir": str(directory),
         "cache_dir": str(settings.cache),
         "resume": False,
@@ -72,12 +72,14 @@ def test_two_processes_match_one(dataset: Dataset, settings: TrainingSettings) -
     one = config(dataset, settings, "one", 1)
     two = config(dataset, settings, "two", 2)
     worker = ["-m", "medimg_training.worker"]
-    subprocess.run([sys.executable, *worker, str(one)], check=True, timeout=300)
+    env = {**os.environ, launchers.REDIS_URL_VARIABLE: settings.redis_url}
+    subprocess.run([sys.executable, *worker, str(one)], check=True, timeout=300, env=env)
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          *worker, str(two)],
         check=True,
         timeout=300,
+        env=env,
     )  # fmt: skip
     single, distributed = weights(one), weights(two)
     assert single.keys() == distributed.keys()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import copy
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from lightkube.config.models import Cluster, User
 from pydantic import ValidationError
 
 from medimg_training import launchers
+from medimg_training.jobs import Job, State
 from medimg_training.launchers import Exit, Launch, TemplateError
+from medimg_training.runner import launch_request
 from medimg_training.settings import TrainingSettings
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -76,6 +79,20 @@ def test_a_single_process_job(template: dict[str, Any], version: str) -> None:
     assert worker["image"] == "medimg-training"
     assert "nvidia.com/gpu" not in worker["resources"]["limits"]
     assert "tolerations" not in pod["spec"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_a_jobs_max_runtime_is_the_jobs_active_deadline(
+    template: dict[str, Any], version: str
+) -> None:
+    spec = {"resources": {"processes": 1, "gpus": 0}, "max_runtime": "5400.500s"}
+    job = Job(JOB, spec, State.QUEUED, "max", datetime.now(UTC), None, None, "", "", {}, "", 0,
+              None, "", False)  # fmt: skip
+    manifest = build(template, launch_request(job, CONFIG))
+    kubernetes_validate.validate(manifest, version, strict=True)
+    assert manifest["spec"]["activeDeadlineSeconds"] == 5401  # whole seconds, rounded up
+    without = Job(**{**job.__dict__, "spec": {"resources": spec["resources"]}})
+    assert "activeDeadlineSeconds" not in build(template, launch_request(without, CONFIG))["spec"]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -278,6 +295,7 @@ def test_a_failed_job_says_why() -> None:
         failed("DeadlineExceeded", "Job was active longer than specified deadline"), NAME
     )
     assert deadline is not None and "DeadlineExceeded" in deadline.describe()
+    assert deadline.deadline and not ended.deadline
 
 
 def test_a_failing_job_ends_once_its_pods_are_gone() -> None:

@@ -195,3 +195,28 @@ async def test_a_restart_fails_lost_jobs_or_resumes_them_from_the_checkpoint(
     # The second attempt went on from the checkpoint: step 1 was reported once.
     entries: Any = await events.xrange(progress.stream(kept.job_id))
     assert [f["step"] for _, f in entries if "loss" in f].count("1") == 1
+
+
+async def test_a_job_past_its_max_runtime_fails_and_its_workers_stop(
+    pool: asyncpg.Pool, dataset: Dataset, settings: TrainingSettings, make_runner: MakeRunner
+) -> None:
+    runner = make_runner()
+    await runner.start()
+    job = await submit(pool, dataset, epochs=1000, max_runtime="8s")
+    runner.wake()
+    running = await wait_for(pool, job.job_id, stepping)
+    assert running.worker_pid is not None
+    # The workers reported progress to Redis, yet their config on the shared volume holds
+    # no Redis URL (it may carry a password): it came through their environment.
+    config = (settings.object_dir / "jobs" / job.job_id / "worker.json").read_text()
+    assert settings.redis_url not in config
+    assert "redis" not in config.lower()
+
+    failed = await wait_for(pool, job.job_id, ended, seconds=30)
+    assert (failed.state, failed.error_reason) == (State.FAILED, "DEADLINE_EXCEEDED")
+    assert "max_runtime (0:00:08)" in failed.error_message
+    assert failed.start_time is not None and failed.end_time is not None
+    took = (failed.end_time - failed.start_time).total_seconds()
+    assert 8 <= took < 8 + settings.cancel_grace_seconds + 3
+    with pytest.raises(ProcessLookupError):
+        os.killpg(running.worker_pid, 0)

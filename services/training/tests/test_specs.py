@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -30,6 +31,10 @@ def spec_of(dataset: Dataset, **changes: Any) -> specs.Spec:
         ({"image_size": [4, 4]}, "INVALID_IMAGE_SIZE"),
         ({"epochs": 100_000}, "INVALID_EPOCHS"),
         ({"model": "../etc"}, "INVALID_MODEL_NAME"),
+        ({"max_runtime": "0s"}, "INVALID_MAX_RUNTIME"),
+        ({"max_runtime": "-60s"}, "INVALID_MAX_RUNTIME"),
+        ({"max_runtime": "604801s"}, "INVALID_MAX_RUNTIME"),  # 7 days and a second
+        ({"max_runtime": "an hour"}, "INVALID_MAX_RUNTIME"),
     ],
 )
 def test_a_bad_spec_is_refused(dataset: Dataset, changes: dict[str, Any], reason: str) -> None:
@@ -67,3 +72,10 @@ def test_a_good_spec_passes(dataset: Dataset) -> None:
     specs.check_network(spec, dataset)
     assert spec["model"] == "ct-or-mr"
     assert spec["dataset"] == "datasets/ct-or-mr/versions/1"
+
+
+def test_a_max_runtime_up_to_seven_days_passes(dataset: Dataset) -> None:
+    spec = spec_of(dataset, max_runtime="604800s")
+    specs.check(spec, dataset, max_processes=4, gpus=0)
+    assert specs.max_runtime(spec) == timedelta(days=7)
+    assert specs.max_runtime(spec_of(dataset)) is None

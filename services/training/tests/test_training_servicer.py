@@ -102,6 +102,8 @@ def job_request(of: Dataset, **spec: Any) -> pb.CreateTrainingJobRequest:
             "WRONG_LABEL_COUNT",
         ),
         ({"resources": {"gpus": 2}}, grpc.StatusCode.INVALID_ARGUMENT, "IMPOSSIBLE_RESOURCES"),
+        ({"max_runtime": "0s"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MAX_RUNTIME"),
+        ({"max_runtime": "864000s"}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MAX_RUNTIME"),
         ({"dataset": "datasets/none/versions/1"}, grpc.StatusCode.NOT_FOUND, "DATASET_NOT_FOUND"),
     ],
 )

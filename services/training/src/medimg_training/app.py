@@ -16,6 +16,7 @@ from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition
 from medimg_training import launchers
 from medimg_training.ingest import IngestIndex, IngestProbe
+from medimg_training.leader import Leadership
 from medimg_training.runner import Runner, code_version
 from medimg_training.servicer import POLICY, TrainingServicer
 from medimg_training.settings import TrainingSettings
@@ -57,14 +58,30 @@ async def build(settings: TrainingSettings, resources: AsyncExitStack) -> Servic
         code_version=code,
         launcher=launcher,
     )
-    await runner.start()
-    # The servicer's drain closes it at shutdown; this is for a build that fails later on.
+    # The runner runs while this replica leads (see `leader`); every replica serves.
+    lease = Leadership(
+        settings.database_url,
+        on_gain=runner.start,
+        on_loss=runner.close,
+        on_wake=lambda _job: runner.wake(),
+        retry_seconds=settings.leader_retry_seconds,
+        # A cut-off leader's local workers: its connection found dead within 4 retries (a
+        # wait and a check's timeout), then they get the cancel grace.
+        settle_seconds=0.0
+        if launcher.detached
+        else 4 * settings.leader_retry_seconds + settings.cancel_grace_seconds,
+    )
+    # The servicer's drain closes them at shutdown; this is for a build that fails later on
+    # (the runner again: a close cut short in the lease still stops its workers).
     resources.push_async_callback(runner.close)
+    resources.push_async_callback(lease.close)
+    await lease.start()
     servicer = TrainingServicer(
         pool=pool,
         events=events,
         audit=audit,
         runner=runner,
+        lease=lease,
         probe=IngestProbe(ingest_channel, settings.default_deadline_seconds),
         index=IngestIndex(ingest_channel, settings.default_deadline_seconds),
         settings=settings,

@@ -116,6 +116,14 @@ async def in_state(pool: asyncpg.Pool, *states: State) -> list[Job]:
     return [_job(r) for r in rows]
 
 
+async def state_of(pool: asyncpg.Pool, job_id: str) -> State:
+    """The job's state alone (what a monitor polls)."""
+    state = await pool.fetchval("SELECT state FROM training_jobs WHERE job_id = $1", job_id)
+    if state is None:
+        raise NotFound("TRAINING_JOB_NOT_FOUND", f"trainingJobs/{job_id} does not exist")
+    return State(state)
+
+
 async def _transition(
     pool: asyncpg.Pool, job_id: str, allowed: tuple[State, ...], sets: str, *args: Any
 ) -> Job | None:

@@ -45,6 +45,10 @@ from medimg_training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 
+#: Where workers find the Redis URL: the service's own variable (the Kubernetes pod
+#: template takes it from the same Secret as the training Deployment).
+REDIS_URL_VARIABLE = "MEDIMG_TRAINING_REDIS_URL"
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -56,8 +60,9 @@ class Launch:
     processes: int
     #: GPUs of each process.
     gpus: int = 0
-    #: Seconds the workers may run before Kubernetes stops them (the job then fails);
-    #: None: no limit. No spec field sets one yet, and local workers have none.
+    #: Seconds the workers may run before Kubernetes stops them (the job's `max_runtime`;
+    #: the job then fails DEADLINE_EXCEEDED); None: no limit. The runner's monitor
+    #: enforces it on local workers.
     deadline_seconds: int | None = None
 
 
@@ -71,6 +76,8 @@ class Exit:
     detail: str = ""
     #: The workload vanished: nobody can say how the workers ended.
     lost: bool = False
+    #: They were stopped for running past the job's `max_runtime`.
+    deadline: bool = False
 
     def describe(self) -> str:
         if self.detail:
@@ -198,6 +205,7 @@ class LocalLauncher:
     def __init__(self, settings: TrainingSettings, jobs_root: Path) -> None:
         self._python = settings.worker_python or sys.executable
         self._grace = settings.cancel_grace_seconds
+        self._redis_url = settings.redis_url
         self._jobs_root = jobs_root
 
     async def launch(self, request: Launch) -> _LocalWorkers:
@@ -209,7 +217,9 @@ class LocalLauncher:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # The Redis URL (it may hold a password) in the environment, never in
+                # worker.json on the shared volume.
+                env={**os.environ, "PYTHONUNBUFFERED": "1", REDIS_URL_VARIABLE: self._redis_url},
             )
         return _LocalWorkers(process.pid, process, self._grace)
 
@@ -349,7 +359,12 @@ def job_exit(job: Mapping[str, Any] | None, name: str) -> Exit | None:
             why = ": ".join(
                 part for part in (condition.get("reason"), condition.get("message")) if part
             )
-            return Exit(1, f"the worker Job {name} failed: {why or 'no reason given'}")
+            return Exit(
+                1,
+                f"the worker Job {name} failed: {why or 'no reason given'}",
+                # activeDeadlineSeconds, i.e. the job's max_runtime, ran out.
+                deadline=condition.get("reason") == "DeadlineExceeded",
+            )
     return None
 
 

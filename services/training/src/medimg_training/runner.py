@@ -9,11 +9,20 @@ when the workers end, decides the outcome: `result.json` → the bundle is regis
 the job SUCCEEDED; else FAILED with WORKER_FAILED and the workers' last error (or how the
 launcher saw them end), or WORKER_LOST if their workload vanished.
 
-At start-up, jobs left RUNNING are looked at: workers the launcher still finds (the
-service crashed, or they outlive it) are adopted and watched; finished workers' results
-are registered; workers that are gone fail the job (WORKER_LOST), unless its spec asks to
-resume from the last checkpoint. At a graceful shutdown local workers are stopped
-(Kubernetes Jobs run on, to be adopted) and the jobs stay RUNNING for the next start.
+Only the replica that holds the scheduler's lease (see `leader`) runs a Runner: it starts
+when the replica gains the lease and closes when it loses it. The other replicas write
+QUEUED and CANCELLED into PostgreSQL and NOTIFY the leader; its monitors also look at each
+job's state at every poll, so a job cancelled anywhere has its workers stopped within
+seconds. A job's `max_runtime` bounds each start of its workers: Kubernetes enforces it
+(`activeDeadlineSeconds`), the monitor does for local workers; either way the job fails
+DEADLINE_EXCEEDED.
+
+At start-up (or when leadership changes hands), jobs left RUNNING are looked at: workers
+the launcher still finds (the service crashed, or they outlive it) are adopted and
+watched; finished workers' results are registered; workers that are gone fail the job
+(WORKER_LOST), unless its spec asks to resume from the last checkpoint. At a graceful
+shutdown, or when the lease is lost, local workers are stopped (Kubernetes Jobs run on, to
+be adopted) and the jobs stay RUNNING for the next leader.
 """
 
 from __future__ import annotations
@@ -22,9 +31,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import signal
 import subprocess
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +71,19 @@ def code_version(version: str) -> str:
     return f"{version}+git.{commit}" if commit else version
 
 
+def launch_request(job: Job, config: Path) -> Launch:
+    """What the launcher needs of a job whose `worker.json` is `config`."""
+    resources = job.spec["resources"]
+    runtime = specs.max_runtime(job.spec)
+    return Launch(
+        job_id=job.job_id,
+        config=config,
+        processes=int(resources["processes"]),
+        gpus=int(resources["gpus"]),
+        deadline_seconds=None if runtime is None else math.ceil(runtime.total_seconds()),
+    )
+
+
 class Runner:
     def __init__(
         self,
@@ -88,6 +113,7 @@ class Runner:
     # Life of the runner -------------------------------------------------------------
 
     async def start(self) -> None:
+        """Recovers the jobs left RUNNING, then schedules; again after a `close`."""
         await self.recover()
         self._scheduler = asyncio.create_task(self._schedule_forever())
 
@@ -99,6 +125,7 @@ class Runner:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
+            self._scheduler = None
         for task in list(self._monitors.values()):
             task.cancel()
         if not self._launcher.detached:
@@ -166,13 +193,7 @@ class Runner:
             stale.unlink(missing_ok=True)
         path = directory / "worker.json"
         path.write_text(json.dumps(config))
-        resources = job.spec["resources"]
-        request = Launch(
-            job_id=job.job_id,
-            config=path,
-            processes=int(resources["processes"]),
-            gpus=int(resources["gpus"]),
-        )
+        request = launch_request(job, path)
         try:
             workers = await self._launcher.launch(request)
         except Exception as error:  # e.g. the API server refused the Job
@@ -218,7 +239,7 @@ class Runner:
             "ingest_target": self._settings.ingest_target,
             "max_message_bytes": self._settings.max_message_bytes,
             "fetch_deadline_seconds": 120.0,
-            "redis_url": self._settings.redis_url,
+            # No Redis URL (it may hold a password): workers read MEDIMG_TRAINING_REDIS_URL.
             "job_dir": str(self.job_dir(job.job_id)),
             "cache_dir": str(self._settings.cache),
             "resume": job.resume,
@@ -235,16 +256,37 @@ class Runner:
     async def _monitor(self, job_id: str, workers: Workers) -> None:
         last = "0-0"
         try:
+            deadline = self._deadline(await jobs.get(self._pool, job_id))
+            stopping = False
             while True:
                 ended = await workers.wait(self._settings.poll_seconds)
                 last = await self._drain_progress(job_id, last)
                 if ended is not None:
+                    break
+                if stopping:
+                    continue
+                if await jobs.state_of(self._pool, job_id) is not State.RUNNING:
+                    # Cancelled through another replica (or ended by one): stop them here.
+                    log.info("stopping an ended job's workers", extra={"fields": {"job": job_id}})
+                    stopping = True
+                    await workers.stop()
+                elif deadline is not None and datetime.now(UTC) >= deadline:
+                    log.warning("past its max_runtime", extra={"fields": {"job": job_id}})
+                    await workers.stop()
+                    ended = Exit(-signal.SIGTERM, deadline=True)
                     break
             await self._finish(job_id, ended)
         finally:
             self._workers.pop(job_id, None)
             self._monitors.pop(job_id, None)
             self.wake()
+
+    def _deadline(self, job: Job) -> datetime | None:
+        """When local workers are stopped (Kubernetes stops a Job's workers itself)."""
+        runtime = specs.max_runtime(job.spec)
+        if runtime is None or job.start_time is None or self._launcher.detached:
+            return None
+        return job.start_time + runtime
 
     async def _drain_progress(self, job_id: str, last: str) -> str:
         entries: Any = await self._events.xrange(
@@ -287,6 +329,16 @@ class Runner:
             ended = await jobs.succeed(self._pool, job_id, name)
             if ended is not None:
                 await self._announce(ended)
+            return
+        if how is not None and how.deadline:
+            runtime = specs.max_runtime(job.spec) or timedelta()
+            await self._end_failed(
+                job_id,
+                "DEADLINE_EXCEEDED",
+                f"the workers ran longer than the job's max_runtime ({runtime}) and were "
+                f"stopped; checkpoints are kept: ResumeTrainingJob goes on from the last one "
+                f"({how.describe()})",
+            )
             return
         last = self._last_error(directory)
         if last is None and how is not None and how.lost:

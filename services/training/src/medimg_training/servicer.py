@@ -19,9 +19,10 @@ from medimg_core.audit import Access, Action, AuditClient, Kind
 from medimg_core.calls import Context
 from medimg_core.errors import InvalidArgument, Unavailable
 from medimg_core.identity import Role
-from medimg_training import datasets, jobs, progress, query, registry, specs
+from medimg_training import datasets, jobs, leader, progress, query, registry, specs
 from medimg_training.datasets import SeriesName, Task
 from medimg_training.jobs import State
+from medimg_training.leader import Leadership
 from medimg_training.runner import Runner
 from medimg_training.settings import TrainingSettings
 
@@ -188,6 +189,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         events: aioredis.Redis,
         audit: AuditClient,
         runner: Runner,
+        lease: Leadership,
         probe: datasets.Probe,
         index: query.Index,
         settings: TrainingSettings,
@@ -198,6 +200,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         self._events = events
         self._audit = audit
         self._runner = runner
+        self._lease = lease
         self._probe = probe
         self._index = index
         self._settings = settings
@@ -209,9 +212,10 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         """At shutdown, before the grace: watchers are told to watch again (another replica,
         or this one once back) rather than held to the end of the grace and cut, and local
         workers stop now, while the grace still covers them; their jobs stay RUNNING for the
-        next start to resume or fail (Kubernetes Jobs run on: the next start adopts them)."""
+        next leader to resume or fail (Kubernetes Jobs run on: the next leader adopts them).
+        The lease goes last, once this replica's workers are gone."""
         self._draining.set()
-        await self._runner.close()
+        await self._lease.close()
 
     # Datasets -----------------------------------------------------------------------
 
@@ -292,7 +296,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         await loop.run_in_executor(self._executor, specs.check_network, spec, dataset)
         job = await jobs.create(self._pool, spec, who())
         await self._audit.report([Access(Action.ACTION_EXECUTE, job.name)])
-        self._runner.wake()
+        await leader.announce(self._pool, job.job_id)  # the leader may be another replica
         return _job(job)
 
     async def ListTrainingJobs(
@@ -324,6 +328,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         job_id = jobs.parse_name(request.name)
         job = await jobs.cancel(self._pool, job_id)
         await self._audit.report([Access(Action.ACTION_UPDATE, job.name)], kind=Kind.NO_PHI)
+        # Its workers stop now if this replica leads, else within a poll of the leader's
+        # monitor, which reads the job's state.
         await self._runner.cancel(job_id)
         return _job(await jobs.get(self._pool, job_id))
 
@@ -332,7 +338,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     ) -> pb.TrainingJob:
         job = await jobs.resume(self._pool, jobs.parse_name(request.name))
         await self._audit.report([Access(Action.ACTION_EXECUTE, job.name)])
-        self._runner.wake()
+        await leader.announce(self._pool, job.job_id)
         return _job(job)
 
     async def WatchTrainingJob(

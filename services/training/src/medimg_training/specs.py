@@ -4,7 +4,9 @@ A spec is plain JSON (as stored with the job and handed to the workers); the ser
 turns the proto into it. `check` refuses with a specific reason anything that could only
 fail later in a worker: an unknown network or loss, arguments the network rejects, a
 class (or label) count that does not match the dataset, a segmenter whose output is not on
-its input's grid, an empty training split, resources this node does not have.
+its input's grid, an empty training split, resources this node does not have, a
+`max_runtime` out of range. Durations stay in their JSON form (`"3600s"`), as the proto
+gives them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
+
+from google.protobuf import duration_pb2
 
 from medimg_core.errors import InvalidArgument
 from medimg_training.datasets import Dataset, Split, Task
@@ -28,6 +33,7 @@ SCHEDULES = ("constant", "cosine")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_EPOCHS = 10_000
 MAX_BATCH = 4096
+MAX_RUNTIME = timedelta(days=7)
 
 
 def with_defaults(raw: Mapping[str, Any], dataset: Dataset) -> Spec:
@@ -54,6 +60,21 @@ def with_defaults(raw: Mapping[str, Any], dataset: Dataset) -> Spec:
     spec["max_steps"] = spec.get("max_steps") or 0
     spec["dataset"] = dataset.name
     return spec
+
+
+def max_runtime(spec: Mapping[str, Any]) -> timedelta | None:
+    """The spec's `max_runtime` (None: no limit)."""
+    text = spec.get("max_runtime")
+    if text is None:
+        return None
+    duration = duration_pb2.Duration()
+    try:
+        duration.FromJsonString(str(text))
+    except ValueError as error:
+        raise InvalidArgument(
+            "INVALID_MAX_RUNTIME", f"max_runtime {text!r} is no duration such as '3600s'"
+        ) from error
+    return duration.ToTimedelta()
 
 
 def network_arguments(spec: Mapping[str, Any], dataset: Dataset) -> dict[str, Any]:
@@ -147,6 +168,12 @@ def check(  # noqa: PLR0912 - one check per rule, in order
     if not MODEL_NAME.fullmatch(spec["model"]):
         raise InvalidArgument(
             "INVALID_MODEL_NAME", "model is 1 to 128 letters, digits, '_', '.' or '-'"
+        )
+    runtime = max_runtime(spec)
+    if runtime is not None and not timedelta(0) < runtime <= MAX_RUNTIME:
+        raise InvalidArgument(
+            "INVALID_MAX_RUNTIME",
+            f"max_runtime must be above 0 and at most {MAX_RUNTIME.days} days, not {runtime}",
         )
     train = sum(1 for item in dataset.items if item.split is Split.TRAIN)
     if train == 0:

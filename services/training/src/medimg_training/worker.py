@@ -2,11 +2,13 @@
 under `torchrun` (several processes, DDP over gloo on CPU, NCCL on GPUs).
 
 CONFIG is the JSON file the runner writes into the job's directory (see `runner`). The
-worker fetches the dataset's volumes from ingest's `GetSeriesPixels` through the training
-sidecar's outbound listener, caches them, trains the network of the spec, reports progress
-to Redis, checkpoints into the job's directory, and on success exports the bundle the
-inference service loads (see `bundle`). A failure writes `error-rank<N>.json` (the error's
-type and message; never pixels or pseudonyms) before the process exits non-zero.
+worker fetches the dataset's volumes from ingest's `GetSeriesPixels` through the
+training sidecar's outbound listener, caches them, trains the network of the spec,
+reports progress to Redis (`MEDIMG_TRAINING_REDIS_URL` in its environment: the URL may
+hold a password, so it stays out of CONFIG, which lies on the shared volume),
+checkpoints into the job's directory, and on success exports the bundle the inference
+service loads (see `bundle`). A failure writes `error-rank<N>.json` (the error's type
+and message; never pixels or pseudonyms) before the process exits non-zero.
 
 Images: each series is a float32 volume (slices, rows, columns[, samples]) in modality
 units, samples averaged into one channel. Networks see it in MONAI's axis order, as the
@@ -196,7 +198,14 @@ class Reporter:
         if enabled:
             import redis
 
-            self.client: Any = redis.Redis.from_url(config["redis_url"], socket_timeout=5)
+            url = os.environ.get("MEDIMG_TRAINING_REDIS_URL")
+            if not url:
+                raise RuntimeError(
+                    "MEDIMG_TRAINING_REDIS_URL is unset: the workers report progress to the "
+                    "training service's Redis (the pod template takes it from the Secret "
+                    "medimg-redis, the local launcher passes the service's own)"
+                )
+            self.client: Any = redis.Redis.from_url(url, socket_timeout=5)
 
     def report(self, values: Mapping[str, Any]) -> None:
         if self.enabled:
