@@ -10,7 +10,6 @@ import ssl
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from medimg_cli import k8s
 from medimg_cli import mesh as meshlib
 from medimg_cli.cli import main as medimg
 from medimg_cli.pki import Pki, create_ca, ensure_pki, issue_certificate, renew
+from medimg_cli.testing import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 DESCRIPTOR_SET = REPO / "libs" / "medimg-protos" / "src" / "medimg_protos" / "descriptor_set.binpb"
@@ -85,7 +85,7 @@ def sidecar(base_mesh: meshlib.Mesh, mesh_port_offset: int, tmp_path: Path) -> I
         )
     running = Sidecar(mesh, pki, process, log)
     try:
-        _wait_until(lambda: _ready(running), 10, lambda: f"not ready: {log.read_text()}")
+        wait_until(lambda: _ready(running), 10, lambda: f"not ready: {log.read_text()}")
         yield running
     finally:
         process.terminate()
@@ -103,14 +103,6 @@ def _ready(sidecar: Sidecar) -> bool:
         return sidecar.admin("/ready").strip() == "LIVE"
     except httpx.TransportError:
         return False
-
-
-def _wait_until(done: Callable[[], bool], timeout: float, why: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(why())
-        time.sleep(0.05)
 
 
 def _client_context(pki: Pki, identity: str = "ops") -> ssl.SSLContext:
@@ -180,7 +172,7 @@ def test_a_renewed_certificate_is_served_without_restarting_envoy(sidecar: Sidec
         renewed = renew(sidecar.pki, "ingest", sidecar.mesh.spiffe("ingest"))
 
         assert renewed.serial_number != before
-        _wait_until(
+        wait_until(
             lambda: _served_serial(sidecar) == renewed.serial_number,
             RELOAD_WITHIN,
             lambda: f"still serving {before:x}: {sidecar.log.read_text()}",
@@ -244,7 +236,7 @@ def test_a_broken_pair_leaves_envoy_serving_the_old_one(sidecar: Sidecar, how: s
 
     # Envoy reads the broken pair, refuses it and says so in a counter; it keeps running
     # and keeps serving the pair it had.
-    _wait_until(
+    wait_until(
         lambda: sidecar.counter(ROTATION_FAILED) >= 1,
         RELOAD_WITHIN,
         lambda: f"no failed rotation counted: {sidecar.log.read_text()}",
@@ -256,7 +248,7 @@ def test_a_broken_pair_leaves_envoy_serving_the_old_one(sidecar: Sidecar, how: s
 
     # The next good pair is taken as usual.
     renewed = renew(sidecar.pki, "ingest", sidecar.mesh.spiffe("ingest"))
-    _wait_until(
+    wait_until(
         lambda: _served_serial(sidecar) == renewed.serial_number,
         RELOAD_WITHIN,
         lambda: f"the good pair after a broken one was not loaded: {sidecar.log.read_text()}",
@@ -310,7 +302,7 @@ def test_a_new_ca_in_the_trust_bundle_is_trusted_without_restart(
         _call_as_ops_of(sidecar, new)
         return sidecar.counter(handshakes) > before
 
-    _wait_until(accepted, RELOAD_WITHIN, lambda: f"new CA not trusted: {sidecar.log.read_text()}")
+    wait_until(accepted, RELOAD_WITHIN, lambda: f"new CA not trusted: {sidecar.log.read_text()}")
     assert sidecar.process.poll() is None
 
 
@@ -395,7 +387,7 @@ def test_envoy_presents_the_renewed_client_certificate_upstream(
         _call_upstream(sidecar)
         return peer.serials[-1] == renewed.serial_number
 
-    _wait_until(presented, RELOAD_WITHIN, lambda: f"upstream saw {peer.serials}")
+    wait_until(presented, RELOAD_WITHIN, lambda: f"upstream saw {peer.serials}")
     assert sidecar.process.poll() is None
 
 

@@ -5,11 +5,9 @@ of the mesh CA, checking the receiver's SPIFFE id on the way."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import Pki, ensure_pki
+from medimg_cli.testing import port_is_free, wait_until
 from medimg_core.telemetry import tracer_provider
 
 REPO = Path(__file__).resolve().parents[3]
@@ -69,23 +68,6 @@ class OtlpPath:
         return 0
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _wait_until(done: Callable[[], bool], timeout: float, why: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(why())
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def collector_pki(base_mesh: meshlib.Mesh, tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return ensure_pki(
@@ -119,7 +101,9 @@ def otlp_path(
     collector_port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     taken = {value for _, value in base_mesh.ports()}
-    listen = next(p for p in range(7310, 7400) if p not in taken and _free(p + mesh_port_offset))
+    listen = next(
+        p for p in range(7310, 7400) if p not in taken and port_is_free(p + mesh_port_offset)
+    )
     configs = meshlib.render(
         base_mesh,
         pki,
@@ -147,7 +131,7 @@ def otlp_path(
             return False
 
     try:
-        _wait_until(ready, 10, lambda: f"envoy not ready: {log.read_text()}")
+        wait_until(ready, 10, lambda: f"envoy not ready: {log.read_text()}")
         yield OtlpPath(receiver, f"http://127.0.0.1:{listen + mesh_port_offset}", admin)
     finally:
         envoy.terminate()
@@ -192,7 +176,7 @@ def test_a_receiver_without_the_collectors_identity_gets_nothing(otlp_path: Otlp
     """A server of the mesh CA that is not the collector (here audit's certificate) is
     refused by the sidecar's SAN check: no span is handed to it."""
     _export_one_span(otlp_path.endpoint, "StoreInstances")
-    _wait_until(
+    wait_until(
         lambda: otlp_path.counter("cluster.otlp_collector.ssl.fail_verify_san") >= 1,
         10,
         lambda: "the sidecar did not refuse the collector's certificate",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -45,13 +46,23 @@ def error_reason(error: grpc.RpcError) -> str:
     raise AssertionError(f"no ErrorInfo in {status}")
 
 
-def _free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on the loopback port (this process could bind it)."""
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
+
+
+def wait_until(done: Callable[[], bool], timeout: float, why: Callable[[], str]) -> None:
+    """Polls `done` every 50 ms; fails with `why()` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(why())
+        time.sleep(0.05)
 
 
 def free_port_offset(mesh: meshlib.Mesh, start: int = 20000, step: int = 700) -> int:
@@ -61,7 +72,7 @@ def free_port_offset(mesh: meshlib.Mesh, start: int = 20000, step: int = 700) ->
         ports += [spec.sidecar_port, spec.service_port, spec.admin_port, spec.metrics_port]
         ports += list(spec.upstreams.values())
     for offset in range(start, 65535 - max(ports), step):
-        if all(_free(port + offset) for port in ports):
+        if all(port_is_free(port + offset) for port in ports):
             return offset
     raise RuntimeError("no free range of ports for a test platform")
 
