@@ -15,6 +15,17 @@ from medimg_ingest.pipeline import Pipeline
 
 DEID_KEY = b"k" * 32
 POLICY = deid.Policy(retain_modified_dates=True, clean_descriptors=True)
+#: Every option the engine supports.
+ALL_OPTIONS = deid.Policy(
+    retain_modified_dates=True,
+    retain_patient_characteristics=True,
+    retain_device_identity=True,
+    retain_safe_private=True,
+    clean_descriptors=True,
+)
+#: Files in the corpora that are not DICOM datasets (pydicom keeps its dumps, JSON, ICC
+#: profiles and compressed copies beside them).
+NOT_DICOM_SUFFIXES = {".json", ".txt", ".gz", ".bz2", ".zip", ".icc", ".dump", ".xml", ".py"}
 VAULT = IdentityVault(b"v" * 32)
 
 

@@ -47,6 +47,7 @@ from medimg_ingest.deid.table import (
     resolved_table,
     safe_private_vrs,
 )
+from services.ingest.tests.support import ALL_OPTIONS, NOT_DICOM_SUFFIXES
 
 # As in medimg_ingest.dicom: the corpus holds deliberately odd values, and pydicom's reading
 # checks would otherwise warn about them (an error under this repo's pytest settings).
@@ -54,16 +55,6 @@ pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(100, 132))
-ALL_OPTIONS = Policy(
-    retain_modified_dates=True,
-    retain_patient_characteristics=True,
-    retain_device_identity=True,
-    retain_safe_private=True,
-    clean_descriptors=True,
-)
-#: Files in the corpora that are not DICOM datasets (pydicom keeps its dumps, JSON, ICC
-#: profiles and compressed copies beside them).
-NOT_DICOM_SUFFIXES = {".json", ".txt", ".gz", ".bz2", ".zip", ".icc", ".dump", ".xml", ".py"}
 #: The values the engine writes for D; an original that already held one is no leak.
 DUMMIES = {"ANONYMIZED", "19000101", "19000101000000", "000000", "000D", "0", b"\0\0", 0}
 MARKERS = {0x00120062, 0x00120063, 0x00120064, 0x00280303}

@@ -38,7 +38,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from medimg_core import calls, telemetry
 from medimg_core.audit import Access, Action
 from medimg_core.errors import InvalidArgument
-from medimg_ingest import deid, dicom, index, pixels, volumes
+from medimg_ingest import deid, dicom, index, part10, pixels, volumes
 from medimg_ingest.identities import IdentityVault
 from medimg_ingest.objects import ObjectStore
 
@@ -426,7 +426,23 @@ def _result(stored: index.StoredObject, placement: index.Placement) -> Result:
 
 
 def _serialize(dataset: pydicom.Dataset) -> bytes:
-    """Part 10 bytes of a de-identified instance, the same whichever door it came through:
+    """Part 10 bytes of a de-identified instance (see `storage_form`)."""
+    storage_form(dataset)
+    try:
+        # What pydicom's dcmwrite writes, at a fraction of its cost (see part10).
+        return part10.encode(dataset)
+    except (TypeError, ValueError, struct.error) as error:
+        # e.g. implicit VR elements under an explicit transfer syntax: pydicom reads such a
+        # file, but it cannot be written back as one.
+        raise InvalidArgument(
+            "UNENCODABLE_DATASET",
+            "the instance cannot be written in its transfer syntax: is its data set encoded "
+            "as its file meta says?",
+        ) from error
+
+
+def storage_form(dataset: pydicom.Dataset) -> None:
+    """Gives an instance what it is stored with, the same whichever door it came through:
     our own file meta, and Explicit VR Little Endian for what came as Implicit."""
     meta = dataset.file_meta
     if meta.get("TransferSyntaxUID") == ImplicitVRLittleEndian:
@@ -438,18 +454,6 @@ def _serialize(dataset: pydicom.Dataset) -> bytes:
         if keyword in meta:
             delattr(meta, keyword)
     dataset.preamble = b"\0" * 128
-    out = BytesIO()
-    try:
-        pydicom.dcmwrite(out, dataset, enforce_file_format=True)
-    except (TypeError, ValueError, struct.error) as error:
-        # e.g. implicit VR elements under an explicit transfer syntax: pydicom reads such a
-        # file, but it cannot be written back as one.
-        raise InvalidArgument(
-            "UNENCODABLE_DATASET",
-            "the instance cannot be written in its transfer syntax: is its data set encoded "
-            "as its file meta says?",
-        ) from error
-    return out.getvalue()
 
 
 async def sweep_orphans(

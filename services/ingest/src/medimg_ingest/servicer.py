@@ -389,12 +389,13 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self, request: pb.StoreInstancesRequest, context: Context
     ) -> httpbody_pb2.HttpBody:
         body = request.http_body
-        if len(body.data) > self._settings.max_upload_bytes:
+        data = body.data  # each read of a bytes field is a copy of it
+        if len(data) > self._settings.max_upload_bytes:
             raise InvalidArgument(
                 "UPLOAD_TOO_LARGE",
                 f"a STOW-RS body may hold {self._settings.max_upload_bytes} bytes; send less",
             )
-        root, parts = dicomweb.split_multipart(body.content_type, body.data)
+        root, parts = dicomweb.split_multipart(body.content_type, data)
         # DICOM JSON with bulk data becomes the Part 10 file it describes, or a refusal.
         prepared: list[bytes | Result] = (
             await self._in_executor(stow_json.instances, parts)
