@@ -167,7 +167,9 @@ class Runner:
             except Exception:
                 log.exception("scheduling failed; trying again")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=5)
+                await asyncio.wait_for(
+                    self._wake.wait(), timeout=self._settings.schedule_poll_seconds
+                )
             self._wake.clear()
 
     async def _schedule(self) -> None:

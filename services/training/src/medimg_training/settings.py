@@ -37,6 +37,9 @@ class TrainingSettings(AuditedServiceSettings):
     cancel_grace_seconds: float = 3.0
     #: Seconds between looks at a running job's workers and progress.
     poll_seconds: float = 0.5
+    #: Seconds between the leader's looks for queued jobs when nothing wakes it (a NOTIFY
+    #: from the replica that queued one wakes it at once).
+    schedule_poll_seconds: float = Field(default=5.0, gt=0)
     #: Seconds between a replica's tries for the scheduler's lease (see `leader`), and
     #: between the leader's checks that it still holds it.
     leader_retry_seconds: float = Field(default=3.0, gt=0)
