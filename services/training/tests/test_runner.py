@@ -217,6 +217,6 @@ async def test_a_job_past_its_max_runtime_fails_and_its_workers_stop(
     assert "max_runtime (0:00:08)" in failed.error_message
     assert failed.start_time is not None and failed.end_time is not None
     took = (failed.end_time - failed.start_time).total_seconds()
-    assert 8 <= took < 8 + settings.cancel_grace_seconds + 3
+    assert 8 <= took < 8 + settings.cancel_grace_seconds + 10  # not the 1000 epochs
     with pytest.raises(ProcessLookupError):
         os.killpg(running.worker_pid, 0)
