@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
@@ -173,3 +173,45 @@ async def test_stored_files_have_nothing_of_the_patient(
     kept = pydicom.dcmread(BytesIO(data))
     assert kept.PatientName != name and kept.PatientID != dataset.PatientID
     assert name.encode() not in data
+
+
+async def test_associations_past_the_limit_are_rejected_as_transient(
+    make_pipeline: MakePipeline, pool: asyncpg.Pool
+) -> None:
+    pipeline, recorded = make_pipeline()
+    server = DimseServer(
+        ingest=pipeline.ingest, pool=pool, report=recorded, ae_title="MEDIMG",
+        host="127.0.0.1", port=0, max_associations=2,
+    )  # fmt: skip
+    server.start()
+
+    answers: list[Any] = []  # the A-ASSOCIATE primitives the server answered with
+
+    def associate() -> Any:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        return ae.associate(
+            "127.0.0.1", server.port, ae_title="MEDIMG",
+            evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
+        )  # fmt: skip
+
+    def run() -> None:
+        held = [associate(), associate()]
+        assert all(a.is_established for a in held)
+        third = associate()
+        assert third.is_rejected
+        # PS3.8 A-ASSOCIATE-RJ: rejected-transient (2), by the presentation layer (3),
+        # local limit exceeded (2): a sender retries later rather than giving up.
+        answer = answers[-1]
+        assert (answer.result, answer.result_source, answer.diagnostic) == (2, 3, 2)
+        held.pop().release()
+        again = associate()
+        assert again.is_established
+        assert again.send_c_echo().Status == 0x0000
+        again.release()
+        held.pop().release()
+
+    try:
+        await asyncio.to_thread(run)
+    finally:
+        server.stop()

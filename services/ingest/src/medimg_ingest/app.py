@@ -59,6 +59,7 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
             ae_title=settings.dimse_ae_title,
             host=settings.dimse_host,
             port=settings.dimse_port,
+            max_associations=settings.dimse_max_associations,
         )
         dimse.start()
         # Stops first at shutdown (the stack unwinds in reverse), while the pipeline works.

@@ -61,6 +61,9 @@ class IngestSettings(AuditedServiceSettings):
     dimse_host: str = "127.0.0.1"
     dimse_port: int = 11112
     dimse_ae_title: str = Field(default="MEDIMG", min_length=1, max_length=16)
+    #: Associations served at once (a thread each); one more is rejected as transient
+    #: ("local limit exceeded"), which senders retry. A PACS often opens several.
+    dimse_max_associations: int = Field(default=32, ge=1, le=1024)
 
     @field_validator("object_store_url")
     @classmethod
