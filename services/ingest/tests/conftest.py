@@ -17,6 +17,7 @@ from medimg_core import redis as medimg_redis
 from medimg_ingest import deid
 from medimg_ingest.objects import LocalObjectStore, ObjectStore
 from medimg_ingest.pipeline import Pipeline
+from medimg_ingest.workers import Workers
 from services.ingest.tests.support import DEID_KEY, POLICY, VAULT, MakePipeline, Recorded
 
 
@@ -55,12 +56,15 @@ def make_pipeline(
     """Builds the pipeline; `events` and `policy` may be given to replace the defaults."""
 
     def make(
-        *, events: aioredis.Redis = events, policy: deid.Policy = POLICY
+        *,
+        events: aioredis.Redis = events,
+        policy: deid.Policy = POLICY,
+        workers: Workers | None = None,
     ) -> tuple[Pipeline, Recorded]:
         recorded = Recorded(pool)
         pipeline = Pipeline(
             pool=pool, objects=objects, events=events, executor=executor, report=recorded,
-            policy=policy, deid_key=DEID_KEY, vault=VAULT,
+            policy=policy, deid_key=DEID_KEY, vault=VAULT, workers=workers,
         )  # fmt: skip
         return pipeline, recorded
 

@@ -16,6 +16,7 @@ from medimg_ingest.objects import open_store
 from medimg_ingest.pipeline import Pipeline, sweep_forever
 from medimg_ingest.servicer import POLICY, IngestServicer
 from medimg_ingest.settings import IngestSettings, policy_of
+from medimg_ingest.workers import Workers
 
 
 async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceDefinition:
@@ -25,6 +26,9 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
     events = medimg_redis.connect(settings.redis_url)
     resources.push_async_callback(events.aclose)
     executor = resources.enter_context(ThreadPoolExecutor(settings.worker_threads, "ingest"))
+    workers = Workers(settings.worker_processes) if settings.worker_processes else None
+    if workers is not None:
+        resources.callback(workers.close)  # after the server and the pipeline stop
     audit_channel = channels.outbound(settings.audit_target, settings)
     resources.push_async_callback(audit_channel.close, None)
     # The instance-event Redis doubles as the durable audit spool while audit is down; the
@@ -50,6 +54,7 @@ async def build(settings: IngestSettings, resources: AsyncExitStack) -> ServiceD
         policy=policy_of(settings),
         deid_key=settings.deid_key_file.read_bytes(),
         vault=vault,
+        workers=workers,
     )
     if settings.dimse_port:
         dimse = DimseServer(

@@ -41,6 +41,7 @@ from medimg_core.errors import InvalidArgument
 from medimg_ingest import deid, dicom, index, part10, pixels, volumes
 from medimg_ingest.identities import IdentityVault
 from medimg_ingest.objects import ObjectStore
+from medimg_ingest.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,44 @@ async def collect_files(
     return files
 
 
+@dataclass(frozen=True)
+class Transformed:
+    """A file made ready to store: its de-identified Part 10 bytes and what is kept of it."""
+
+    data: bytes
+    header: dicom.InstanceHeader
+    quarantine: str = ""
+    #: The patient's pseudonym and original Patient ID, for the sealed link ("" when the
+    #: file was de-identified before: nothing to link).
+    pseudonym: str = ""
+    patient_id: str = ""
+
+
+def transform(
+    data: bytes, position: int, deidentified: bool, policy: deid.Policy, deid_key: bytes
+) -> Transformed | Result:
+    """Parses and validates one file and de-identifies it by `policy`: the CPU-bound part of
+    ingesting, the same in a thread or a worker process (a module-level function of
+    picklable values for that). A Result when the file is refused. `deidentified` files
+    (made here from stored instances) are only re-encoded."""
+    try:
+        original = dicom.read_instance(data, position)
+        pixels.check_decodable(original)
+        if deidentified:
+            return Transformed(_serialize(original), dicom.header_of(original))
+        quarantine = BURNED_IN if deid.needs_quarantine(original, policy) else ""
+        clean = deid.deidentify(original, policy, deid_key)
+        return Transformed(
+            _serialize(clean.dataset),
+            dicom.header_of(clean.dataset),
+            quarantine,
+            clean.pseudonym,
+            clean.patient_id_original,
+        )
+    except InvalidArgument as error:
+        return Result(Outcome.REJECTED, reason=error.reason, message=error.message)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -133,6 +172,7 @@ class Pipeline:
         policy: deid.Policy,
         deid_key: bytes,
         vault: IdentityVault,
+        workers: Workers | None = None,
         max_group_instances: int = MAX_GROUP_INSTANCES,
     ) -> None:
         self._pool = pool
@@ -144,6 +184,8 @@ class Pipeline:
         self._policy = policy
         self._deid_key = deid_key
         self._vault = vault
+        #: Processes for parsing, validating and de-identifying; None: `executor`'s threads.
+        self._workers = workers
         self._max_group = max_group_instances
         #: Calls whose objects are stored and wait for the next group commit.
         self._waiting: list[_Waiting] = []
@@ -153,11 +195,9 @@ class Pipeline:
         """Each file's result, in order. `deidentified` files were made here from stored
         instances (a SEG of a stored series): stored as they are, since de-identifying them
         again would replace the stored UIDs they reference."""
-        loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(
-            *(loop.run_in_executor(self._executor, self._prepare, data, i, deidentified)
-              for i, data in enumerate(files))
-        )  # fmt: skip
+            *(self._prepare(data, i, deidentified) for i, data in enumerate(files))
+        )
         stored = [p for p in prepared if isinstance(p, index.StoredObject)]
         placements: dict[int, index.Placement] = {}
         if stored:
@@ -165,35 +205,38 @@ class Pipeline:
             placements = {id(o): p for o, p in zip(stored, placed, strict=True)}
         return [p if isinstance(p, Result) else _result(p, placements[id(p)]) for p in prepared]
 
-    def _prepare(
-        self, data: bytes, position: int, deidentified: bool = False
+    async def _prepare(
+        self, data: bytes, position: int, deidentified: bool
     ) -> index.StoredObject | Result:
-        """Validates, de-identifies and stores one file; a Result when it is refused."""
-        try:
-            original = dicom.read_instance(data, position)
-            pixels.check_decodable(original)
-            if deidentified:
-                data = _serialize(original)
-            else:
-                quarantine = BURNED_IN if deid.needs_quarantine(original, self._policy) else ""
-                clean = deid.deidentify(original, self._policy, self._deid_key)
-                data = _serialize(clean.dataset)
-        except InvalidArgument as error:
-            return Result(Outcome.REJECTED, reason=error.reason, message=error.message)
-        if deidentified:
-            key, digest = self._objects.key_for(data)
-            self._objects.put(key, data)
-            return index.StoredObject(dicom.header_of(original), len(data), digest, key)
-        key, digest = self._objects.key_for(data)
-        self._objects.put(key, data)
-        sealed = self._vault.seal(clean.pseudonym, clean.patient_id_original)
+        """Validates, de-identifies and stores one file; a Result when it is refused. The
+        CPU-bound part runs in a worker process where there are some, else in a thread."""
+        loop = asyncio.get_running_loop()
+        if self._workers is None:
+            return await loop.run_in_executor(
+                self._executor, self._prepare_here, data, position, deidentified
+            )
+        made = await self._workers.run(
+            transform, data, position, deidentified, self._policy, self._deid_key
+        )
+        if isinstance(made, Result):
+            return made
+        return await loop.run_in_executor(self._executor, self._store, made)
+
+    def _prepare_here(
+        self, data: bytes, position: int, deidentified: bool
+    ) -> index.StoredObject | Result:
+        made = transform(data, position, deidentified, self._policy, self._deid_key)
+        return made if isinstance(made, Result) else self._store(made)
+
+    def _store(self, made: Transformed) -> index.StoredObject:
+        """Writes the object durably and seals its pseudonym link (in a thread)."""
+        key, digest = self._objects.key_for(made.data)
+        self._objects.put(key, made.data)
+        identity = None
+        if made.pseudonym:
+            identity = (self._vault.key_id, self._vault.seal(made.pseudonym, made.patient_id))
         return index.StoredObject(
-            dicom.header_of(clean.dataset),
-            len(data),
-            digest,
-            key,
-            quarantine=quarantine,
-            identity=(self._vault.key_id, sealed),
+            made.header, len(made.data), digest, key, quarantine=made.quarantine, identity=identity
         )
 
     async def volume(self, stored: Sequence[tuple[str, str]]) -> volumes.Volume:

@@ -32,8 +32,12 @@ class IngestSettings(AuditedServiceSettings):
     max_instance_bytes: int = 1024 * 1024 * 1024
     #: The most bytes one upload stream may carry (it is held in memory until validated).
     max_upload_bytes: int = 2 * 1024 * 1024 * 1024
-    #: Threads that parse DICOM and write objects, off the event loop.
+    #: Threads that write objects and read files, off the event loop (and parse DICOM,
+    #: where there are no worker processes).
     worker_threads: int = 4
+    #: Processes that parse, validate and de-identify (Python runs one thread at a time
+    #: per process: with N cores, N - 1 lets ingest use them all). 0: the worker threads.
+    worker_processes: int = Field(default=0, ge=0, le=64)
     #: File of the secret HMAC key (32 bytes or more) behind replacement UIDs, patient
     #: pseudonyms and date shifts (required). Changing it breaks the link between studies
     #: ingested before and after.
