@@ -497,10 +497,12 @@ def test_pod_configs_read_certificates_from_the_secret_mount() -> None:
             # The kubelet renames `..data` in the mount when cert-manager renews the Secret.
             "watched_directory": {"path": k8s.TLS_DIR},
         }, key
+        # The CAs come from the trust bundle's mount (trust-manager), not the Secret's
+        # ca.crt, so that a CA rotation can trust old and new CA at once.
         ((ca,),) = [config.secrets[f"{k8s.CONFIG_DIR}/{k8s.CA_SDS_FILE}"]["resources"]]
         assert ca["validation_context"] == {
-            "trusted_ca": {"filename": f"{k8s.TLS_DIR}/ca.crt"},
-            "watched_directory": {"path": k8s.TLS_DIR},
+            "trusted_ca": {"filename": f"{k8s.TRUST_DIR}/{k8s.TRUST_KEY}"},
+            "watched_directory": {"path": k8s.TRUST_DIR},
         }, key
 
 
@@ -516,7 +518,7 @@ def test_pod_configs_and_their_sds_files_pass_envoy_validation(tmp_path: Path) -
         mounts = {
             f"{k8s.TLS_DIR}/tls.crt": str(pki.cert(identity)),
             f"{k8s.TLS_DIR}/tls.key": str(pki.key(identity)),
-            f"{k8s.TLS_DIR}/ca.crt": str(pki.ca_cert),
+            f"{k8s.TRUST_DIR}/{k8s.TRUST_KEY}": str(pki.ca_cert),
             k8s.JWKS_PATH: str(pki.jwks),
             k8s.DESCRIPTOR_PATH: str(DESCRIPTOR_SET),
         }
@@ -524,11 +526,14 @@ def test_pod_configs_and_their_sds_files_pass_envoy_validation(tmp_path: Path) -
         config_dir.mkdir()
         mounts[k8s.CONFIG_DIR] = str(config_dir)
         mounts[k8s.TLS_DIR] = str(pki.identity_dir(identity))
+        mounts[k8s.TRUST_DIR] = str(pki.root)
         for file in (k8s.CERTIFICATE_SDS_FILE, k8s.CA_SDS_FILE):
             mounts[f"{k8s.CONFIG_DIR}/{file}"] = str(config_dir / file)
             text = rendered[f"sds/{name}/{file}"]
             for mounted, local in mounts.items():
                 text = text.replace(f'"{mounted}"', f'"{local}"')
+            # Every mount the SDS files name (the trust bundle's too) was replaced.
+            assert k8s.TLS_DIR not in text and k8s.TRUST_DIR not in text, file
             (config_dir / file).write_text(text)
         text = rendered[key]
         for mounted, local in mounts.items():

@@ -17,7 +17,7 @@ from medimg_cli import k8s as medimg_k8s
 from medimg_cli import mesh as meshlib
 from medimg_cli import train as medimg_train
 from medimg_cli import verify as audit_verify
-from medimg_cli.pki import ensure_pki, mint_token, renew
+from medimg_cli.pki import ensure_pki, mint_token, renew, retire_ca, start_ca_rotation
 from medimg_cli.platform import Platform, default_state_dir, read_status
 
 
@@ -46,8 +46,22 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME",
-        help="re-issue this identity's certificate (new key and serial, same SPIFFE id); "
-        "running Envoys reload it within seconds. Repeatable.",
+        help="re-issue this identity's certificate (new key and serial, same SPIFFE id; "
+        "`all`: every identity); running Envoys reload it within seconds. During a CA "
+        "rotation the next CA issues it. Repeatable.",
+    )
+    rotation = certs.add_mutually_exclusive_group()
+    rotation.add_argument(
+        "--ca-next",
+        action="store_true",
+        help="CA rotation, step 1: make the next CA and trust it beside the current one "
+        "(ca.pem becomes both); renewals are issued by it from then on",
+    )
+    rotation.add_argument(
+        "--ca-retire",
+        action="store_true",
+        help="CA rotation, step 3: once every certificate is the next CA's (--renew all), "
+        "trust it alone; the old CA is forgotten",
     )
     render = commands.add_parser("mesh", help="render the Envoy configs from deploy/mesh.toml")
     render.add_argument("--out", type=Path, default=Path("deploy/envoy"))
@@ -178,7 +192,16 @@ def _token(args: argparse.Namespace, state: Path) -> int:
 def _certs(args: argparse.Namespace, state: Path) -> int:
     mesh = meshlib.load_mesh()
     identities = mesh.all_identities()
-    unknown = [name for name in args.renew if name not in identities]
+    if (args.ca_next or args.ca_retire) and args.renew:
+        # Each step must have reached every Envoy before the next one starts.
+        print(
+            "medimg certs: --ca-next, --renew and --ca-retire are separate steps: run them "
+            "one command at a time (docs/operations.md, Rotate certificates)",
+            file=sys.stderr,
+        )
+        return 2
+    renewing = identities if "all" in args.renew else args.renew
+    unknown = [name for name in renewing if name not in identities]
     if unknown:
         print(
             f"medimg certs: not an identity of the mesh: {', '.join(unknown)} "
@@ -188,11 +211,26 @@ def _certs(args: argparse.Namespace, state: Path) -> int:
         return 2
     pki = ensure_pki(state / "pki", mesh.trust_domain, mesh.namespace, identities)
     print(f"dev PKI in {pki.root}: CA {pki.ca_cert}, JWKS {pki.jwks}")
-    for name in dict.fromkeys(args.renew):
+    try:
+        if args.ca_next:
+            following = start_ca_rotation(pki)
+            print(
+                f"next CA {pki.next_ca_cert} (serial {following.serial_number:x}) is trusted "
+                f"beside the current one; once every Envoy lists it in /certs (ca_cert), "
+                "`medimg certs --renew all`"
+            )
+        elif args.ca_retire:
+            following = retire_ca(pki, identities)
+            print(f"the CA is now {following.subject.rfc4514_string()} alone ({pki.ca_cert})")
+    except ValueError as error:
+        print(f"medimg certs: {error}", file=sys.stderr)
+        return 1
+    for name in dict.fromkeys(renewing):
         cert = renew(pki, name, mesh.spiffe(name))
         print(
-            f"renewed {name}: serial {cert.serial_number:x}, "
-            f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({pki.cert(name)})"
+            f"renewed {name}: serial {cert.serial_number:x}, issuer "
+            f"{cert.issuer.rfc4514_string()}, valid until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({pki.cert(name)})"
         )
     return 0
 

@@ -13,7 +13,12 @@ The Envoy configs are those of the local run (medimg_cli.mesh.render), moved int
 - certificates come from the workload's cert-manager Secret mounted at TLS_DIR, through
   file-based SDS: the SDS files sit in the Envoy ConfigMap beside envoy.json, and name
   TLS_DIR as the directory to watch, so the kubelet's swap of `..data` when cert-manager
-  renews the Secret makes Envoy reload the pair (and the CA) without a restart;
+  renews the Secret makes Envoy reload the pair without a restart;
+- the CAs Envoy trusts come from the trust bundle, not from the Secret's ca.crt (which
+  holds only the CA that issued that workload): trust-manager's Bundle TRUST_BUNDLE
+  gathers the tls.crt of every Secret labelled TRUST_LABEL (the mesh CA, and during a CA
+  rotation the next one too) into the ConfigMap TRUST_BUNDLE, mounted at TRUST_DIR and
+  watched the same way, so a CA rotation fails no call (docs/operations.md);
 - the JWKS and the gateway's descriptor set come from their own mounts;
 - an upstream is its headless Service's DNS name (STRICT_DNS, so Envoy balances each
   call over the ready pods, where a ClusterIP would pin a long-lived HTTP/2 connection);
@@ -58,6 +63,10 @@ __all__ = [
     "OTLP_LISTEN_PORT",
     "OTLP_PORT",
     "TLS_DIR",
+    "TRUST_BUNDLE",
+    "TRUST_DIR",
+    "TRUST_KEY",
+    "TRUST_LABEL",
     "Rendered",
     "add_arguments",
     "command",
@@ -70,6 +79,14 @@ __all__ = [
 
 #: Where a pod mounts its cert-manager Secret (tls.crt, tls.key, ca.crt).
 TLS_DIR = "/etc/medimg/tls"
+#: The mesh's trust bundle: trust-manager's Bundle and the ConfigMap it writes (key
+#: TRUST_KEY, PEM of every CA the mesh trusts), mounted by every Envoy at TRUST_DIR.
+TRUST_BUNDLE = "medimg-mesh-trust"
+TRUST_KEY = "ca.crt"
+TRUST_DIR = "/etc/medimg/trust"
+#: The label that puts a CA Secret's tls.crt into the bundle (on medimg-mesh-ca; during a
+#: rotation also on the Secret that carries the next CA).
+TRUST_LABEL = "medimg.dev/mesh-trust"
 #: Where the gateway mounts the JWKS of the identity provider (Secret gateway-jwks).
 JWKS_PATH = "/etc/medimg/jwks/jwks.json"
 #: Where the gateway's init container copies the descriptor set of the deployed protos.
@@ -182,9 +199,9 @@ def _file_mounts(mesh: meshlib.Mesh, descriptor_set: Path) -> dict[str, dict[str
     pki = Pki(_PKI_ROOT)
     mounts: dict[str, dict[str, str]] = {
         "common": {
-            str(pki.ca_cert): f"{TLS_DIR}/ca.crt",
-            # The CA's directory is watched for its renames: in the pod, the Secret's.
-            str(pki.ca_cert.parent): TLS_DIR,
+            str(pki.ca_cert): f"{TRUST_DIR}/{TRUST_KEY}",
+            # The CA's directory is watched for its renames: in the pod, the bundle's mount.
+            str(pki.ca_cert.parent): TRUST_DIR,
             str(pki.jwks): JWKS_PATH,
             str(descriptor_set.resolve()): DESCRIPTOR_PATH,
         }
@@ -649,11 +666,12 @@ def _deployment_patch(mesh: meshlib.Mesh, name: str) -> dict[str, Any]:
                 ],
             }
         ]
-    envoy = {"name": "envoy", "ports": envoy_ports}
+    envoy = {"name": "envoy", "ports": envoy_ports, "volumeMounts": [_TRUST_MOUNT]}
     pod_spec: dict[str, Any] = {
         "volumes": [
             {"name": "envoy-config", "configMap": {"name": f"envoy-{name}"}},
             {"name": "mesh-tls", "secret": {"secretName": tls_secret(name)}},
+            TRUST_VOLUME,
         ],
     }
     if containers:
@@ -667,6 +685,35 @@ def _deployment_patch(mesh: meshlib.Mesh, name: str) -> dict[str, Any]:
         "kind": "Deployment",
         "metadata": {"name": name},
         "spec": {"template": {"spec": pod_spec}},
+    }
+
+
+#: The trust bundle's volume and Envoy's mount of it (its ca.json names TRUST_DIR).
+TRUST_VOLUME: dict[str, Any] = {"name": "mesh-trust", "configMap": {"name": TRUST_BUNDLE}}
+_TRUST_MOUNT: dict[str, Any] = {"name": "mesh-trust", "mountPath": TRUST_DIR, "readOnly": True}
+
+
+def _trust_bundle(mesh: meshlib.Mesh) -> dict[str, Any]:
+    """trust-manager's Bundle of the mesh CAs. Its sources are Secrets selected by label
+    (the Bundle never changes during a rotation: labelling a second CA Secret adds it);
+    trust-manager reads them in its trust namespace, which must be the mesh's (its Helm
+    value app.trust.namespace, docs/operations.md). Cluster-scoped: the target ConfigMap
+    is written in the mesh's namespace alone."""
+    return {
+        "apiVersion": "trust.cert-manager.io/v1alpha1",
+        "kind": "Bundle",
+        "metadata": {"name": TRUST_BUNDLE, "labels": PART_OF},
+        "spec": {
+            "sources": [
+                {"secret": {"selector": {"matchLabels": {TRUST_LABEL: "true"}}, "key": "tls.crt"}}
+            ],
+            "target": {
+                "configMap": {"key": TRUST_KEY},
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": mesh.namespace}
+                },
+            },
+        },
     }
 
 
@@ -719,6 +766,7 @@ def render(
     resources.append(add(f"service-{COLLECTOR}.json", _service(mesh, COLLECTOR)))
     resources.append(add(f"certificate-{COLLECTOR}.json", _certificate(mesh, COLLECTOR)))
     resources.append(add(f"service-{DIMSE_SERVICE}-dimse.json", _dimse_service()))
+    resources.append(add(f"bundle-{TRUST_BUNDLE}.json", _trust_bundle(mesh)))
     for document in _network_policies(mesh):
         resources.append(add(f"networkpolicy-{document['metadata']['name']}.json", document))
     files["kustomization.yaml"] = _kustomization(resources, patches, generators)

@@ -6,6 +6,12 @@ symlink to the current version, and `tls.crt` and `tls.key` are symlinks through
 A renewal writes a new version and renames a new `..data` over the old one, so the pair
 changes in one atomic step, and Envoy (which watches the directory for that rename,
 mesh.py) reloads it live exactly as it does in Kubernetes.
+
+`ca.pem` is what every identity trusts (Envoy's trusted CA, clients' root): normally the one
+CA, during a CA rotation the bundle of the current CA and the next one. The rotation has
+three steps, each an atomic rename Envoy reloads on (docs/operations.md, "Rotate
+certificates"): start_ca_rotation makes the next CA and trusts both; renew then issues
+under the next CA; retire_ca makes the next CA the only one, once every leaf is its.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ __all__ = [
     "jwk_thumbprint",
     "mint_token",
     "renew",
+    "retire_ca",
     "spiffe_id",
+    "start_ca_rotation",
 ]
 
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -72,7 +80,28 @@ class Pki:
 
     @property
     def ca_key(self) -> Path:
+        """The key of the CA that issues, outside a rotation."""
         return self.root / "ca-key.pem"
+
+    @property
+    def next_ca_cert(self) -> Path:
+        """The next CA during a rotation (start_ca_rotation to retire_ca): it issues then."""
+        return self.root / "ca-next.pem"
+
+    @property
+    def next_ca_key(self) -> Path:
+        return self.root / "ca-next-key.pem"
+
+    @property
+    def rotating(self) -> bool:
+        return self.next_ca_key.exists()
+
+    def issuer(self) -> tuple[Path, Path]:
+        """The certificate file and key of the CA new leaves are issued by: the next CA
+        during a rotation, the current one otherwise."""
+        if self.rotating:
+            return self.next_ca_cert, self.next_ca_key
+        return self.ca_cert, self.ca_key
 
     def identity_dir(self, name: str) -> Path:
         """The directory of one identity's certificate and key (what Envoy watches)."""
@@ -132,11 +161,12 @@ def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[st
     os.chmod(root, 0o700)
     if not (pki.ca_cert.exists() and pki.ca_key.exists()):
         create_ca(pki.ca_cert, pki.ca_key, "medimg dev CA")
-    ca = _load_cert(pki.ca_cert)
+    # Mid-rotation, a leaf of either CA is kept (both are trusted); a new one is the next's.
+    trusted = _load_certs(pki.ca_cert)
     for name in names:
         spiffe = spiffe_id(trust_domain, namespace, name)
-        if not _leaf_is_current(pki, name, ca, spiffe):
-            _install(pki, name, *_new_leaf(pki.ca_cert, pki.ca_key, spiffe, name))
+        if not _leaf_is_current(pki, name, trusted, spiffe):
+            _install(pki, name, *_new_leaf(*pki.issuer(), spiffe, name))
     if not (pki.jwt_key.exists() and pki.jwks.exists()):
         _create_jwt_key(pki.jwt_key, pki.jwks)
     if not (pki.audit_key.exists() and pki.audit_public_key.exists()):
@@ -148,7 +178,8 @@ def ensure_pki(root: Path, trust_domain: str, namespace: str, names: Iterable[st
 
 
 def renew(pki: Pki, name: str, spiffe: str) -> x509.Certificate:
-    """Re-issues an identity's certificate for spiffe: new key, new serial.
+    """Re-issues an identity's certificate for spiffe: new key, new serial, signed by the
+    issuing CA (the next one during a CA rotation).
 
     The new pair replaces the old one in one rename (see the module's docstring), so a
     reader (Envoy) sees either the old pair or the new one, never a mix. The old pair need
@@ -156,9 +187,84 @@ def renew(pki: Pki, name: str, spiffe: str) -> x509.Certificate:
     """
     if not pki.ca_key.exists():
         raise ValueError(f"no CA key at {pki.ca_key}: run `medimg certs` first")
-    key_pem, cert_pem = _new_leaf(pki.ca_cert, pki.ca_key, spiffe, name)
+    key_pem, cert_pem = _new_leaf(*pki.issuer(), spiffe, name)
     _install(pki, name, key_pem, cert_pem)
     return x509.load_pem_x509_certificate(cert_pem)
+
+
+def start_ca_rotation(pki: Pki) -> x509.Certificate:
+    """Step 1 of a CA rotation: makes the next CA and trusts it beside the current one.
+
+    ca.pem becomes the bundle of both in one rename, so every Envoy (and every client that
+    reads ca.pem) accepts leaves of either CA from then on; no leaf changes yet. Renewals
+    after this are issued by the next CA. Calling it again mid-rotation keeps the next CA
+    it made (its leaves stay valid) and only re-asserts the bundle.
+    """
+    if not (pki.ca_cert.exists() and pki.ca_key.exists()):
+        raise ValueError(f"no CA at {pki.ca_cert}: run `medimg certs` first")
+    if not pki.rotating:
+        # Key last: its presence is what marks a rotation (Pki.rotating).
+        work = pki.root / f".ca-next.{secrets.token_hex(4)}"
+        work.mkdir(mode=0o700)
+        try:
+            create_ca(
+                work / "ca.pem", work / "ca-key.pem", f"medimg dev CA {_now():%Y-%m-%d %H:%M:%S}"
+            )
+            os.replace(work / "ca.pem", pki.next_ca_cert)
+            os.replace(work / "ca-key.pem", pki.next_ca_key)
+        finally:
+            for entry in work.iterdir():
+                entry.unlink()
+            work.rmdir()
+    current = _issuing_cert(pki.ca_cert, pki.ca_key)
+    following = _load_cert(pki.next_ca_cert)
+    _write_public(pki.ca_cert, _pem(current) + _pem(following))
+    return following
+
+
+def retire_ca(pki: Pki, names: Iterable[str]) -> x509.Certificate:
+    """Step 3 of a CA rotation: the next CA becomes the only CA every identity trusts.
+
+    Refused (nothing changes) while any of names still holds a leaf of the old CA: once
+    the old CA is no longer trusted such a leaf would be refused by every peer. Each file
+    is replaced by a rename, in an order where an interruption leaves a PKI that works
+    and that calling this again completes.
+    """
+    if not pki.rotating:
+        raise ValueError("no CA rotation under way: start one with `medimg certs --ca-next`")
+    following = _load_cert(pki.next_ca_cert)
+    stale = [name for name in names if not _issued_by(pki, name, following)]
+    if stale:
+        raise ValueError(
+            f"still issued by the old CA: {', '.join(stale)}; "
+            f"re-issue them first (`medimg certs --renew {' --renew '.join(stale)}`)"
+        )
+    _write_atomically(pki.ca_key, pki.next_ca_key.read_bytes(), 0o600)
+    _write_public(pki.ca_cert, _pem(following))
+    pki.next_ca_key.unlink()  # the rotation ends here (Pki.rotating)
+    pki.next_ca_cert.unlink()
+    return following
+
+
+def _issued_by(pki: Pki, name: str, ca: x509.Certificate) -> bool:
+    try:
+        cert = _load_cert(pki.cert(name))
+    except (OSError, ValueError):
+        return False
+    return _verifies(cert, ca)
+
+
+def _issuing_cert(cert_path: Path, key_path: Path) -> x509.Certificate:
+    """The certificate in cert_path (a CA or a bundle of CAs) whose key is key_path's."""
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    for cert in _load_certs(cert_path):
+        if cert.public_key() == key.public_key():
+            return cert
+    raise ValueError(f"{cert_path}: no CA certificate matches the key {key_path}")
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def create_signing_key(key_path: Path, public_path: Path) -> None:
@@ -237,7 +343,8 @@ def _new_leaf(ca_cert: Path, ca_key: Path, spiffe: str, common_name: str) -> tup
     The certificate serves both ends of mTLS (serverAuth and clientAuth) and also names
     localhost and 127.0.0.1, so local clients verify a sidecar without a name override.
     """
-    issuer = _load_cert(ca_cert)
+    # ca_cert may be the trust bundle of a rotation: the issuer is the CA of ca_key.
+    issuer = _issuing_cert(ca_cert, ca_key)
     issuer_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
     if not isinstance(issuer_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca_key}: the CA key must be an EC private key")
@@ -400,7 +507,7 @@ def _public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     }
 
 
-def _leaf_is_current(pki: Pki, name: str, ca: x509.Certificate, spiffe: str) -> bool:
+def _leaf_is_current(pki: Pki, name: str, trusted: Sequence[x509.Certificate], spiffe: str) -> bool:
     cert_path, key_path = pki.cert(name), pki.key(name)
     if not (cert_path.exists() and key_path.exists()):
         return False
@@ -408,7 +515,8 @@ def _leaf_is_current(pki: Pki, name: str, ca: x509.Certificate, spiffe: str) -> 
         return False  # the layout of an older release: re-issued into the new one
     try:
         cert = _load_cert(cert_path)
-        cert.verify_directly_issued_by(ca)
+        if not any(_verifies(cert, ca) for ca in trusted):
+            return False
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
@@ -419,8 +527,20 @@ def _leaf_is_current(pki: Pki, name: str, ca: x509.Certificate, spiffe: str) -> 
     return uris == [spiffe] and cert.not_valid_after_utc - _now() > RENEW_BEFORE
 
 
+def _verifies(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(path.read_bytes())
 
 
 def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
