@@ -6,6 +6,9 @@ service without its sidecar, and what comes from deploy/mesh.toml has not drifte
 from __future__ import annotations
 
 import copy
+import json
+import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -29,7 +32,11 @@ OVERLAYS = ("dev", "prod")
 #: Native sidecars (init containers with restartPolicy Always) need 1.29; EKS runs newer.
 KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")
 #: Kinds no schema of kubernetes-validate covers: checked structurally below.
-CUSTOM_KINDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
+CUSTOM_KINDS = {
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("trust.cert-manager.io/v1alpha1", "Bundle"),
+}
 #: Secrets the manifests reference and an operator creates (docs/operations.md).
 EXTERNAL_SECRETS = {
     "medimg-postgres",
@@ -155,6 +162,67 @@ def test_cert_manager_objects(rendered: dict[str, Objects], mesh: meshlib.Mesh) 
             assert issuers["medimg-selfsigned"]["spec"] == {"selfSigned": {}}
         else:
             assert others == set(), "prod's CA comes from the organisation's PKI"
+
+
+def test_the_trust_bundle_gathers_the_labelled_ca_secrets(
+    rendered: dict[str, Objects], mesh: meshlib.Mesh
+) -> None:
+    """trust-manager's Bundle (no schema here: checked by structure against its v1alpha1
+    API): Secrets selected by label, in the mesh's namespace only, into the ConfigMap
+    every Envoy mounts."""
+    for overlay, objects in rendered.items():
+        bundles = of_kind(objects, "Bundle")
+        assert set(bundles) == {k8s.TRUST_BUNDLE}, overlay
+        bundle = bundles[k8s.TRUST_BUNDLE]
+        assert bundle["apiVersion"] == "trust.cert-manager.io/v1alpha1"
+        assert set(bundle["spec"]) == {"sources", "target"}
+        (source,) = bundle["spec"]["sources"]
+        assert set(source) == {"secret"}, "the mesh trusts its own CAs, never default CAs"
+        secret = source["secret"]
+        assert set(secret) == {"selector", "key"}, "a selector, not a name (never both)"
+        assert secret["key"] == "tls.crt"
+        assert secret["selector"] == {"matchLabels": {k8s.TRUST_LABEL: "true"}}
+        target = bundle["spec"]["target"]
+        assert set(target) == {"configMap", "namespaceSelector"}
+        assert target["configMap"] == {"key": k8s.TRUST_KEY}
+        assert target["namespaceSelector"] == {
+            "matchLabels": {"kubernetes.io/metadata.name": mesh.namespace}
+        }
+        if overlay == "dev":
+            # The CA cert-manager makes in dev carries the label from its first issuance.
+            ca = of_kind(objects, "Certificate")[
+                of_kind(objects, "Issuer")[k8s.ISSUER]["spec"]["ca"]["secretName"]
+            ]
+            assert ca["spec"]["secretTemplate"]["labels"] == {k8s.TRUST_LABEL: "true"}
+
+
+def test_every_envoy_trusts_the_bundle_alone(rendered: dict[str, Objects]) -> None:
+    """Every Envoy (sidecars, gateway, training workers) reads its CA from the bundle's
+    mount, never from its Secret's ca.crt (only the CA that issued it: a CA rotation would
+    fail calls)."""
+    for overlay, objects in rendered.items():
+        maps = of_kind(objects, "ConfigMap")
+        pods = {
+            name: d["spec"]["template"]["spec"]
+            for name, d in of_kind(objects, "Deployment").items()
+            if name != COLLECTOR
+        }
+        pods["training-worker"] = worker_template(objects)["template"]["spec"]
+        for name, pod in pods.items():
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            envoy = next(
+                c for c in pod.get("initContainers", []) + pod["containers"] if c["name"] == "envoy"
+            )
+            mounts = {m["mountPath"]: m["name"] for m in envoy["volumeMounts"]}
+            trust = volumes[mounts[k8s.TRUST_DIR]]
+            assert trust["configMap"] == {"name": k8s.TRUST_BUNDLE}, (overlay, name)
+            config = maps[volumes[mounts[k8s.CONFIG_DIR]]["configMap"]["name"]]["data"]
+            ((ca,),) = [json.loads(config[k8s.CA_SDS_FILE])["resources"]]
+            assert ca["validation_context"] == {
+                "trusted_ca": {"filename": f"{k8s.TRUST_DIR}/{k8s.TRUST_KEY}"},
+                "watched_directory": {"path": k8s.TRUST_DIR},
+            }, (overlay, name)
+            assert f"{k8s.TLS_DIR}/ca.crt" not in config["envoy.json"], (overlay, name)
 
 
 def test_no_secret_values_are_committed(rendered: dict[str, Objects]) -> None:
@@ -389,7 +457,7 @@ def check_dimse_service(objects: Objects, service: dict[str, Any], overlay: str)
         if any(p["port"] == k8s.DIMSE_PORT for p in rule.get("ports", []))
     ]
     assert [p["metadata"]["name"] for p in opening] == ["ingest-dimse"], overlay
-    (rule,) = opening[0]["spec"]["ingress"]
+    rule, *health_checks = opening[0]["spec"]["ingress"]
     assert rule["ports"] == [{"port": k8s.DIMSE_PORT, "protocol": "TCP"}]
     cidrs = [peer["ipBlock"]["cidr"] for peer in rule["from"]]
     assert len(cidrs) == len(rule["from"]) == 1, "ipBlocks only"
@@ -404,8 +472,25 @@ def check_dimse_service(objects: Objects, service: dict[str, Any], overlay: str)
         )
         assert service["spec"]["loadBalancerSourceRanges"] == cidrs
         assert cidrs != [k8s.DIMSE_CLIENTS_CIDR], "prod replaces the base's placeholder"
+        # The NLB's health checks (from its addresses in the VPC, target type ip) reach
+        # the pod's health port, which the policy admits from the VPC alone.
+        prefix = "service.beta.kubernetes.io/aws-load-balancer-healthcheck-"
+        assert annotations[f"{prefix}protocol"] == "TCP"
+        assert int(annotations[f"{prefix}port"]) == envoy_ports["grpc-health"] == k8s.HEALTH_PORT
+        vpc = re.search(
+            r'variable "vpc_cidr" \{[^}]*default\s*=\s*"([^"]+)"',
+            (ROOT / "deploy" / "terraform" / "variables.tf").read_text(),
+        )
+        assert vpc is not None
+        assert health_checks == [
+            {
+                "from": [{"ipBlock": {"cidr": vpc.group(1)}}],
+                "ports": [{"port": k8s.HEALTH_PORT, "protocol": "TCP"}],
+            }
+        ]
     else:
         assert service["spec"]["type"] == "ClusterIP"
+        assert health_checks == []
 
 
 def test_prod_scales_3_to_20_and_inference_on_queue_time(rendered: dict[str, Objects]) -> None:
@@ -438,17 +523,21 @@ def test_inference_runs_on_the_gpu_pool_in_prod_only(rendered: dict[str, Objects
     assert "nodeSelector" not in dev
 
 
-def test_training_may_run_jobs_and_nothing_more(rendered: dict[str, Objects]) -> None:
-    objects = rendered["prod"]
-    (role,) = of_kind(objects, "Role").values()
-    rules = {
+def role_rules(role: dict[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
+    """A Role's rules as (API group, resource) -> verbs."""
+    return {
         (group, resource): frozenset(rule["verbs"])
         for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
+
+
+def test_training_may_run_jobs_and_nothing_more(rendered: dict[str, Objects]) -> None:
+    objects = rendered["prod"]
+    (role,) = of_kind(objects, "Role").values()
     # Exactly the calls the launcher makes: none more, none missing.
-    assert rules == dict(launchers.KUBERNETES_VERBS)
+    assert role_rules(role) == dict(launchers.KUBERNETES_VERBS)
     (binding,) = of_kind(objects, "RoleBinding").values()
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "training", "namespace": "medimg"}
@@ -547,6 +636,14 @@ def test_worker_jobs_from_the_shipped_template_are_valid(
     redis_url = {e["name"]: e for e in worker["env"]}[variable]
     assert redis_url == {e["name"]: e for e in service["env"]}[variable]
     assert redis_url["valueFrom"]["secretKeyRef"]["name"] == "medimg-redis"
+    # Their spans leave through their sidecar's OTLP listener, as training's own do (the
+    # sidecar runs training's config: it has that listener, checked below).
+    variable = launchers.OTLP_ENDPOINT_VARIABLE
+    assert (
+        env(worker)[variable]
+        == env(service)[variable]
+        == f"http://127.0.0.1:{k8s.OTLP_LISTEN_PORT}"
+    )
     path = tmp_path / "pod-template.yaml"
     path.write_text(yaml.safe_dump(template))
     # The service's own start-up check: the worker mounts object_dir and cache_dir there.
@@ -572,7 +669,8 @@ def test_worker_jobs_from_the_shipped_template_are_valid(
     kubernetes_validate.validate(job, version, strict=True)
     pod = job["spec"]["template"]["spec"]
     # Every ConfigMap and Secret the worker pod names exists under that very name.
-    maps = set(of_kind(objects, "ConfigMap"))
+    # (trust-manager writes each Bundle's ConfigMap, under the Bundle's name.)
+    maps = set(of_kind(objects, "ConfigMap")) | set(of_kind(objects, "Bundle"))
     for volume in pod["volumes"]:
         if "configMap" in volume:
             assert volume["configMap"]["name"] in maps
@@ -640,6 +738,52 @@ def test_worker_pods_reach_ingest_redis_and_dns_only(
                 "ports": [{"port": ingest_port, "protocol": "TCP"}],
             }
         ]
+
+
+def test_the_kubeflow_component_adds_only_what_pytorchjobs_need(
+    rendered: dict[str, Objects], tmp_path: Path
+) -> None:
+    """prod plus components/kubeflow (kustomize wants relative paths): the launcher switched,
+    a Role of exactly the kubeflow launcher's calls, worker pods that reach each other."""
+    base = Path(os.path.relpath(K8S, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(base / "overlays" / "prod")],
+                "components": [str(base / "components" / "kubeflow")],
+            }
+        )
+    )
+    objects = kustomize(tmp_path)
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+    added = {(o["kind"], o["metadata"]["name"]) for o in objects} - {
+        (o["kind"], o["metadata"]["name"]) for o in rendered["prod"]
+    }
+    assert added == {
+        ("Role", "training-pytorchjobs"),
+        ("RoleBinding", "training-pytorchjobs"),
+        ("NetworkPolicy", "training-worker-peers"),
+    }
+    role = of_kind(objects, "Role")["training-pytorchjobs"]
+    assert role_rules(role) == dict(launchers.KUBEFLOW_VERBS)
+    binding = of_kind(objects, "RoleBinding")["training-pytorchjobs"]
+    assert binding["roleRef"]["name"] == "training-pytorchjobs"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "training", "namespace": "medimg"}
+    ]
+    (training,) = of_kind(objects, "Deployment")["training"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert env(training)["MEDIMG_TRAINING_LAUNCHER"] == "kubeflow"
+    peers = of_kind(objects, "NetworkPolicy")["training-worker-peers"]["spec"]
+    workers = {"podSelector": {"matchLabels": {k8s.NAME_LABEL: launchers.WORKER_APP}}}
+    assert peers["podSelector"] == workers["podSelector"]
+    assert peers["ingress"] == [{"from": [workers]}] and peers["egress"] == [{"to": [workers]}]
+    assert not of_kind(objects, "ClusterRole") and not of_kind(objects, "ClusterRoleBinding")
 
 
 # --- what comes from deploy/mesh.toml -----------------------------------------------------
@@ -796,7 +940,8 @@ def test_pod_envoy_configs_pass_envoy_validation(mesh: meshlib.Mesh, tmp_path: P
         mounts = {
             f"{k8s.TLS_DIR}/tls.crt": pki.cert(identity),
             f"{k8s.TLS_DIR}/tls.key": pki.key(identity),
-            f"{k8s.TLS_DIR}/ca.crt": pki.ca_cert,
+            f"{k8s.TRUST_DIR}/{k8s.TRUST_KEY}": pki.ca_cert,
+            k8s.TRUST_DIR: pki.root,
             k8s.TLS_DIR: pki.identity_dir(identity),
             k8s.JWKS_PATH: pki.jwks,
             k8s.DESCRIPTOR_PATH: DESCRIPTOR_SET_PATH,

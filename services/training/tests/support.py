@@ -1,12 +1,23 @@
 """Real pixels for the training tests: volumes of pydicom's CT and MR test files, put in
-the worker's cache as ingest would have served them (float32, (slices, rows, columns))."""
+the worker's cache as ingest would have served them (float32, (slices, rows, columns));
+and a real OTLP/gRPC receiver for the workers' spans."""
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
@@ -95,3 +106,62 @@ def segmentation_table(
             pseudonyms[name] = f"patient-{index:03d}"
             volumes[name] = (image.shape, uids)
     return items, pseudonyms, volumes
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace receiver (plaintext, as a sidecar's listener is): keeps every
+    span it is sent, with its resource's attributes."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self._lock = threading.Lock()
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        with self._lock:
+            self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[ReceivedSpan]:
+        with self._lock:
+            requests = list(self.requests)
+        return [
+            ReceivedSpan(attributes(resource.resource.attributes), span)
+            for request in requests
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    resource: dict[str, Any]
+    span: trace_pb2.Span
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return attributes(self.span.attributes)
+
+
+def attributes(values: Iterable[common_pb2.KeyValue]) -> dict[str, Any]:
+    """OTLP key-values as Python values."""
+    return {
+        item.key: getattr(item.value, item.value.WhichOneof("value") or "string_value")
+        for item in values
+    }
+
+
+@contextmanager
+def otlp_receiver() -> Iterator[tuple[OtlpReceiver, str]]:
+    """A receiver on a free port of 127.0.0.1 and its endpoint (`http://127.0.0.1:PORT`)."""
+    receiver = OtlpReceiver()
+    server = grpc.server(ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield receiver, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop(None)

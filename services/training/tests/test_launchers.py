@@ -359,9 +359,17 @@ def test_the_local_launcher_is_the_default(tmp_path: Path) -> None:
         (
             {"worker_pod_template": TEMPLATE, "kubernetes_namespace": "medimg"},
             "MEDIMG_TRAINING_KUBERNETES_NAMESPACE, MEDIMG_TRAINING_WORKER_POD_TEMPLATE apply "
-            "to the kubernetes launcher only",
+            "to the kubernetes and kubeflow launchers only",
         ),
-        ({"launcher": "slurm"}, "Input should be 'local' or 'kubernetes'"),
+        (
+            {"launcher": "kubeflow", "gpus": 1},
+            "LAUNCHER=kubeflow needs MEDIMG_TRAINING_WORKER_POD_TEMPLATE",
+        ),
+        (
+            {"launcher": "kubeflow", "worker_pod_template": TEMPLATE},
+            "LAUNCHER=kubeflow needs MEDIMG_TRAINING_GPUS",
+        ),
+        ({"launcher": "slurm"}, "Input should be 'local', 'kubernetes' or 'kubeflow'"),
     ],
 )
 def test_a_bad_launcher_combination_stops_start_up(
@@ -449,6 +457,12 @@ def test_the_declared_verbs_are_the_calls_the_launcher_makes() -> None:
         and node.attr != "close"
     }
     assert called <= set(verbs), f"map these lightkube methods to verbs: {called - set(verbs)}"
-    assert dict(launchers.KUBERNETES_VERBS) == {
-        ("batch", "jobs"): frozenset(verbs[method] for method in called)
-    }
+    # Both workloads go through the same calls.
+    made = frozenset(verbs[method] for method in called)
+    assert dict(launchers.KUBERNETES_VERBS) == {("batch", "jobs"): made}
+    assert dict(launchers.KUBEFLOW_VERBS) == {("kubeflow.org", "pytorchjobs"): made}
+    job, pytorchjob = launchers.BATCH_JOB.resource, launchers.PYTORCH_JOB.resource
+    for workload, verbs_of in ((job, launchers.KUBERNETES_VERBS),
+                               (pytorchjob, launchers.KUBEFLOW_VERBS)):  # fmt: skip
+        info = workload._api_info
+        assert set(verbs_of) == {(info.resource.group, info.plural)}

@@ -9,12 +9,21 @@ then forced past the cancel grace), or find it again after a restart (`recover`)
   worker), output in the job's `worker.log`. `jobs.start` records the host and the group's
   pid; after a restart, workers are adopted only when that pid on this host still runs
   this job's `worker.json`. The workers die with the service's pod.
-- `KubernetesLauncher`: one `batch/v1` Job per training job, named `medimg-train-<job>`,
-  its pod built from the operator's pod template file (the Envoy sidecar, the mesh
+- `KubernetesLauncher`: one workload per training job, named `medimg-train-<job>`, its
+  pods built from the operator's pod template file (the Envoy sidecar, the mesh
   certificate, the shared `object_dir` volume) plus the command, labels and GPUs of the
-  job. `jobs.start` records host `kubernetes:<namespace>/jobs/<name>` and pid 0. The Job
-  outlives the service: a restarted service adopts it by name. Kubernetes never retries a
-  pod (`backoffLimit: 0`): resuming is the service's decision.
+  job (`worker_pod`, the one place that builds them). Its `Workload` says which:
+  `BATCH_JOB` (`MEDIMG_TRAINING_LAUNCHER=kubernetes`): a `batch/v1` Job, one pod running
+  every process (torchrun for several); `PYTORCH_JOB` (`kubeflow`): a Kubeflow
+  `kubeflow.org/v1` PyTorchJob, one pod per process (Master, then Workers), whose training
+  operator sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK for `torch.distributed`.
+  `jobs.start` records host `kubernetes:<namespace>/<plural>/<name>` and pid 0. The
+  workload outlives the service: a restarted service adopts it by name. Kubernetes never
+  retries a pod (`backoffLimit: 0`): resuming is the service's decision.
+
+Workers get the W3C `traceparent` of the span that launched them in `TRACEPARENT` (the
+OpenTelemetry environment carrier), and the OTLP endpoint in `MEDIMG_TRAINING_OTLP_ENDPOINT`
+(local: the service's own; Kubernetes: the pod template's, their sidecar's listener).
 """
 
 from __future__ import annotations
@@ -30,13 +39,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import yaml
 from lightkube import ApiError, AsyncClient, ConfigError, KubeConfig
+from lightkube.generic_resource import GenericNamespacedResource, create_namespaced_resource
 from lightkube.resources.batch_v1 import Job as KubernetesJob
 from lightkube.types import CascadeType
 
@@ -48,6 +58,10 @@ log = logging.getLogger(__name__)
 #: Where workers find the Redis URL: the service's own variable (the Kubernetes pod
 #: template takes it from the same Secret as the training Deployment).
 REDIS_URL_VARIABLE = "MEDIMG_TRAINING_REDIS_URL"
+#: Where workers send their spans: the service's own variable (`otlp_endpoint`).
+OTLP_ENDPOINT_VARIABLE = "MEDIMG_TRAINING_OTLP_ENDPOINT"
+#: The W3C traceparent of the span that launched the workers (OpenTelemetry's env carrier).
+TRACEPARENT_VARIABLE = "TRACEPARENT"
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class Launch:
     #: the job then fails DEADLINE_EXCEEDED); None: no limit. The runner's monitor
     #: enforces it on local workers.
     deadline_seconds: int | None = None
+    #: The W3C traceparent of the launching span ('': none); the workers' spans join it.
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -206,7 +222,23 @@ class LocalLauncher:
         self._python = settings.worker_python or sys.executable
         self._grace = settings.cancel_grace_seconds
         self._redis_url = settings.redis_url
+        self._otlp_endpoint = settings.otlp_endpoint
         self._jobs_root = jobs_root
+
+    def environment(self, request: Launch) -> dict[str, str]:
+        """The workers' environment: this one's, plus the Redis URL (it may hold a password:
+        never in worker.json on the shared volume), the OTLP endpoint and the traceparent
+        of this request (none of a parent's own leaks through)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", REDIS_URL_VARIABLE: self._redis_url}
+        for variable, value in (
+            (OTLP_ENDPOINT_VARIABLE, self._otlp_endpoint),
+            (TRACEPARENT_VARIABLE, request.traceparent),
+        ):
+            if value:
+                env[variable] = value
+            else:
+                env.pop(variable, None)
+        return env
 
     async def launch(self, request: Launch) -> _LocalWorkers:
         command = worker_command(self._python, request.config, request.processes)
@@ -217,9 +249,7 @@ class LocalLauncher:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                # The Redis URL (it may hold a password) in the environment, never in
-                # worker.json on the shared volume.
-                env={**os.environ, "PYTHONUNBUFFERED": "1", REDIS_URL_VARIABLE: self._redis_url},
+                env=self.environment(request),
             )
         return _LocalWorkers(process.pid, process, self._grace)
 
@@ -239,26 +269,40 @@ class LocalLauncher:
         pass
 
 
-# Kubernetes Jobs -----------------------------------------------------------------------
+# Kubernetes workloads: a batch Job, or a Kubeflow PyTorchJob ----------------------------
 
-#: The API calls KubernetesLauncher makes, as (API group, resource) -> verbs: the Role
-#: `training-jobs` (deploy/k8s/base/training.yaml) grants exactly these.
+#: The API calls KubernetesLauncher makes, as (API group, resource) -> verbs, per workload
+#: kind: the Role `training-jobs` (deploy/k8s/base/training.yaml) grants exactly the batch
+#: Job's; the kubeflow component (deploy/k8s/components/kubeflow) the PyTorchJob's.
 KUBERNETES_VERBS: Mapping[tuple[str, str], frozenset[str]] = {
     ("batch", "jobs"): frozenset({"create", "get", "delete"}),
 }
+KUBEFLOW_VERBS: Mapping[tuple[str, str], frozenset[str]] = {
+    ("kubeflow.org", "pytorchjobs"): frozenset({"create", "get", "delete"}),
+}
 #: The container of the pod template that runs the workers.
 WORKER_CONTAINER = "worker"
+#: What the training operator calls it: it sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE and
+#: RANK for this container, and refuses a PyTorchJob without one.
+PYTORCH_CONTAINER = "pytorch"
+#: The master's rendezvous port (the operator's default port and name, stated explicitly:
+#: the kubeflow NetworkPolicy opens it between a job's pods).
+PYTORCH_PORT_NAME = "pytorchjob-port"
+PYTORCH_PORT = 23456
 WORKER_LABEL = "app.kubernetes.io/name"
 WORKER_APP = "training-worker"
 JOB_LABEL = "medimg.dev/training-job"
 GPU_RESOURCE = "nvidia.com/gpu"
 #: The in-cluster service account directory (namespace, token, ca.crt).
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-#: Seconds between looks at a Job's status (the runner polls more often, for progress).
+#: Seconds between looks at a workload's status (the runner polls more often, for progress).
 STATUS_INTERVAL_SECONDS = 2.0
-#: Seconds past the cancel grace that a stop waits for a deleted Job to be gone.
+#: Seconds past the cancel grace that a stop waits for a deleted workload to be gone.
 STOP_MARGIN_SECONDS = 15.0
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+#: Kubeflow's PyTorchJob, through lightkube's generic resources (no typed model ships).
+PyTorchJob = create_namespaced_resource("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs")
 
 
 class TemplateError(ValueError):
@@ -266,7 +310,8 @@ class TemplateError(ValueError):
 
 
 def job_name(job_id: str) -> str:
-    """The Job of a training job: a DNS-1123 label (job ids are 16 lowercase hex digits)."""
+    """The workload of a training job: a DNS-1035 label (job ids are 16 lowercase hex
+    digits), as both a Job and a PyTorchJob need."""
     name = f"medimg-train-{job_id}"
     if len(name) > 63 or not _DNS_LABEL.fullmatch(name):
         raise ValueError(f"job id {job_id!r} makes no valid Kubernetes name")
@@ -298,6 +343,53 @@ def load_template(path: Path, *, mounts: Mapping[str, Path]) -> dict[str, Any]:
     return document
 
 
+def _labels(request: Launch) -> dict[str, str]:
+    return {WORKER_LABEL: WORKER_APP, JOB_LABEL: request.job_id}
+
+
+def worker_pod(
+    template: Mapping[str, Any],
+    request: Launch,
+    *,
+    processes: int,
+    python: str,
+    image: str,
+    grace_seconds: float,
+) -> dict[str, Any]:
+    """The pod (a PodTemplateSpec) of `processes` of a job's workers: the template's, with
+    the job's labels, the command and GPUs of those processes on the worker container, the
+    traceparent in its environment, and the cancel grace as Kubernetes' SIGTERM-to-SIGKILL
+    gap. The template is not changed."""
+    command = worker_command(python, request.config, processes)
+    gpus = request.gpus * processes
+    pod = copy.deepcopy(dict(template["template"]))
+    metadata = pod.setdefault("metadata", {})
+    metadata["labels"] = {**metadata.get("labels", {}), **_labels(request)}
+    spec = pod["spec"]
+    spec["restartPolicy"] = "Never"
+    spec["terminationGracePeriodSeconds"] = math.ceil(grace_seconds)
+    (worker,) = [c for c in spec["containers"] if c["name"] == WORKER_CONTAINER]
+    worker["command"] = command
+    worker.pop("args", None)
+    if image:
+        worker["image"] = image
+    if request.traceparent:
+        env = [e for e in worker.get("env", []) if e["name"] != TRACEPARENT_VARIABLE]
+        worker["env"] = [*env, {"name": TRACEPARENT_VARIABLE, "value": request.traceparent}]
+    if gpus:
+        resources = worker.setdefault("resources", {})
+        for kind in ("requests", "limits"):
+            resources.setdefault(kind, {})[GPU_RESOURCE] = gpus
+        toleration = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        if toleration not in spec.get("tolerations", []):
+            spec["tolerations"] = [*spec.get("tolerations", []), toleration]
+    return pod
+
+
+def _metadata(request: Launch, namespace: str) -> dict[str, Any]:
+    return {"name": job_name(request.job_id), "namespace": namespace, "labels": _labels(request)}
+
+
 def job_manifest(
     template: Mapping[str, Any],
     request: Launch,
@@ -308,29 +400,10 @@ def job_manifest(
     ttl_seconds: int,
     grace_seconds: float,
 ) -> dict[str, Any]:
-    """The `batch/v1` Job of a training job: the template's pod with the job's command,
-    labels and GPUs (GPUs of every process, on the one pod)."""
-    pod = copy.deepcopy(dict(template["template"]))
-    labels = {WORKER_LABEL: WORKER_APP, JOB_LABEL: request.job_id}
-    metadata = pod.setdefault("metadata", {})
-    metadata["labels"] = {**metadata.get("labels", {}), **labels}
-    spec = pod["spec"]
-    spec["restartPolicy"] = "Never"
-    # Kubernetes' SIGTERM-to-SIGKILL gap for the pods is the cancel grace.
-    spec["terminationGracePeriodSeconds"] = math.ceil(grace_seconds)
-    (worker,) = [c for c in spec["containers"] if c["name"] == WORKER_CONTAINER]
-    worker["command"] = worker_command(python, request.config, request.processes)
-    worker.pop("args", None)
-    if image:
-        worker["image"] = image
-    gpus = request.gpus * request.processes
-    if gpus:
-        resources = worker.setdefault("resources", {})
-        for kind in ("requests", "limits"):
-            resources.setdefault(kind, {})[GPU_RESOURCE] = gpus
-        toleration = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-        if toleration not in spec.get("tolerations", []):
-            spec["tolerations"] = [*spec.get("tolerations", []), toleration]
+    """The `batch/v1` Job of a training job: one pod running every process (torchrun for
+    several), with the GPUs of all of them."""
+    pod = worker_pod(template, request, processes=request.processes, python=python,
+                     image=image, grace_seconds=grace_seconds)  # fmt: skip
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,
         "ttlSecondsAfterFinished": ttl_seconds,
@@ -341,31 +414,112 @@ def job_manifest(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": job_name(request.job_id), "namespace": namespace, "labels": labels},
+        "metadata": _metadata(request, namespace),
         "spec": job_spec,
     }
 
 
-def job_exit(job: Mapping[str, Any] | None, name: str) -> Exit | None:
-    """How a Job's workers ended, from the Job as the API serves it (None: it is gone)."""
-    if job is None:
-        return Exit(1, f"the worker Job {name} vanished before it ended", lost=True)
-    for condition in (job.get("status") or {}).get("conditions") or []:
+def pytorchjob_manifest(
+    template: Mapping[str, Any],
+    request: Launch,
+    *,
+    python: str = "python",
+    image: str = "",
+    namespace: str,
+    ttl_seconds: int,
+    grace_seconds: float,
+) -> dict[str, Any]:
+    """The `kubeflow.org/v1` PyTorchJob of a training job: one pod per process (a Master,
+    then `processes - 1` Workers), each `python -m medimg_training.worker CONFIG` with the
+    GPUs of one process; the training operator gives each its RANK and the Master's address.
+    Nothing retries (`backoffLimit: 0`, `restartPolicy: Never`): resuming is the service's."""
+    pod = worker_pod(template, request, processes=1, python=python, image=image,
+                     grace_seconds=grace_seconds)  # fmt: skip
+    (worker,) = [c for c in pod["spec"]["containers"] if c["name"] == WORKER_CONTAINER]
+    worker["name"] = PYTORCH_CONTAINER
+    ports = [p for p in worker.get("ports", []) if p.get("name") != PYTORCH_PORT_NAME]
+    worker["ports"] = [
+        *ports,
+        {"name": PYTORCH_PORT_NAME, "containerPort": PYTORCH_PORT, "protocol": "TCP"},
+    ]
+    replicas: dict[str, Any] = {
+        "Master": {"replicas": 1, "restartPolicy": "Never", "template": pod}
+    }
+    if request.processes > 1:
+        replicas["Worker"] = {
+            "replicas": request.processes - 1,
+            "restartPolicy": "Never",
+            "template": copy.deepcopy(pod),
+        }
+    run_policy: dict[str, Any] = {
+        "backoffLimit": 0,
+        "ttlSecondsAfterFinished": ttl_seconds,
+        # A Master that ended takes its still running Workers with it; ended pods (and
+        # their logs) stay for the TTL.
+        "cleanPodPolicy": "Running",
+    }
+    if request.deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = request.deadline_seconds
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(request, namespace),
+        "spec": {"runPolicy": run_policy, "pytorchReplicaSpecs": replicas},
+    }
+
+
+def _exit(
+    found: Mapping[str, Any] | None,
+    name: str,
+    *,
+    kind: str,
+    succeeded: str,
+    past_deadline: Callable[[str, str], bool],
+) -> Exit | None:
+    """How a workload ended, from its `status.conditions` (None: not yet)."""
+    if found is None:
+        return Exit(1, f"the worker {kind} {name} vanished before it ended", lost=True)
+    for condition in (found.get("status") or {}).get("conditions") or []:
         if condition.get("status") != "True":
             continue
-        if condition.get("type") == "Complete":
+        if condition.get("type") == succeeded:
             return Exit(0)
         if condition.get("type") == "Failed":
-            why = ": ".join(
-                part for part in (condition.get("reason"), condition.get("message")) if part
-            )
+            reason, message = condition.get("reason") or "", condition.get("message") or ""
+            why = ": ".join(part for part in (reason, message) if part)
             return Exit(
                 1,
-                f"the worker Job {name} failed: {why or 'no reason given'}",
-                # activeDeadlineSeconds, i.e. the job's max_runtime, ran out.
-                deadline=condition.get("reason") == "DeadlineExceeded",
+                f"the worker {kind} {name} failed: {why or 'no reason given'}",
+                deadline=past_deadline(reason, message),
             )
     return None
+
+
+def job_exit(job: Mapping[str, Any] | None, name: str) -> Exit | None:
+    """How a Job's workers ended, from the Job as the API serves it (None: it is gone)."""
+    return _exit(
+        job,
+        name,
+        kind="Job",
+        succeeded="Complete",
+        # activeDeadlineSeconds, i.e. the job's max_runtime, ran out.
+        past_deadline=lambda reason, _message: reason == "DeadlineExceeded",
+    )
+
+
+def pytorchjob_exit(job: Mapping[str, Any] | None, name: str) -> Exit | None:
+    """How a PyTorchJob's workers ended, from the PyTorchJob as the API serves it (None: it
+    is gone). The operator marks a run past `activeDeadlineSeconds` Failed with reason
+    `PyTorchJobFailed` and a message saying so (older operators: reason DeadlineExceeded)."""
+    return _exit(
+        job,
+        name,
+        kind="PyTorchJob",
+        succeeded="Succeeded",
+        past_deadline=lambda reason, message: (
+            reason == "DeadlineExceeded" or "longer than specified deadline" in message
+        ),
+    )
 
 
 def in_cluster_namespace(directory: Path = SERVICE_ACCOUNT_DIR) -> str:
@@ -378,10 +532,31 @@ def in_cluster_namespace(directory: Path = SERVICE_ACCOUNT_DIR) -> str:
         ) from error
 
 
+Manifest = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A kind of Kubernetes object that runs a job's workers."""
+
+    #: The lightkube resource class.
+    resource: type[KubernetesJob] | type[GenericNamespacedResource]
+    #: The resource's plural, as in the host `jobs.start` records.
+    plural: str
+    #: The launcher setting that chooses it.
+    launcher: str
+    manifest: Manifest
+    exit: Callable[[Mapping[str, Any] | None, str], Exit | None]
+
+
+BATCH_JOB = Workload(KubernetesJob, "jobs", "kubernetes", job_manifest, job_exit)
+PYTORCH_JOB = Workload(PyTorchJob, "pytorchjobs", "kubeflow", pytorchjob_manifest, pytorchjob_exit)
+
+
 class _KubernetesWorkers:
     def __init__(self, launcher: KubernetesLauncher, name: str) -> None:
         self.name = name
-        self.host = f"kubernetes:{launcher.namespace}/jobs/{name}"
+        self.host = f"kubernetes:{launcher.namespace}/{launcher.workload.plural}/{name}"
         self.pid = 0
         self._launcher = launcher
         self._checked = -math.inf
@@ -393,26 +568,35 @@ class _KubernetesWorkers:
             return None
         self._checked = loop.time()
         try:
-            job = await self._launcher.get(self.name)
+            found = await self._launcher.get(self.name)
         except Exception:  # the API server may be briefly away: look again later
             log.warning(
-                "cannot read the worker Job", exc_info=True, extra={"fields": {"job": self.name}}
+                "cannot read the workers' workload",
+                exc_info=True,
+                extra={"fields": {"job": self.name}},
             )
             return None
-        return job_exit(job, self.name)
+        return self._launcher.workload.exit(found, self.name)
 
     async def stop(self) -> None:
         await self._launcher.delete(self.name)
 
 
 class KubernetesLauncher:
-    """Runs each job's workers as a Kubernetes Job (see the module docstring)."""
+    """Runs each job's workers as a Kubernetes `Workload` (see the module docstring)."""
 
     detached = True
 
-    def __init__(self, settings: TrainingSettings, client: AsyncClient, namespace: str) -> None:
+    def __init__(
+        self,
+        settings: TrainingSettings,
+        client: AsyncClient,
+        namespace: str,
+        workload: Workload = BATCH_JOB,
+    ) -> None:
         assert settings.worker_pod_template is not None  # the settings insist
         self.namespace = namespace
+        self.workload = workload
         self._client = client
         self._settings = settings
         self._template = load_template(
@@ -421,20 +605,22 @@ class KubernetesLauncher:
         )
 
     @classmethod
-    def in_cluster(cls, settings: TrainingSettings) -> KubernetesLauncher:
+    def in_cluster(
+        cls, settings: TrainingSettings, workload: Workload = BATCH_JOB
+    ) -> KubernetesLauncher:
         namespace = settings.kubernetes_namespace or in_cluster_namespace()
         try:
             config = KubeConfig.from_service_account(SERVICE_ACCOUNT_DIR)
         except (ConfigError, KeyError) as error:
             raise ValueError(
-                "MEDIMG_TRAINING_LAUNCHER=kubernetes needs the pod's API token at "
+                f"MEDIMG_TRAINING_LAUNCHER={workload.launcher} needs the pod's API token at "
                 f"{SERVICE_ACCOUNT_DIR} and KUBERNETES_SERVICE_HOST/PORT ({error!r})"
             ) from error
         client = AsyncClient(config, namespace=namespace, field_manager="medimg-training")
-        return cls(settings, client, namespace)
+        return cls(settings, client, namespace, workload)
 
     def manifest(self, request: Launch) -> dict[str, Any]:
-        return job_manifest(
+        return self.workload.manifest(
             self._template,
             request,
             image=self._settings.worker_image,
@@ -446,16 +632,18 @@ class KubernetesLauncher:
     async def launch(self, request: Launch) -> _KubernetesWorkers:
         manifest = self.manifest(request)
         name = manifest["metadata"]["name"]
-        job = cast(KubernetesJob, KubernetesJob.from_dict(manifest))
+        workload = cast(
+            KubernetesJob | GenericNamespacedResource, self.workload.resource.from_dict(manifest)
+        )
         try:
-            await self._client.create(job)
+            await self._client.create(workload)
         except ApiError as error:
             if error.status.code != 409:
                 raise
-            # An earlier attempt's Job (kept ttlSecondsAfterFinished for its logs).
-            log.info("replacing the earlier worker Job", extra={"fields": {"job": name}})
+            # An earlier attempt's (kept ttlSecondsAfterFinished for its logs).
+            log.info("replacing the earlier workload", extra={"fields": {"job": name}})
             await self.delete(name)
-            await self._client.create(job)
+            await self._client.create(workload)
         return _KubernetesWorkers(self, name)
 
     async def recover(self, job: Job) -> _KubernetesWorkers | None:
@@ -464,21 +652,21 @@ class KubernetesLauncher:
 
     async def get(self, name: str) -> dict[str, Any] | None:
         try:
-            job = await self._client.get(KubernetesJob, name, namespace=self.namespace)
+            found = await self._client.get(self.workload.resource, name, namespace=self.namespace)
         except ApiError as error:
             if error.status.code == 404:
                 return None
             raise
-        found: dict[str, Any] = job.to_dict()
-        return found
+        as_dict: dict[str, Any] = found.to_dict()
+        return as_dict
 
     async def delete(self, name: str) -> None:
-        """Deletes the Job and its pods (SIGTERM, SIGKILL past the grace) and waits, bounded,
-        until the Job is gone."""
+        """Deletes the workload and its pods (SIGTERM, SIGKILL past the grace) and waits,
+        bounded, until it is gone."""
         grace = math.ceil(self._settings.cancel_grace_seconds)
         try:
             await self._client.delete(
-                KubernetesJob,
+                self.workload.resource,
                 name,
                 namespace=self.namespace,
                 grace_period=grace,
@@ -494,7 +682,7 @@ class KubernetesLauncher:
             if await self.get(name) is None:
                 return
             await asyncio.sleep(0.5)
-        log.warning("the worker Job is still being deleted", extra={"fields": {"job": name}})
+        log.warning("the workers' workload is still being deleted", extra={"fields": {"job": name}})
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -502,5 +690,7 @@ class KubernetesLauncher:
 
 def build(settings: TrainingSettings, jobs_root: Path) -> LocalLauncher | KubernetesLauncher:
     if settings.launcher == "kubernetes":
-        return KubernetesLauncher.in_cluster(settings)
+        return KubernetesLauncher.in_cluster(settings, BATCH_JOB)
+    if settings.launcher == "kubeflow":
+        return KubernetesLauncher.in_cluster(settings, PYTORCH_JOB)
     return LocalLauncher(settings, jobs_root)

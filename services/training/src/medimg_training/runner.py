@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -42,6 +43,8 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from medimg_core.bundles import bundle_digest
 from medimg_training import datasets, jobs, launchers, progress, registry, specs
@@ -95,6 +98,7 @@ class Runner:
         code_version: str,
         on_end: OnEnd | None = None,
         launcher: Launcher | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self._pool = pool
         self._events = events
@@ -109,6 +113,7 @@ class Runner:
         self.jobs_root = settings.object_dir / "jobs"
         self.models_root = settings.object_dir / "models"
         self._launcher = launcher or launchers.LocalLauncher(settings, self.jobs_root)
+        self._tracer = tracer or trace.get_tracer(__name__)
 
     # Life of the runner -------------------------------------------------------------
 
@@ -195,15 +200,25 @@ class Runner:
             stale.unlink(missing_ok=True)
         path = directory / "worker.json"
         path.write_text(json.dumps(config))
-        request = launch_request(job, path)
-        try:
-            workers = await self._launcher.launch(request)
-        except Exception as error:  # e.g. the API server refused the Job
-            log.exception("launch failed", extra={"fields": {"job": job.job_id}})
-            await self._end_failed(
-                job.job_id, "LAUNCH_FAILED", f"cannot start the workers: {error}"
+        # The workers' spans join this one's trace (TRACEPARENT in their environment).
+        with self._tracer.start_as_current_span(
+            "training.launch", attributes={"medimg.training.job": job.job_id}
+        ) as span:
+            carrier: dict[str, str] = {}
+            TraceContextTextMapPropagator().inject(carrier)
+            request = dataclasses.replace(
+                launch_request(job, path), traceparent=carrier.get("traceparent", "")
             )
-            return
+            span.set_attribute("medimg.training.processes", request.processes)
+            try:
+                workers = await self._launcher.launch(request)
+            except Exception as error:  # e.g. the API server refused the Job
+                log.exception("launch failed", extra={"fields": {"job": job.job_id}})
+                span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+                await self._end_failed(
+                    job.job_id, "LAUNCH_FAILED", f"cannot start the workers: {error}"
+                )
+                return
         started = await jobs.start(self._pool, job.job_id, workers.pid, workers.host)
         if started is None:  # cancelled meanwhile
             await workers.stop()

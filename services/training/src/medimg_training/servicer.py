@@ -290,7 +290,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         dataset = await datasets.get(self._pool, raw["dataset"])
         spec = specs.with_defaults(raw, dataset)
         specs.check(
-            spec, dataset, max_processes=self._settings.max_processes_per_job, gpus=self._gpus
+            spec,
+            dataset,
+            max_processes=self._settings.max_processes_per_job,
+            gpus=self._gpus,
+            pod_per_process=self._settings.pod_per_process,
         )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, specs.check_network, spec, dataset)

@@ -45,14 +45,17 @@ class TrainingSettings(AuditedServiceSettings):
     leader_retry_seconds: float = Field(default=3.0, gt=0)
     #: The Python that runs the workers (default: this one; local launcher only).
     worker_python: str = ""
-    #: Where workers run: `local` processes of this service, or a `kubernetes` Job per job
-    #: (see `launchers`).
-    launcher: Literal["local", "kubernetes"] = "local"
+    #: Where workers run: `local` processes of this service, a `kubernetes` Job per job, or a
+    #: Kubeflow PyTorchJob per job (`kubeflow`: the training operator must be installed);
+    #: see `launchers`.
+    launcher: Literal["local", "kubernetes", "kubeflow"] = "local"
     #: Namespace of the workers' Jobs (default: this pod's, from its service account).
     kubernetes_namespace: str = ""
-    #: The workers' pod template (`kind: PodTemplate`, YAML), for the kubernetes launcher.
+    #: The workers' pod template (`kind: PodTemplate`, YAML), for the kubernetes and kubeflow
+    #: launchers.
     worker_pod_template: Path | None = None
-    #: Image of the workers' container (default: the template's), for the kubernetes launcher.
+    #: Image of the workers' container (default: the template's), for the kubernetes and
+    #: kubeflow launchers.
     worker_image: str = ""
     #: Seconds a finished worker Job (and its pods' logs) is kept; long enough for the
     #: service to read how it ended.
@@ -70,14 +73,15 @@ class TrainingSettings(AuditedServiceSettings):
             given = [prefix + name for name, value in kubernetes_only.items() if value]
             if given:
                 raise ValueError(
-                    f"{', '.join(given)} apply to the kubernetes launcher only: set "
-                    f"{prefix}LAUNCHER=kubernetes or unset them"
+                    f"{', '.join(given)} apply to the kubernetes and kubeflow launchers only: "
+                    f"set {prefix}LAUNCHER=kubernetes (or kubeflow) or unset them"
                 )
             return self
+        chosen = f"{prefix}LAUNCHER={self.launcher}"
         if self.worker_pod_template is None:
             raise ValueError(
-                f"{prefix}LAUNCHER=kubernetes needs {prefix}WORKER_POD_TEMPLATE: the path of "
-                "the workers' pod template (deploy/k8s/base/training-worker-template.yaml)"
+                f"{chosen} needs {prefix}WORKER_POD_TEMPLATE: the path of the workers' pod "
+                "template (deploy/k8s/base/training-worker-template.yaml)"
             )
         if self.worker_python:
             raise ValueError(
@@ -86,10 +90,16 @@ class TrainingSettings(AuditedServiceSettings):
             )
         if self.gpus < 0:
             raise ValueError(
-                f"{prefix}LAUNCHER=kubernetes needs {prefix}GPUS: the GPUs one worker pod may "
-                "have (a node of the GPU pool), not counted on the service's own node"
+                f"{chosen} needs {prefix}GPUS: the GPUs one worker pod may have (a node of "
+                "the GPU pool), not counted on the service's own node"
             )
         return self
+
+    @property
+    def pod_per_process(self) -> bool:
+        """Whether each worker process has a pod of its own (`gpus` bounds one process's
+        GPUs), rather than one node holding them all (`gpus` bounds the job's)."""
+        return self.launcher == "kubeflow"
 
     @property
     def cache(self) -> Path:

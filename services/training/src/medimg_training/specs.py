@@ -113,9 +113,11 @@ def _ints(value: Any) -> Any:
 
 
 def check(  # noqa: PLR0912 - one check per rule, in order
-    spec: Spec, dataset: Dataset, *, max_processes: int, gpus: int
+    spec: Spec, dataset: Dataset, *, max_processes: int, gpus: int, pod_per_process: bool = False
 ) -> None:
-    """Refuses a spec (with defaults applied) that cannot run; see `check_network` too."""
+    """Refuses a spec (with defaults applied) that cannot run; see `check_network` too.
+    `gpus`: what one node has for the job's processes, or with `pod_per_process` (Kubeflow
+    PyTorchJob) what each process's own pod may have."""
     network = spec["network"].get("name", "")
     if not network:
         raise InvalidArgument("NETWORK_REQUIRED", "spec.network.name is required")
@@ -155,7 +157,12 @@ def check(  # noqa: PLR0912 - one check per rule, in order
             "IMPOSSIBLE_RESOURCES",
             f"a job may have 1 to {max_processes} processes, not {processes}",
         )
-    if wanted_gpus < 0 or wanted_gpus * processes > gpus:
+    if pod_per_process and not 0 <= wanted_gpus <= gpus:
+        raise InvalidArgument(
+            "IMPOSSIBLE_RESOURCES",
+            f"{wanted_gpus} GPU(s) for each process, but a worker pod may have {gpus}",
+        )
+    if not pod_per_process and (wanted_gpus < 0 or wanted_gpus * processes > gpus):
         raise InvalidArgument(
             "IMPOSSIBLE_RESOURCES",
             f"{wanted_gpus} GPU(s) for each of {processes} process(es), but this node has {gpus}",

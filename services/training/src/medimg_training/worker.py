@@ -10,6 +10,18 @@ checkpoints into the job's directory, and on success exports the bundle the infe
 service loads (see `bundle`). A failure writes `error-rank<N>.json` (the error's type
 and message; never pixels or pseudonyms) before the process exits non-zero.
 
+Several processes: `torchrun` (local launcher, one pod of a Kubernetes Job) or one process
+per pod of a Kubeflow PyTorchJob; either way `torch.distributed` reads MASTER_ADDR,
+MASTER_PORT, WORLD_SIZE and RANK from the environment (`env://`).
+
+Traces: with `MEDIMG_TRAINING_OTLP_ENDPOINT` set, every rank exports its spans there (as
+`medimg-training-worker`, with a `medimg.training.rank` attribute): `training.worker` as a
+child of the launching span in `TRACEPARENT`, and under it `training.fetch` (rank 0),
+`training.load_data`, one `training.epoch` per epoch (epoch, mean loss and, on rank 0, the
+validation metrics), `training.checkpoint` and `training.export` (rank 0). They carry the
+job id, the dataset's name, numbers and exception types, never series or pseudonyms, and
+are flushed before the process exits, a failed one too.
+
 Images: each series is a float32 volume (slices, rows, columns[, samples]) in modality
 units, samples averaged into one channel. Networks see it in MONAI's axis order, as the
 inference service hands it to them: a 3D network the whole volume (1, columns, rows,
@@ -23,6 +35,7 @@ resized to `spec.image_size` (labels by nearest neighbour).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,15 +44,48 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 Config = Mapping[str, Any]
 Volume = npt.NDArray[np.float32]
+#: The workers' spans (a no-op until `tracing` configures a provider).
+tracer = trace.get_tracer("medimg_training.worker")
+
+
+@contextlib.contextmanager
+def span(
+    name: str, attributes: Mapping[str, str | int] | None = None, parent: Any = None
+) -> Iterator[trace.Span]:
+    """A span of the worker. An exception leaving it sets status ERROR and an `exception`
+    event with its type and where it was raised: not its message, which may quote data (as
+    the services' logs; OpenTelemetry's own recording would keep the message)."""
+    with tracer.start_as_current_span(
+        name, parent, attributes=attributes, record_exception=False, set_status_on_exception=False
+    ) as current:
+        try:
+            yield current
+        except BaseException as error:
+            current.set_status(trace.StatusCode.ERROR, type(error).__name__)
+            current.add_event("exception", _exception_attributes(error))
+            raise
+
+
+def _exception_attributes(error: BaseException) -> dict[str, str]:
+    where = error.__traceback__
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    attributes = {"exception.type": type(error).__name__}
+    if where is not None:
+        attributes["code.location"] = f"{where.tb_frame.f_code.co_filename}:{where.tb_lineno}"
+    return attributes
 
 
 # Fetching and caching ------------------------------------------------------------------
@@ -265,8 +311,13 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
             EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
         ]
     )
-    train_set = CacheDataset(records("train"), transform, cache_rate=1.0, progress=False)
-    validation_set = CacheDataset(records("validation"), transform, cache_rate=1.0, progress=False)
+    with span("training.load_data") as loading:
+        train_set = CacheDataset(records("train"), transform, cache_rate=1.0, progress=False)
+        validation_set = CacheDataset(
+            records("validation"), transform, cache_rate=1.0, progress=False
+        )
+        loading.set_attribute("medimg.training.train_records", len(train_set))
+        loading.set_attribute("medimg.training.validation_records", len(validation_set))
     per_rank = int(spec["batch_size"]) // world
     # The same sampler for one process or many: rank r's k-th batch is the r-th share of
     # the one process's k-th batch, so DDP with the same global batch follows the same path.
@@ -318,19 +369,20 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
     def save() -> None:
         if rank != 0:
             return
-        directory = job_dir / "checkpoints"
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step}.pt"
-        state = {
-            "model": core.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "step": step,
-            "metrics": json.dumps(metrics),
-        }
-        torch.save(state, directory / f"{name}.tmp")
-        (directory / f"{name}.tmp").replace(directory / name)
-        _write_json(directory / "latest.json", {"file": name, "step": step})
+        with span("training.checkpoint", {"medimg.training.step": step}):
+            directory = job_dir / "checkpoints"
+            directory.mkdir(parents=True, exist_ok=True)
+            name = f"step-{step}.pt"
+            state = {
+                "model": core.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "step": step,
+                "metrics": json.dumps(metrics),
+            }
+            torch.save(state, directory / f"{name}.tmp")
+            (directory / f"{name}.tmp").replace(directory / name)
+            _write_json(directory / "latest.json", {"file": name, "step": step})
 
     started, images_done = time.monotonic(), 0
     latest: dict[str, Any] = {"epoch": step // steps_per_epoch + 1, "epochs": epochs,
@@ -339,50 +391,61 @@ def train(  # noqa: PLR0912, PLR0915 - one loop, read top to bottom
     for epoch in range(start_epoch, epochs):
         if step >= total_steps:
             break
-        sampler.set_epoch(epoch)
-        model.train()
-        for index, batch in enumerate(loader):
-            if epoch == start_epoch and index < skip:
-                continue
-            if step >= total_steps:
-                break
-            images = batch["image"].to(device)
-            labels = torch.as_tensor(batch["label"]).to(device)
-            labels = labels if segmenting else labels.long()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss = loss_function(model(images), labels)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            step += 1
-            shown = loss.detach().float().clone()
+        with span(
+            "training.epoch", {"medimg.training.epoch": epoch + 1, "medimg.training.epochs": epochs}
+        ) as epoch_span:
+            losses: list[float] = []
+            sampler.set_epoch(epoch)
+            model.train()
+            for index, batch in enumerate(loader):
+                if epoch == start_epoch and index < skip:
+                    continue
+                if step >= total_steps:
+                    break
+                images = batch["image"].to(device)
+                labels = torch.as_tensor(batch["label"]).to(device)
+                labels = labels if segmenting else labels.long()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                    loss = loss_function(model(images), labels)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                step += 1
+                shown = loss.detach().float().clone()
+                if world > 1:
+                    dist.all_reduce(shown)
+                    shown /= world
+                images_done += images.shape[0] * world
+                elapsed = max(time.monotonic() - started, 1e-9)
+                rate = images_done / elapsed
+                seconds_per_step = elapsed / max(step - start_epoch * steps_per_epoch - skip, 1)
+                latest = {
+                        "epoch": epoch + 1, "epochs": epochs, "step": step,
+                        "total_steps": total_steps, "loss": float(shown),
+                        "metrics": metrics, "images_per_second": rate,
+                        "eta_seconds": seconds_per_step * (total_steps - step),
+                }  # fmt: skip
+                losses.append(float(shown))
+                reporter.report(latest)
+                if every and step % every == 0:
+                    save()
+            if rank == 0:
+                measure = validate_segmentation if segmenting else validate
+                metrics = measure(core, validation_set, device, len(config["class_names"]))
+                reporter.report({**latest, "metrics": metrics})
+                epoch_span.set_attributes(
+                    {f"medimg.training.metric.{name}": value for name, value in metrics.items()}
+                )
+            if losses:
+                epoch_span.set_attribute("medimg.training.loss", sum(losses) / len(losses))
+            epoch_span.set_attribute("medimg.training.step", step)
             if world > 1:
-                dist.all_reduce(shown)
-                shown /= world
-            images_done += images.shape[0] * world
-            elapsed = max(time.monotonic() - started, 1e-9)
-            rate = images_done / elapsed
-            seconds_per_step = elapsed / max(step - start_epoch * steps_per_epoch - skip, 1)
-            latest = {
-                    "epoch": epoch + 1, "epochs": epochs, "step": step,
-                    "total_steps": total_steps, "loss": float(shown),
-                    "metrics": metrics, "images_per_second": rate,
-                    "eta_seconds": seconds_per_step * (total_steps - step),
-            }  # fmt: skip
-            reporter.report(latest)
-            if every and step % every == 0:
+                dist.barrier()
+            if not every:
                 save()
-        if rank == 0:
-            measure = validate_segmentation if segmenting else validate
-            metrics = measure(core, validation_set, device, len(config["class_names"]))
-            reporter.report({**latest, "metrics": metrics})
-        if world > 1:
-            dist.barrier()
-        if not every:
-            save()
     return metrics
 
 
@@ -468,6 +531,37 @@ def validate(model: Any, dataset: Any, device: Any, classes: int) -> dict[str, f
 # Entry -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def tracing(config: Config, rank: int, world: int) -> Iterator[None]:
+    """The worker's root span, a child of the launching span (`TRACEPARENT`), exported to
+    `MEDIMG_TRAINING_OTLP_ENDPOINT` and flushed on the way out; nothing without an endpoint.
+    An exception leaving it is recorded as `span` records one."""
+    endpoint = os.environ.get("MEDIMG_TRAINING_OTLP_ENDPOINT")
+    if not endpoint:
+        yield
+        return
+    from medimg_core import telemetry
+
+    telemetry.configure_tracing("training-worker", to_console=False, otlp_endpoint=endpoint)
+    parent = TraceContextTextMapPropagator().extract(
+        {"traceparent": os.environ.get("TRACEPARENT", "")}
+    )
+    attributes: dict[str, str | int] = {
+        "medimg.training.job": str(config["job_id"]),
+        "medimg.training.dataset": str(config["dataset"]),
+        "medimg.training.rank": rank,
+        "medimg.training.world_size": world,
+    }
+    try:
+        with span("training.worker", attributes, parent):
+            yield
+    finally:
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, TracerProvider):
+            # Exports what the batch processor still holds: a short job's spans too.
+            provider.shutdown()
+
+
 def run(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
     job_dir = Path(config["job_dir"])
@@ -475,31 +569,39 @@ def run(config_path: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # Processes on this node: torchrun's LOCAL_WORLD_SIZE; a PyTorchJob's pod runs one.
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    )
     distributed = world > 1
     try:
-        if distributed:
-            import torch.distributed as dist
+        with tracing(config, rank, world):
+            if distributed:
+                import torch.distributed as dist
 
-            backend = "nccl" if int(config["spec"]["resources"]["gpus"]) else "gloo"
-            dist.init_process_group(backend)
-        if rank == 0:
-            for item in config["items"]:
-                fetch(config, item["series"])
-                if item.get("label_series"):
-                    fetch(config, item["label_series"])
-        if distributed:
-            dist.barrier()
-        metrics = train(config, rank, world)
-        if rank == 0:
-            from medimg_training import bundle
+                backend = "nccl" if int(config["spec"]["resources"]["gpus"]) else "gloo"
+                # MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK: set by torchrun, or by the
+                # Kubeflow training operator in each pod of a PyTorchJob.
+                dist.init_process_group(backend, init_method="env://")
+            if rank == 0:
+                with span("training.fetch"):
+                    for item in config["items"]:
+                        fetch(config, item["series"])
+                        if item.get("label_series"):
+                            fetch(config, item["label_series"])
+            if distributed:
+                dist.barrier()
+            metrics = train(config, rank, world)
+            if rank == 0:
+                from medimg_training import bundle
 
-            bundle.export(config, job_dir / "bundle", metrics)
-            _write_json(job_dir / "result.json", {"metrics": metrics})
-        if distributed:
-            # No rank tears the group down while another still works in it: gloo can abort
-            # a process whose peer is still connected (seen under load).
-            dist.barrier()
+                with span("training.export"):
+                    bundle.export(config, job_dir / "bundle", metrics)
+                _write_json(job_dir / "result.json", {"metrics": metrics})
+            if distributed:
+                # No rank tears the group down while another still works in it: gloo can
+                # abort a process whose peer is still connected (seen under load).
+                dist.barrier()
     except BaseException as error:
         _write_json(
             job_dir / f"error-rank{rank}.json",
