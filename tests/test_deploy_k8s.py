@@ -409,11 +409,13 @@ def check_collector_service(objects: Objects, service: dict[str, Any]) -> None:
     tls = protocols["grpc"]["tls"]
     tls_dir = Path(mounts["mesh-tls"])
     assert volumes["mesh-tls"]["secret"]["secretName"] == k8s.tls_secret(COLLECTOR)
-    assert (tls["cert_file"], tls["key_file"], tls["client_ca_file"]) == (
+    assert (tls["cert_file"], tls["key_file"]) == (
         str(tls_dir / "tls.crt"),
         str(tls_dir / "tls.key"),
-        str(tls_dir / "ca.crt"),
     )
+    # Client certificates are checked against the mesh's trust bundle, as every Envoy does.
+    assert volumes["mesh-trust"]["configMap"]["name"] == k8s.TRUST_BUNDLE
+    assert tls["client_ca_file"] == str(Path(mounts["mesh-trust"]) / k8s.TRUST_KEY)
 
 
 def check_dimse_service(objects: Objects, service: dict[str, Any], overlay: str) -> None:
