@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from medimg_cli import mesh as meshlib
 from medimg_cli.cli import main as medimg
 from medimg_cli.pki import DATA_LINK, Pki, create_ca, renew, retire_ca, start_ca_rotation
-from medimg_cli.testing import wait_until
+from medimg_cli.testing import envoy_counter, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 DESCRIPTOR_SET = REPO / "libs" / "medimg-protos" / "src" / "medimg_protos" / "descriptor_set.binpb"
@@ -62,11 +62,7 @@ class Envoy:
         return httpx.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5).text
 
     def counter(self, name: str) -> int:
-        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
-            stat, _, value = line.partition(": ")
-            if stat == name:
-                return int(value)
-        return 0
+        return envoy_counter(f"http://127.0.0.1:{self.admin_port}", name)
 
     def trusted(self) -> list[set[int]]:
         """The serials of the CAs each TLS context of this Envoy trusts (from /certs)."""

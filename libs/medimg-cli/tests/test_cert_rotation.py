@@ -26,7 +26,7 @@ from medimg_cli import k8s
 from medimg_cli import mesh as meshlib
 from medimg_cli.cli import main as medimg
 from medimg_cli.pki import Pki, create_ca, ensure_pki, issue_certificate, renew
-from medimg_cli.testing import wait_until
+from medimg_cli.testing import envoy_counter, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 DESCRIPTOR_SET = REPO / "libs" / "medimg-protos" / "src" / "medimg_protos" / "descriptor_set.binpb"
@@ -53,11 +53,8 @@ class Sidecar:
         return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5).text
 
     def counter(self, name: str) -> int:
-        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
-            stat, _, value = line.partition(": ")
-            if stat == name:
-                return int(value)
-        return 0
+        port = self.mesh.services["ingest"].admin_port
+        return envoy_counter(f"http://127.0.0.1:{port}", name)
 
 
 @pytest.fixture

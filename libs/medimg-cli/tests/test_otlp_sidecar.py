@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import Pki, ensure_pki
-from medimg_cli.testing import port_is_free, wait_until
+from medimg_cli.testing import envoy_counter, port_is_free, wait_until
 from medimg_core.telemetry import tracer_provider
 
 REPO = Path(__file__).resolve().parents[3]
@@ -60,12 +60,7 @@ class OtlpPath:
     admin: str
 
     def counter(self, name: str) -> int:
-        text = httpx.get(f"{self.admin}/stats?filter=^{name}$", timeout=5).text
-        for line in text.splitlines():
-            stat, _, value = line.partition(": ")
-            if stat == name:
-                return int(value)
-        return 0
+        return envoy_counter(self.admin, name)
 
 
 @pytest.fixture(scope="module")

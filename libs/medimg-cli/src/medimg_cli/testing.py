@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -63,6 +64,17 @@ def wait_until(done: Callable[[], bool], timeout: float, why: Callable[[], str])
         if time.monotonic() > deadline:
             raise AssertionError(why())
         time.sleep(0.05)
+
+
+def envoy_counter(admin_url: str, name: str) -> int:
+    """One counter of an Envoy's admin `/stats` (`admin_url`: http://host:port), 0 while it
+    has never counted."""
+    text = httpx.get(f"{admin_url}/stats?filter=^{name}$", timeout=5).text
+    for line in text.splitlines():
+        stat, _, value = line.partition(": ")
+        if stat == name:
+            return int(value)
+    return 0
 
 
 def free_port_offset(mesh: meshlib.Mesh, start: int = 20000, step: int = 700) -> int:
