@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext
 
-from medimg_training import launchers, worker
+from medimg_training import jobs, launchers, worker
 from medimg_training.datasets import Dataset
 from medimg_training.jobs import Job, State
 from medimg_training.launchers import Launch
@@ -182,6 +182,33 @@ async def test_a_failed_worker_ends_its_span_in_error(  # noqa: PLR0917 - fixtur
         assert set(recorded) == {"exception.type", "code.location"}
         assert failed.span.status.message == "_MultiThreadedRendezvous"
     assert "training.epoch" not in spans
+
+
+@pytest.mark.slow
+async def test_a_cancelled_worker_exports_its_spans_before_it_dies(  # noqa: PLR0917 - fixtures
+    pool: asyncpg.Pool,
+    dataset: Dataset,
+    traced_runner: Runner,
+    receiver: tuple[OtlpReceiver, str],
+    launched: InMemorySpanExporter,
+) -> None:
+    job = await submit(pool, dataset, epochs=1000)
+    traced_runner.wake()
+    running = await wait_for(pool, job.job_id, lambda j: j.progress.get("epoch", 0) >= 3)
+    await jobs.cancel(pool, job.job_id)
+    await traced_runner.cancel(job.job_id)
+    assert (await jobs.get(pool, job.job_id)).state is State.CANCELLED
+    # Within the cancel grace, before SIGKILL: the batch processor's spans were exported.
+    spans = {}
+    for span in worker_spans(receiver[0]):
+        spans.setdefault(span.span.name, []).append(span)
+    (root,) = spans["training.worker"]
+    assert root.span.trace_id == launch_context(launched, running).trace_id.to_bytes(16, "big")
+    assert root.span.status.code == trace_pb2.Status.STATUS_CODE_ERROR
+    assert root.span.status.message == "Stopped"
+    # The epochs finished before the cancel, all in the worker's trace.
+    assert len(spans["training.epoch"]) >= 2
+    assert {s.span.trace_id for found in spans.values() for s in found} == {root.span.trace_id}
 
 
 def test_the_local_launcher_passes_the_endpoint_and_traceparent(

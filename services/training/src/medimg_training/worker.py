@@ -20,7 +20,9 @@ child of the launching span in `TRACEPARENT`, and under it `training.fetch` (ran
 `training.load_data`, one `training.epoch` per epoch (epoch, mean loss and, on rank 0, the
 validation metrics), `training.checkpoint` and `training.export` (rank 0). They carry the
 job id, the dataset's name, numbers and exception types, never series or pseudonyms, and
-are flushed before the process exits, a failed one too.
+are flushed before the process exits, a failed one too. SIGTERM (a cancel, a deadline, a
+deleted pod) unwinds the worker as the exception `Stopped`, so a stopped worker's spans are
+exported too (ending in ERROR `Stopped`) before it dies of the signal.
 
 Images: each series is a float32 volume (slices, rows, columns[, samples]) in modality
 units, samples averaged into one channel. Networks see it in MONAI's axis order, as the
@@ -40,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -562,6 +565,25 @@ def tracing(config: Config, rank: int, world: int) -> Iterator[None]:
             provider.shutdown()
 
 
+class Stopped(BaseException):
+    """SIGTERM (a cancel, a deadline, a deleted pod) raised in the main thread: the worker
+    unwinds, so that its spans are exported, then dies of the signal as it did before."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise Stopped
+
+
+def main(config_path: Path) -> None:
+    signal.signal(signal.SIGTERM, _stopped)
+    try:
+        run(config_path)
+    except Stopped:
+        # The launchers read a signal death as one: the same exit status as without this.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
     job_dir = Path(config["job_dir"])
@@ -602,6 +624,8 @@ def run(config_path: Path) -> None:
                 # No rank tears the group down while another still works in it: gloo can
                 # abort a process whose peer is still connected (seen under load).
                 dist.barrier()
+    except Stopped:
+        raise
     except BaseException as error:
         _write_json(
             job_dir / f"error-rank{rank}.json",
@@ -618,4 +642,4 @@ def run(config_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]))
+    main(Path(sys.argv[1]))
