@@ -185,7 +185,7 @@ async def test_a_failed_worker_ends_its_span_in_error(  # noqa: PLR0917 - fixtur
 
 
 @pytest.mark.slow
-async def test_a_cancelled_worker_exports_its_spans_before_it_dies(  # noqa: PLR0917 - fixtures
+async def test_a_cancelled_worker_exports_its_spans_before_it_dies(
     pool: asyncpg.Pool,
     dataset: Dataset,
     traced_runner: Runner,
@@ -199,7 +199,7 @@ async def test_a_cancelled_worker_exports_its_spans_before_it_dies(  # noqa: PLR
     await traced_runner.cancel(job.job_id)
     assert (await jobs.get(pool, job.job_id)).state is State.CANCELLED
     # Within the cancel grace, before SIGKILL: the batch processor's spans were exported.
-    spans = {}
+    spans: dict[str, list[ReceivedSpan]] = {}
     for span in worker_spans(receiver[0]):
         spans.setdefault(span.span.name, []).append(span)
     (root,) = spans["training.worker"]
