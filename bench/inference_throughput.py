@@ -9,13 +9,16 @@ Models (random weights: throughput does not depend on them), built here with MON
 Each is exported to TorchScript (traced) and ONNX (torch.export, dynamic batch) and written as
 a model bundle. What is measured, per model:
 
-    raw-<platform>     medimg's own backend class (medimg_inference.backends) loaded in this
-                       process, run back to back on batches of 1, 2, 4, 8 and 16 rows: the
-                       best images/s over those batch sizes is the ceiling a server can reach
+    raw-<platform>     medimg's own backend class (medimg_inference.backends) loaded in a
+                       process of its own, as many instances as the cores hold at
+                       `--intra-op-threads` threads each (default 1), each run back to back
+                       by a thread of its own on batches of 1, 2, 4, 8 and 16 rows: the best
+                       images/s over those batch sizes is the ceiling a server can reach
     medimg-<platform>  the whole local platform; the stock tritonclient gRPC (asyncio) client
                        sends one image per ModelInfer request through the inference sidecar
                        (mTLS, ops identity), with N requests in flight (closed loop), the
-                       model's dynamic batcher at the batch size that was best raw
+                       model's dynamic batcher at the batch size that was best raw, with the
+                       same instances and threads (MEDIMG_INFERENCE_INTRA_OP_THREADS)
     torchserve         TorchServe 0.12 (installed by this script into a folder of its own,
                        pinned by constraints.txt) serving the same TorchScript file with its
                        batching on (the batch size best raw for TorchScript, 2 workers of 1
@@ -23,14 +26,18 @@ a model bundle. What is measured, per model:
                        posts the same float32 bytes, N in flight
 
 Each served path runs at concurrency 1, 8 and 64 for `--seconds` after `--warmup` seconds, in
-rounds whose order rotates; figures are medians over rounds. Latency percentiles are over all
+rounds whose order rotates; figures are medians over rounds. Beside the rates, the CPU time
+(user + system, from /proc) each group of processes used per image in the timed windows:
+the inference service (raw: its own process), the five Envoys, TorchServe (its frontend and
+workers), the rest of medimg (the other services, PostgreSQL, Redis) and the client (this
+process, which sends for every path). Latency percentiles are over all
 requests of all rounds. Goals (issue 5): medimg at least 0.9 of raw at its best batch size,
 and at least 1.5x TorchServe's throughput at a lower p99.
 
 Run from the repository root, after `make setup`:
 
     .venv/bin/python bench/inference_throughput.py [--models densenet121-2d unet-3d]
-        [--seconds 20] [--warmup 5] [--rounds 2] [--json out.json]
+        [--seconds 20] [--warmup 5] [--rounds 2] [--intra-op-threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,7 +57,9 @@ import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +68,7 @@ import numpy as np
 import torch
 
 from medimg_cli import mesh as meshlib
+from medimg_cli.cputime import CpuMeter, tree
 from medimg_cli.platform import Platform
 from medimg_cli.testing import free_port_offset
 from medimg_inference.backends import BackendOptions, load_backend
@@ -171,22 +181,28 @@ def write_bundles(spec: ModelSpec, root: Path) -> dict[str, Path]:
     return bundles
 
 
-def set_max_batch_size(bundle: Path, size: int) -> None:
+def set_serving(bundle: Path, max_batch_size: int, instances: int) -> None:
     metadata = json.loads((bundle / METADATA_PATH).read_text())
-    metadata["medimg"]["max_batch_size"] = size
+    metadata["medimg"]["max_batch_size"] = max_batch_size
+    metadata["medimg"]["instances"] = instances
     (bundle / METADATA_PATH).write_text(json.dumps(metadata, indent=2))
+
+
+def instances_for(threads: int) -> int:
+    """Instances of a model that the cores hold at `threads` per execution."""
+    return max(1, len(os.sched_getaffinity(0)) // threads)
 
 
 # Raw, in process -----------------------------------------------------------------------
 
 
-def raw_throughput(bundle: Path, name: str, seconds: float) -> dict[str, Any]:
+def raw_throughput(bundle: Path, name: str, seconds: float, threads: int) -> dict[str, Any]:
     """Images/s of medimg's backend in a process of its own, per batch size, and the best.
 
     A process of its own, as the service's is: in this one, torch has run on other threads
-    (export), and two threads with OpenMP teams slow each other down (backends.TORCH_CPU)."""
+    (export), and two threads with OpenMP teams slow each other down (backends.TorchCpu)."""
     answer = subprocess.run(
-        [sys.executable, __file__, "--raw", str(bundle), name, str(seconds)],
+        [sys.executable, __file__, "--raw", str(bundle), name, str(seconds), str(threads)],
         check=True,
         capture_output=True,
         text=True,
@@ -196,34 +212,58 @@ def raw_throughput(bundle: Path, name: str, seconds: float) -> dict[str, Any]:
     return figures
 
 
-def measure_raw(bundle: Path, name: str, seconds: float) -> dict[str, Any]:
-    """Images/s of medimg's backend in this process, per batch size, and the best."""
+def measure_raw(bundle: Path, name: str, seconds: float, threads: int) -> dict[str, Any]:
+    """Images/s of medimg's backend in this process, per batch size, and the best: as many
+    instances as the cores hold at `threads` threads each, each run back to back by a caller
+    thread of its own, as the service's batcher runs them."""
     config = load_bundle(bundle, name, 1)  # type: ignore[arg-type]
-    backend = load_backend(config, BackendOptions())
+    backends = [
+        load_backend(config, BackendOptions(threads)) for _ in range(instances_for(threads))
+    ]
     spec_shape = config.inputs[0].shape
-    per_batch = {}
+    per_batch, cpu_ms = {}, {}
+
+    def back_to_back(backend: Any, data: dict[str, Any], until: float) -> int:
+        done = 0
+        while time.perf_counter() < until:
+            backend.execute(data)
+            done += len(data["image"])
+        return done
+
     try:
-        for batch in BATCHES:
-            data = {"image": np.random.default_rng(0).random((batch, *spec_shape), np.float32)}
-            backend.execute(data)  # warm
-            done, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / 2:
-                backend.execute(data)
-                done += batch
-            per_batch[batch] = done / (time.perf_counter() - start)
+        with ThreadPoolExecutor(len(backends)) as callers:
+            for batch in BATCHES:
+                data = {"image": np.random.default_rng(0).random((batch, *spec_shape), np.float32)}
+                list(callers.map(lambda b, d=data: b.execute(d), backends))  # warm
+                start, cpu = time.perf_counter(), time.process_time()
+                run = partial(back_to_back, data=data, until=start + seconds / 2)
+                done = sum(callers.map(run, backends))
+                per_batch[batch] = done / (time.perf_counter() - start)
+                cpu_ms[batch] = 1000 * (time.process_time() - cpu) / done
     finally:
-        backend.close()
+        for backend in backends:
+            backend.close()
     best = max(per_batch, key=lambda b: per_batch[b])
-    return {"per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best]}
+    return {
+        "per_batch": per_batch,
+        "best_batch": best,
+        "images_per_s": per_batch[best],
+        "cpu_ms_per_image": cpu_ms[best],
+    }
 
 
 # Closed-loop load ----------------------------------------------------------------------
 
 
 async def closed_loop(
-    send: Callable[[], Awaitable[None]], concurrency: int, warmup: float, seconds: float
+    send: Callable[[], Awaitable[None]],
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    meter: CpuMeter,
 ) -> dict[str, Any]:
-    """`concurrency` senders back to back; rate and latencies of the timed window."""
+    """`concurrency` senders back to back; rate, latencies and CPU per image by process
+    group, of the timed window."""
     latencies: list[float] = []
     failures = 0
     first_error = ""
@@ -243,13 +283,20 @@ async def closed_loop(
             if now >= window_start and timed:
                 latencies.append(time.perf_counter() - now)
 
+    cpu: dict[str, float] = {}
+
     async def mark() -> None:
-        nonlocal timed
+        nonlocal timed, cpu
         await asyncio.sleep(warmup)
-        timed = True
+        timed, before = True, meter.sample()
+        await asyncio.sleep(seconds)
+        cpu = {group: used - before[group] for group, used in meter.sample().items()}
 
     await asyncio.gather(mark(), *(sender() for _ in range(concurrency)))
     return {
+        "cpu_ms_per_image": {
+            group: 1000 * used / max(len(latencies), 1) for group, used in cpu.items()
+        },
         "failures": failures,
         "first_error": first_error,
         "images_per_s": len(latencies) / seconds,
@@ -263,11 +310,12 @@ async def closed_loop(
 
 
 class Medimg:
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, threads: int) -> None:
         self.platform = Platform(
             state=state,
             port_offset=free_port_offset(meshlib.load_mesh()),
-            service_settings={"LOG_LEVEL": "WARNING"},
+            # Every service gets the settings; only inference has INTRA_OP_THREADS.
+            service_settings={"LOG_LEVEL": "WARNING", "INTRA_OP_THREADS": str(threads)},
         )
 
     @property
@@ -291,8 +339,14 @@ class Medimg:
             certificate_chain=str(pki.cert("ops")),
         )
 
-    async def run(
-        self, model: str, shape: tuple[int, ...], concurrency: int, warmup: float, seconds: float
+    async def run(  # noqa: PLR0917 - a Runner
+        self,
+        model: str,
+        shape: tuple[int, ...],
+        concurrency: int,
+        warmup: float,
+        seconds: float,
+        meter: CpuMeter,
     ) -> dict[str, Any]:
         import tritonclient.grpc.aio as triton
 
@@ -306,7 +360,7 @@ class Medimg:
             async def send() -> None:
                 await client.infer(model, [tensor], client_timeout=60)
 
-            return await closed_loop(send, concurrency, warmup, seconds)
+            return await closed_loop(send, concurrency, warmup, seconds, meter)
         finally:
             await client.close()
 
@@ -446,8 +500,14 @@ class TorchServe:
                 os.killpg(self.process.pid, 9)
         self.process = None
 
-    async def run(
-        self, model: str, shape: tuple[int, ...], concurrency: int, warmup: float, seconds: float
+    async def run(  # noqa: PLR0917 - a Runner
+        self,
+        model: str,
+        shape: tuple[int, ...],
+        concurrency: int,
+        warmup: float,
+        seconds: float,
+        meter: CpuMeter,
     ) -> dict[str, Any]:
         body = np.random.default_rng(1).random((1, *shape), np.float32).tobytes()
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -460,17 +520,46 @@ class TorchServe:
                 )
                 answer.raise_for_status()
 
-            return await closed_loop(send, concurrency, warmup, seconds)
+            return await closed_loop(send, concurrency, warmup, seconds, meter)
 
 
 # The run -------------------------------------------------------------------------------
 
 
-Runner = Callable[[str, tuple[int, ...], int, float, float], Awaitable[dict[str, Any]]]
+Runner = Callable[[str, tuple[int, ...], int, float, float, CpuMeter], Awaitable[dict[str, Any]]]
 
 
-async def one_round(
-    index: int, models: list[str], medimg: Medimg, torchserve: TorchServe, args: Any
+def cpu_meter(medimg: Medimg, torchserve: TorchServe) -> CpuMeter:
+    """The CPU of every process of the run, in the groups the report shows."""
+    platform = medimg.platform
+
+    def pids(*processes: Any) -> list[int]:
+        return [p.pid for p in processes if p is not None and p.pid is not None]
+
+    def rest_of_medimg() -> list[int]:
+        others = [platform.services[s] for s in platform.services if s != "inference"]
+        pidfile = platform.state / "postgres" / "postmaster.pid"
+        postgres = tree(int(pidfile.read_text().split()[0])) if pidfile.exists() else []
+        return pids(*others, getattr(platform, "_redis", None)) + postgres
+
+    return CpuMeter(
+        {
+            "inference": lambda: tree(platform.services["inference"].pid),
+            "envoy (5)": lambda: pids(*platform.envoys.values()),
+            "torchserve": lambda: tree(torchserve.process.pid if torchserve.process else None),
+            "rest of medimg": rest_of_medimg,
+            "client": lambda: [os.getpid()],
+        }
+    )
+
+
+async def one_round(  # noqa: PLR0917
+    index: int,
+    models: list[str],
+    medimg: Medimg,
+    torchserve: TorchServe,
+    meter: CpuMeter,
+    args: Any,
 ) -> dict[str, dict[str, Any]]:
     """Every served path of every model at every concurrency, the path order rotated."""
     measured: dict[str, dict[str, Any]] = {}
@@ -484,7 +573,7 @@ async def one_round(
         for label, run, model in paths[shift:] + paths[:shift]:
             for concurrency in CONCURRENCY:
                 figures = await run(
-                    model, MODELS[name].shape, concurrency, args.warmup, args.seconds
+                    model, MODELS[name].shape, concurrency, args.warmup, args.seconds, meter
                 )
                 measured[f"{label} c={concurrency}"] = figures
                 failed = (
@@ -511,6 +600,10 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "images_per_s": statistics.median(rates),
             "per_round": rates,
             "failures": sum(r[key]["failures"] for r in rounds),
+            "cpu_ms_per_image": {
+                group: statistics.median(r[key]["cpu_ms_per_image"][group] for r in rounds)
+                for group in rounds[0][key]["cpu_ms_per_image"]
+            },
         }
         if latencies:
             out[key]["p50_ms"] = 1000 * float(np.percentile(latencies, 50))
@@ -523,8 +616,40 @@ def _ms(figures: dict[str, Any], key: str) -> str:
     return f"{figures[key]:.1f} ms" if key in figures else "n/a"
 
 
+def print_cpu(served: dict[str, Any], results: dict[str, Any]) -> None:
+    print(
+        "\nCPU ms per image, by process (user+system over the timed windows, median of rounds;"
+        " raw: its own process at its best batch):"
+    )
+    groups = list(next(iter(served.values()))["cpu_ms_per_image"])
+    print(f"  {'path':<40}{'raw':>8}" + "".join(f"{g:>16}" for g in groups))
+    for key, figures in served.items():
+        name, platform = key.split()[0], key.split()[1].removeprefix("medimg-")
+        raw_cpu = results["models"][name]["raw"].get(platform, {}).get("cpu_ms_per_image")
+        print(
+            f"  {key:<40}{'' if raw_cpu is None else f'{raw_cpu:.1f}':>8}"
+            + "".join(f"{figures['cpu_ms_per_image'][g]:>16.1f}" for g in groups)
+        )
+
+
 def _failed(figures: dict[str, Any]) -> str:
     return f", {figures['failures']} requests FAILED" if figures["failures"] else ""
+
+
+def measure_raws(
+    name: str, by_platform: dict[str, Path], args: Any, instances: int
+) -> dict[str, Any]:
+    """Raw figures of each platform's bundle; each bundle then set to be served at its best
+    batch size, as one tunes Triton with perf_analyzer."""
+    raw = {
+        platform: raw_throughput(bundle, f"{name}-{platform}", args.seconds, args.intra_op_threads)
+        for platform, bundle in by_platform.items()
+    }
+    for platform, figures in raw.items():
+        batches = ", ".join(f"{batch}: {rate:.1f}" for batch, rate in figures["per_batch"].items())
+        print(f"{name} raw-{platform}: images/s by batch {batches}")
+        set_serving(by_platform[platform], figures["best_batch"], instances)
+    return raw
 
 
 def main() -> None:
@@ -533,6 +658,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=1,
+        help="threads per execution; medimg (raw and served) runs cores / threads instances",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -542,25 +671,16 @@ def main() -> None:
     )
     home = Path(tempfile.mkdtemp(prefix="medimg-bench-inference-"))
     atexit.register(shutil.rmtree, home, ignore_errors=True)
-    medimg = Medimg(home / "medimg")
+    threads, instances = args.intra_op_threads, instances_for(args.intra_op_threads)
+    print(f"medimg: {instances} instance(s) per model, {threads} thread(s) per execution")
+    medimg = Medimg(home / "medimg", threads)
     torchserve = TorchServe(home / "torchserve")
     torchserve.install()
 
     bundles = {spec: write_bundles(MODELS[spec], medimg.repository) for spec in args.models}
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "models": {}}
     for name, by_platform in bundles.items():
-        raw = {
-            platform: raw_throughput(bundle, f"{name}-{platform}", args.seconds)
-            for platform, bundle in by_platform.items()
-        }
-        results["models"][name] = {"raw": raw}
-        for platform, figures in raw.items():
-            batches = ", ".join(
-                f"{batch}: {rate:.1f}" for batch, rate in figures["per_batch"].items()
-            )
-            print(f"{name} raw-{platform}: images/s by batch {batches}")
-            # Served at the batch size that is best raw, as one tunes Triton with perf_analyzer.
-            set_max_batch_size(by_platform[platform], figures["best_batch"])
+        results["models"][name] = {"raw": measure_raws(name, by_platform, args, instances)}
         torchserve.archive(name, by_platform["torchscript"] / "models" / "model.ts",
                            MODELS[name].shape)  # fmt: skip
 
@@ -569,8 +689,9 @@ def main() -> None:
         {name: results["models"][name]["raw"]["torchscript"]["best_batch"] for name in bundles}
     )
 
+    meter = cpu_meter(medimg, torchserve)
     rounds = [
-        asyncio.run(one_round(index, list(bundles), medimg, torchserve, args))
+        asyncio.run(one_round(index, list(bundles), medimg, torchserve, meter, args))
         for index in range(args.rounds)
     ]
     served = summarize(rounds)
@@ -613,6 +734,7 @@ def main() -> None:
                         and not ours["failures"]
                         and ours.get("p99_ms", float("inf")) < peer.get("p99_ms", float("inf"))
                     )
+    print_cpu(served, results)
     print("\ngoals:")
     for goal, met in goals.items():
         print(f"  {'PASS' if met else 'FAIL'}  {goal}")
@@ -625,6 +747,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--raw"]:  # the raw measurement, in a process of its own
-        print(json.dumps(measure_raw(Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]))))
+        bundle, name, seconds, threads = sys.argv[2:6]
+        print(json.dumps(measure_raw(Path(bundle), name, float(seconds), int(threads))))
     else:
         main()

@@ -6,8 +6,10 @@ fails with a reason."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from medimg_core.errors import FailedPrecondition, InvalidArgument
-from medimg_inference.backends import BackendOptions, load_backend
+from medimg_inference.backends import TORCH_CPU, BackendOptions, load_backend, on_torch_cpu
 from medimg_inference.repository import ModelRepository, Platform
 from medimg_inference.serving import ModelServer
 from services.inference.tests.support import (
@@ -274,21 +276,21 @@ def test_torch_uses_the_threads_it_is_given(tmp_path: Path, classifier: TrainedC
     write_bundle(
         tmp_path, "patches", 1, classifier_metadata(), {"model.ts": classifier.torchscript}
     )
-    before = torch.get_num_threads()
     try:
         load_backend(ModelRepository(tmp_path).config("patches"), BackendOptions(1))
-        assert torch.get_num_threads() == 1
+        assert TORCH_CPU.threads_per_lane == 1
+        assert TORCH_CPU.lanes == len(os.sched_getaffinity(0))
+        assert on_torch_cpu(torch.get_num_threads) == 1
     finally:
-        torch.set_num_threads(before)
+        TORCH_CPU.configure(OPTIONS.intra_op_threads)
 
 
-def test_torch_cpu_work_runs_on_one_thread_whoever_asks() -> None:
-    """Two OpenMP teams halve torch's speed on the same cores (see backends.TORCH_CPU): the
-    work of every caller thread runs on the one torch thread, and nested calls do not wait
-    on themselves."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from medimg_inference.backends import on_torch_cpu
+def test_torch_cpu_work_runs_on_one_lane_whoever_asks() -> None:
+    """Two OpenMP teams of every core halve torch's speed (see backends.TorchCpu): with
+    executions that use every core, the work of every caller thread runs on the one lane,
+    and nested calls do not wait on themselves."""
+    cores = len(os.sched_getaffinity(0))
+    TORCH_CPU.configure(cores)
 
     def where() -> str:
         return threading.current_thread().name
@@ -297,3 +299,23 @@ def test_torch_cpu_work_runs_on_one_thread_whoever_asks() -> None:
         names = set(callers.map(lambda _: on_torch_cpu(where), range(16)))
     assert len(names) == 1 and names.pop().startswith("torch-cpu")
     assert on_torch_cpu(on_torch_cpu, where).startswith("torch-cpu")
+    assert on_torch_cpu(torch.get_num_threads) == cores
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_with_one_thread_per_execution_the_lanes_run_at_once() -> None:
+    TORCH_CPU.configure(1)
+    lanes = len(os.sched_getaffinity(0))
+    together = threading.Barrier(lanes, timeout=30)
+
+    def meet() -> tuple[str, int]:
+        together.wait()  # passes only once every lane runs a call at the same time
+        return threading.current_thread().name, torch.get_num_threads()
+
+    try:
+        with ThreadPoolExecutor(lanes) as callers:
+            met = list(callers.map(lambda _: on_torch_cpu(meet), range(lanes)))
+        assert len({name for name, _ in met}) == lanes
+        assert {threads for _, threads in met} == {1}
+    finally:
+        TORCH_CPU.configure(OPTIONS.intra_op_threads)

@@ -16,7 +16,7 @@ from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition, run_in_background
 from medimg_inference import kserve
-from medimg_inference.backends import TORCH_CPU
+from medimg_inference.backends import TORCH_CPU, BackendOptions
 from medimg_inference.cache import ResponseCache
 from medimg_inference.metrics import register_metrics
 from medimg_inference.predict import Predictor
@@ -52,7 +52,10 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
             retry_after_seconds=settings.response_cache_retry_seconds,
         )
         resources.push_async_callback(cache.aclose)
-    server = ModelServer(ModelRepository(settings.model_repository), cache=cache)
+    threads = settings.intra_op_threads
+    options = BackendOptions(threads) if threads else BackendOptions()
+    TORCH_CPU.configure(options.intra_op_threads)
+    server = ModelServer(ModelRepository(settings.model_repository), options, cache=cache)
     # Unloads (answering what is queued) before the channels close: the stack unwinds in
     # reverse.
     resources.push_async_callback(server.close)

@@ -15,7 +15,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -31,24 +31,79 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: The one thread that runs torch's CPU work in this process. torch's CPU wheels use GNU
-#: OpenMP, which gives each thread that runs a parallel region a team of worker threads of its
-#: own; once two live threads have teams, both run about half as fast on the same cores
-#: (DenseNet121, 2 cores: 13.5 images/s on one thread, 8 on either of two). Batchers, warmup
-#: and MONAI pre- and postprocessing all run torch here instead of on their own threads.
-TORCH_CPU = ThreadPoolExecutor(1, thread_name_prefix="torch-cpu")
+
+class TorchCpu(Executor):
+    """The threads ("lanes") that run all of torch's CPU work in this process: executions,
+    warmup, and MONAI pre- and postprocessing.
+
+    torch's CPU wheels use GNU OpenMP, which gives each thread that runs a parallel region a
+    team of worker threads of its own: two threads whose teams each span every core halve
+    each other's speed. So lanes x threads per lane never exceed the cores. By default an
+    execution may use every core, and there is one lane that everything takes turns on.
+    With fewer threads per execution (`configure`; the setting
+    `MEDIMG_INFERENCE_INTRA_OP_THREADS`) there are as many lanes as fit, and a model with as
+    many instances runs that many batches at once, as TorchServe's single-thread workers
+    do; torch's intra-op parallelism scales poorly on networks of many small operators
+    (DenseNet), so on few cores this serves more (bench/inference_throughput.py)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self.threads_per_lane = 0
+
+    @property
+    def lanes(self) -> int:
+        return max(1, _available_cores() // max(self.threads_per_lane, 1))
+
+    def configure(self, threads_per_lane: int) -> None:
+        """Lanes of `threads_per_lane` threads each, as many as the cores hold (at least
+        one). Work already submitted finishes on the lanes it was given."""
+        with self._lock:
+            self._configure(threads_per_lane)
+
+    def _configure(self, threads_per_lane: int) -> None:
+        if threads_per_lane == self.threads_per_lane:
+            return
+        old, self.threads_per_lane = self._pool, threads_per_lane
+        self._pool = ThreadPoolExecutor(
+            self.lanes,
+            thread_name_prefix="torch-cpu",
+            initializer=_start_lane,
+            initargs=(threads_per_lane,),
+        )
+        if old is not None:
+            old.shutdown(wait=False)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            if self._pool is None:
+                self._configure(_available_cores())
+            assert self._pool is not None
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait, cancel_futures=cancel_futures)
+            self._pool, self.threads_per_lane = None, 0
+
+
 _on_torch_cpu = threading.local()
 
 
-def _mark_torch_thread() -> None:
+def _start_lane(threads: int) -> None:
+    import torch
+
     _on_torch_cpu.active = True
+    # OpenMP's team size is a per-thread setting: this lane's alone.
+    torch.set_num_threads(threads)
 
 
-TORCH_CPU.submit(_mark_torch_thread).result()
+TORCH_CPU = TorchCpu()
 
 
 def on_torch_cpu(work: Callable[..., T], *args: Any) -> T:
-    """`work(*args)` run on TORCH_CPU, waited for; at once when called from it."""
+    """`work(*args)` run on a lane of TORCH_CPU, waited for; at once when called from one."""
     if getattr(_on_torch_cpu, "active", False):
         return work(*args)
     return TORCH_CPU.submit(work, *args).result()
@@ -66,8 +121,9 @@ def _available_cores() -> int:
 @dataclass(frozen=True)
 class BackendOptions:
     """How backends use the machine. `intra_op_threads` is the threads one execution may use
-    (torch's intra-op pool, which is process-wide, and each ONNX Runtime session's); size it
-    with the instances in mind, as instances x threads beyond the cores only adds contention."""
+    (a TORCH_CPU lane's team, shared by every torch CPU model of the process, and each ONNX
+    Runtime session's); size it with the instances in mind, as instances x threads beyond
+    the cores only adds contention."""
 
     intra_op_threads: int = field(default_factory=_available_cores)
 
@@ -172,8 +228,9 @@ class TorchScriptBackend(Backend):
         import torch
 
         device = _torch_device(config)
-        # torch has one intra-op pool per process: every torch model shares this setting.
-        torch.set_num_threads(options.intra_op_threads)
+        if device.type == "cpu":
+            # One lane configuration per process: every torch CPU model shares it.
+            TORCH_CPU.configure(options.intra_op_threads)
         try:
             module = torch.jit.load(  # type: ignore[no-untyped-call]
                 str(config.execution.model_file), map_location=device

@@ -28,7 +28,10 @@ plain MONAI bundle loads::
                                        #   without waiting out the delay (Triton's
                                        #   preferred_batch_size); default: none
         "queue_limit": 64,             # requests waiting per model before RESOURCE_EXHAUSTED
-        "instances": 1,                # copies of the model, each with its own worker
+        "instances": 1,                # copies of the model, each with its own worker; on
+                                       #   the CPU they run at once only with fewer threads
+                                       #   per execution than cores
+                                       #   (MEDIMG_INFERENCE_INTRA_OP_THREADS)
         "device": "cpu",               # "cpu" | "cuda" | "cuda:N"
         "precision": "fp32",           # "fp32" | "fp16" | "bf16" (reduced: TorchScript on CUDA)
         "labels": ["CT", "MR"],        # class names; default: the first output's channel_def

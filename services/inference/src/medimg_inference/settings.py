@@ -37,5 +37,9 @@ class InferenceSettings(AuditedServiceSettings):
     #: Redis is acted on only once the registry there confirms it; without one, promotions
     #: are off.
     training_target: str | None = None
+    #: Threads one model execution may use on the CPU (torch, ONNX Runtime); unset: every
+    #: core. Fewer lets that many instances of a model run at once (backends.TorchCpu):
+    #: set a model's `instances` to cores / threads.
+    intra_op_threads: int | None = Field(default=None, ge=1)
     #: The largest series volume Predict takes, in bytes of float32 voxels.
     max_volume_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)
