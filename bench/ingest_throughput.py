@@ -46,14 +46,14 @@ median over rounds and overall (all instances / all time); a ratio of a medimg p
 Orthanc path is the median of the per-round ratios. Goals: every medimg path at least 1.0x
 orthanc-rest, and at least 1,000 instances per minute overall. Beside the rates, the CPU
 time (user + system, from /proc) that each process used during each path's timed turns is
-shown per instance: Orthanc, ingest, audit, PostgreSQL, the five Envoys, the rest of
-medimg, and the senders (this process).
+shown per instance: Orthanc, ingest (with its worker processes, if `--ingest-workers`),
+audit, PostgreSQL, the five Envoys, the rest of medimg, and the senders (this process).
 
 Run from the repository root (as root it installs the `orthanc` package if it is missing;
 otherwise it says what to run):
 
     .venv/bin/python bench/ingest_throughput.py [--instances 300] [--rounds 5] \\
-        [--concurrency 4] [--warmup 8] [--json out.json]
+        [--concurrency 4] [--warmup 8] [--ingest-workers 0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ from medimg.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from medimg.ingest.v1 import ingest_service_pb2 as ingest_pb
 from medimg.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from medimg_cli import mesh as meshlib
+from medimg_cli.cputime import CpuMeter, tree
 from medimg_cli.demo import chunks, token
 from medimg_cli.platform import Platform
 from medimg_cli.testing import free_port_offset
@@ -437,64 +438,24 @@ def medimg_counts(platform: Platform) -> tuple[int, int]:
 
 # CPU per process --------------------------------------------------------------------------
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _stat(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (field 3 onwards)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2 :].split()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of a process and of its children it has reaped; 0 once gone."""
-    try:
-        fields = _stat(pid)
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return sum(int(x) for x in fields[11:15]) / CLOCK_TICKS
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int(_stat(int(entry.name))[1]) == pid:
-                    found.append(int(entry.name))
-            except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-                continue
-    return found
-
-
-class CpuMeter:
-    """CPU seconds used by groups of processes (a group's pids are looked up at each sample,
-    so PostgreSQL backends that come and go are counted)."""
-
-    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
-        self.groups = groups
-
-    def sample(self) -> dict[str, float]:
-        return {name: sum(cpu_seconds(pid) for pid in pids()) for name, pids in self.groups.items()}
-
 
 def cpu_groups(orthanc: Orthanc, platform: Platform) -> dict[str, Callable[[], list[int]]]:
     def pids(*processes: Any) -> Callable[[], list[int]]:
         return lambda: [p.pid for p in processes if p is not None and p.pid is not None]
 
     def postgres() -> list[int]:
-        # The postmaster (with the backends it reaped), and its live children.
+        # The postmaster (with the backends it reaped), and its live backends.
         pidfile = platform.state / "postgres" / "postmaster.pid"
         if not pidfile.exists():
             return []
-        postmaster = int(pidfile.read_text().split()[0])
-        return [postmaster, *children(postmaster)]
+        return tree(int(pidfile.read_text().split()[0]))
 
     services = platform.services
     others = [services["inference"], services["training"], getattr(platform, "_redis", None)]
     return {
         "orthanc": lambda: [orthanc.pid] if orthanc.pid is not None else [],
-        "ingest": pids(services["ingest"]),
+        # With MEDIMG_INGEST_WORKER_PROCESSES, its worker processes too.
+        "ingest": lambda: tree(services["ingest"].pid),
         "audit": pids(services["audit"]),
         "postgres": postgres,
         "envoy (all 5)": pids(*platform.envoys.values()),
@@ -680,7 +641,8 @@ def report(result: dict[str, Any]) -> str:
         f"studies of {INSTANCES_PER_STUDY}: {c['studies']}), own UIDs per path",
         f"{c['rounds']} rounds of {c['instances'] // c['rounds']} per path, interleaved "
         f"(order rotating), {c['concurrency']} concurrent senders per path, "
-        f"after {c['warmup']} untimed warm-up instances per path",
+        f"after {c['warmup']} untimed warm-up instances per path; "
+        f"ingest worker processes: {c['ingest_workers'] or 'none (threads)'}",
         "orthanc: parse, index (SQLite), store. medimg: validate (compressed pixels decoded), "
         "de-identify, store, audit, index, announce (audit and index commits shared by the "
         "instances in flight: group commit)",
@@ -753,7 +715,9 @@ def report(result: dict[str, Any]) -> str:
 # Run ---------------------------------------------------------------------------------------
 
 
-def run(instances: int, rounds: int, concurrency: int, warmup: int) -> dict[str, Any]:
+def run(
+    instances: int, rounds: int, concurrency: int, warmup: int, ingest_workers: int
+) -> dict[str, Any]:
     if instances < rounds or instances % rounds:
         sys.exit("--instances must be a multiple of --rounds")
     info = machine()
@@ -772,6 +736,7 @@ def run(instances: int, rounds: int, concurrency: int, warmup: int) -> dict[str,
         "rounds": rounds,
         "concurrency": concurrency,
         "warmup": warmup,
+        "ingest_workers": ingest_workers,
         "source": SOURCE_FILE,
         "rows": int(template.Rows),
         "columns": int(template.Columns),
@@ -789,7 +754,12 @@ def run(instances: int, rounds: int, concurrency: int, warmup: int) -> dict[str,
     try:
         system = orthanc.start()
         print(f"Orthanc {system.get('Version')} on {orthanc.url}, DICOM port {orthanc.dicom_port}")
-        platform = Platform(home / "medimg", port_offset=free_port_offset(meshlib.load_mesh()))
+        platform = Platform(
+            home / "medimg",
+            port_offset=free_port_offset(meshlib.load_mesh()),
+            # Every service gets the settings; only ingest has this one.
+            service_settings={"WORKER_PROCESSES": str(ingest_workers)},
+        )
         platform.start()
         dimse_host, dimse_port = platform.status()["dimse"]["address"].rsplit(":", 1)
         targets = Targets(
@@ -850,9 +820,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent senders per path")
     parser.add_argument("--warmup", type=int, default=8, help="untimed instances per path first")
+    parser.add_argument(
+        "--ingest-workers", type=int, default=0,
+        help="MEDIMG_INGEST_WORKER_PROCESSES (0, the local default: ingest's work in threads)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
-    result = run(args.instances, args.rounds, args.concurrency, args.warmup)
+    result = run(args.instances, args.rounds, args.concurrency, args.warmup, args.ingest_workers)
     print()
     print(report(result))
     if args.json:
