@@ -183,12 +183,13 @@ def bare(config_path: Path) -> dict[str, float]:
     from monai.utils.misc import set_determinism
     from torch.utils.data import DataLoader, TensorDataset
 
+    from medimg_core import cpus
     from medimg_training import networks
     from medimg_training.worker import cache_path, network_inputs
 
     config = json.loads(config_path.read_text())
     spec = config["spec"]
-    torch.set_num_threads(os.cpu_count() or 1)  # as the worker of a one-process job
+    torch.set_num_threads(cpus.available())  # as the worker of a one-process job
     seed = int(spec["seed"])
     set_determinism(seed=seed)
     size = list(spec["image_size"])

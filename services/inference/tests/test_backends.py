@@ -6,7 +6,6 @@ fails with a reason."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import torch
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
+from medimg_core import cpus
 from medimg_core.errors import FailedPrecondition, InvalidArgument
 from medimg_inference.backends import TORCH_CPU, BackendOptions, load_backend, on_torch_cpu
 from medimg_inference.repository import ModelRepository, Platform
@@ -279,7 +279,7 @@ def test_torch_uses_the_threads_it_is_given(tmp_path: Path, classifier: TrainedC
     try:
         load_backend(ModelRepository(tmp_path).config("patches"), BackendOptions(1))
         assert TORCH_CPU.threads_per_lane == 1
-        assert TORCH_CPU.lanes == len(os.sched_getaffinity(0))
+        assert TORCH_CPU.lanes == cpus.available()
         assert on_torch_cpu(torch.get_num_threads) == 1
     finally:
         TORCH_CPU.configure(OPTIONS.intra_op_threads)
@@ -289,7 +289,7 @@ def test_torch_cpu_work_runs_on_one_lane_whoever_asks() -> None:
     """Two OpenMP teams of every core halve torch's speed (see backends.TorchCpu): with
     executions that use every core, the work of every caller thread runs on the one lane,
     and nested calls do not wait on themselves."""
-    cores = len(os.sched_getaffinity(0))
+    cores = cpus.available()
     TORCH_CPU.configure(cores)
 
     def where() -> str:
@@ -302,10 +302,10 @@ def test_torch_cpu_work_runs_on_one_lane_whoever_asks() -> None:
     assert on_torch_cpu(torch.get_num_threads) == cores
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+@pytest.mark.skipif(cpus.available() < 2, reason="needs 2 cores")
 def test_with_one_thread_per_execution_the_lanes_run_at_once() -> None:
     TORCH_CPU.configure(1)
-    lanes = len(os.sched_getaffinity(0))
+    lanes = cpus.available()
     together = threading.Barrier(lanes, timeout=30)
 
     def meet() -> tuple[str, int]:

@@ -11,7 +11,6 @@ with FAILED_PRECONDITION, and never falls back to another device or runtime sile
 
 from __future__ import annotations
 
-import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from medimg_core import cpus
 from medimg_core.errors import FailedPrecondition
 from medimg_inference.repository import ModelConfig, Platform, Precision, TensorSpec
 
@@ -115,7 +115,8 @@ Batch = Mapping[str, Array]
 
 
 def _available_cores() -> int:
-    return len(os.sched_getaffinity(0))
+    # The pod's CPU limit, not the node's cores (medimg_core.cpus).
+    return cpus.available()
 
 
 @dataclass(frozen=True)

@@ -591,10 +591,11 @@ def run(config_path: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     import torch
 
-    # Processes on this node: torchrun's LOCAL_WORLD_SIZE; a PyTorchJob's pod runs one.
-    torch.set_num_threads(
-        max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    )
+    from medimg_core import cpus
+
+    # Processes on this node: torchrun's LOCAL_WORLD_SIZE; a PyTorchJob's pod runs one. The
+    # pod's CPU limit, not the node's cores, is what they share.
+    torch.set_num_threads(max(1, cpus.available() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     distributed = world > 1
     try:
         with tracing(config, rank, world):
