@@ -4,6 +4,9 @@ failed worker's root span says so; without an endpoint nothing is configured."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -209,6 +212,40 @@ async def test_a_cancelled_worker_exports_its_spans_before_it_dies(
     # The epochs finished before the cancel, all in the worker's trace.
     assert len(spans["training.epoch"]) >= 2
     assert {s.span.trace_id for found in spans.values() for s in found} == {root.span.trace_id}
+
+
+#: A worker whose unwinding from SIGTERM is itself sent SIGTERM (a cancel reaches it twice
+#: when the runner's own stop races the request's).
+TWICE_STOPPED = """
+import os, signal, sys, time
+from medimg_training import worker
+
+def run(config_path):
+    try:
+        print("running", flush=True)
+        time.sleep(60)
+    except worker.Stopped:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        print("unwound", flush=True)
+        raise
+
+worker.run = run
+worker.main(None)
+"""
+
+
+def test_a_second_sigterm_does_not_interrupt_the_unwinding() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", TWICE_STOPPED], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "running\n"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert output == "unwound\n"
+    # It still dies of the signal, as the launchers expect of a stopped worker.
+    assert process.returncode == -signal.SIGTERM
 
 
 def test_the_local_launcher_passes_the_endpoint_and_traceparent(

@@ -571,6 +571,9 @@ class Stopped(BaseException):
 
 
 def _stopped(signum: int, frame: object) -> None:
+    # Once: a second SIGTERM (a cancel that also reaches the runner's own stop) would
+    # interrupt the unwinding itself, the export of the spans among it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Stopped
 
 
