@@ -1,12 +1,15 @@
 """The Kubernetes launcher without a cluster: the Jobs it builds from the shipped pod
 template (valid against the Kubernetes schemas, offline), how it reads a Job's status, and
 the settings that choose a launcher. Its API calls (create, get, delete) are not exercised
-here: no API server runs offline."""
+here: no API server runs offline. And how the local launcher stops its workers."""
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import copy
+import shlex
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -466,3 +469,58 @@ def test_the_declared_verbs_are_the_calls_the_launcher_makes() -> None:
                                (pytorchjob, launchers.KUBEFLOW_VERBS)):  # fmt: skip
         info = workload._api_info
         assert set(verbs_of) == {(info.resource.group, info.plural)}
+
+
+# --- local workers --------------------------------------------------------------------
+
+#: A worker that logs each SIGTERM it gets and takes a while to unwind from the first.
+COUNTS_SIGTERMS = """
+import signal, sys, time
+stopped = []
+def handler(number, frame):
+    print("SIGTERM", flush=True)
+    stopped.append(number)
+signal.signal(signal.SIGTERM, handler)
+print("ready", flush=True)
+while not stopped:
+    time.sleep(0.01)
+time.sleep(0.5)
+"""
+
+
+def logged(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+async def wait_for_line(log: Path, line: str) -> None:
+    for _ in range(1000):
+        if line in logged(log):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{line!r} never came: {logged(log)}")
+
+
+async def test_local_workers_asked_twice_to_stop_get_one_sigterm(
+    settings: TrainingSettings, tmp_path: Path
+) -> None:
+    # The launcher runs `<worker_python> -m medimg_training.worker CONFIG`: this one ignores
+    # its arguments and counts.
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -c {shlex.quote(COUNTS_SIGTERMS)}\n")
+    python.chmod(0o755)
+    settings = settings.model_copy(
+        update={"worker_python": str(python), "cancel_grace_seconds": 30.0}
+    )
+    config = tmp_path / "jobs" / JOB / "worker.json"
+    config.parent.mkdir(parents=True)
+    workers = await launchers.LocalLauncher(settings, tmp_path / "jobs").launch(
+        Launch(JOB, config, processes=1)
+    )
+    log = config.parent / "worker.log"
+    await wait_for_line(log, "ready")
+    # A cancel stops them; the job's monitor, seeing it cancelled, asks again meanwhile.
+    first = asyncio.create_task(workers.stop())
+    await wait_for_line(log, "SIGTERM")
+    await asyncio.wait_for(asyncio.gather(workers.stop(), first), timeout=30)
+    assert logged(log) == ["ready", "SIGTERM"]
+    assert await workers.wait(0) == Exit(0)

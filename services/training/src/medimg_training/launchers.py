@@ -161,6 +161,7 @@ class _LocalWorkers:
         self.pid = pid
         self._process = process
         self._grace = grace_seconds
+        self._stopping: asyncio.Future[None] | None = None
 
     def _status(self) -> int | None:
         # An adopted group is no child of ours: its exit status is unknown (0).
@@ -182,6 +183,13 @@ class _LocalWorkers:
             os.killpg(self.pid, number)
 
     async def stop(self) -> None:
+        # One stop for all who ask (a cancel and the job's monitor may both): a second
+        # SIGTERM would only disturb the workers' unwinding.
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         self._signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._grace
