@@ -45,6 +45,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
         "labels": ["computed tomography", "magnetic resonance"],
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": True}],
         "response_cache": True,
+        "optimize": False,
     }
     write_bundle(tmp_path, "patches", 3, classifier_metadata(medimg), ONNX)
 
@@ -63,6 +64,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
     assert config.execution.platform is Platform.ONNX
     assert config.execution.model_file == tmp_path / "patches/3/models/model.onnx"
     assert (config.execution.instances, config.execution.device) == (2, "cpu")
+    assert not config.execution.optimize
     assert config.labels == ("computed tomography", "magnetic resonance")
     assert config.metadata["task"] == "test model"
     assert config.response_cache
@@ -79,6 +81,7 @@ def test_a_plain_monai_bundle_loads_with_defaults(tmp_path: Path) -> None:
     assert config.execution.platform is Platform.TORCHSCRIPT
     assert (config.execution.device, config.execution.precision) == ("cpu", Precision.FP32)
     assert config.execution.instances == 1
+    assert config.execution.optimize
     # Class names come from the output's channel_def.
     assert config.labels == ("CT", "MR")
     assert config.preprocessing == config.postprocessing == ()
@@ -302,6 +305,12 @@ MALFORMED: list[tuple[str, Callable[[Metadata], object], str, str]] = [
         lambda m: _medimg(m).update(response_cache="yes"),
         "INVALID_METADATA",
         "medimg.response_cache",
+    ),
+    (
+        "optimize not a bool",
+        lambda m: _medimg(m).update(optimize=1),
+        "INVALID_METADATA",
+        "medimg.optimize",
     ),
     (
         "preferred batch size above the largest",

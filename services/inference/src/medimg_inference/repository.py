@@ -34,6 +34,10 @@ plain MONAI bundle loads::
                                        #   (MEDIMG_INFERENCE_INTRA_OP_THREADS)
         "device": "cpu",               # "cpu" | "cuda" | "cuda:N"
         "precision": "fp32",           # "fp32" | "fp16" | "bf16" (reduced: TorchScript on CUDA)
+        "optimize": true,              # TorchScript on the CPU: freeze the module and run its
+                                       #   convolutions on oneDNN at every batch size (faster
+                                       #   small batches of 3D nets, larger ones can be slower:
+                                       #   bench/README, inference run 3); false: as stored
         "labels": ["CT", "MR"],        # class names; default: the first output's channel_def
         "preprocessing": [{"_target_": "ScaleIntensityRange", "a_min": -1000, ...}],
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": true}],
@@ -182,6 +186,8 @@ class ExecutionConfig:
     device: str = "cpu"
     precision: Precision = Precision.FP32
     instances: int = 1
+    #: TorchScript on the CPU: frozen and optimized for inference (see backends).
+    optimize: bool = True
 
     @property
     def uses_cuda(self) -> bool:
@@ -601,6 +607,7 @@ def _execution(path: Path, medimg: _MedimgSection, fields: _Fields) -> Execution
         device=device,
         precision=precision,
         instances=medimg.positive_int("instances", 1),
+        optimize=medimg.boolean("optimize", True),
     )
 
 
