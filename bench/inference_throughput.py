@@ -13,7 +13,11 @@ a model bundle. What is measured, per model:
                        process of its own, as many instances as the cores hold at
                        `--intra-op-threads` threads each (default 1), each run back to back
                        by a thread of its own on batches of 1, 2, 4, 8 and 16 rows: the best
-                       images/s over those batch sizes is the ceiling a server can reach
+                       images/s over those batch sizes is the ceiling a server can reach.
+                       TorchScript is served frozen (medimg.optimize, the default)
+    raw-torchscript-as-stored  the same, with the module as stored (medimg.optimize false),
+                       as TorchServe runs it: printed for comparison, and its best batch
+                       size is TorchServe's
     medimg-<platform>  the whole local platform; the stock tritonclient gRPC (asyncio) client
                        sends one image per ModelInfer request through the inference sidecar
                        (mTLS, ops identity), with N requests in flight (closed loop), the
@@ -21,7 +25,7 @@ a model bundle. What is measured, per model:
                        same instances and threads (MEDIMG_INFERENCE_INTRA_OP_THREADS)
     torchserve         TorchServe 0.12 (installed by this script into a folder of its own,
                        pinned by constraints.txt) serving the same TorchScript file with its
-                       batching on (the batch size best raw for TorchScript, 2 workers of 1
+                       batching on (the batch size best raw as stored, 2 workers of 1
                        torch thread each, as FACTS.md found best on 2 cores); httpx (asyncio)
                        posts the same float32 bytes, N in flight
 
@@ -58,7 +62,7 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -196,13 +200,17 @@ def instances_for(threads: int) -> int:
 # Raw, in process -----------------------------------------------------------------------
 
 
-def raw_throughput(bundle: Path, name: str, seconds: float, threads: int) -> dict[str, Any]:
-    """Images/s of medimg's backend in a process of its own, per batch size, and the best.
+def raw_throughput(
+    bundle: Path, name: str, seconds: float, threads: int, *, optimize: bool = True
+) -> dict[str, Any]:
+    """Images/s of medimg's backend in a process of its own, per batch size, and the best;
+    with `optimize` False, a TorchScript module as stored rather than frozen (medimg.optimize).
 
     A process of its own, as the service's is: in this one, torch has run on other threads
     (export), and two threads with OpenMP teams slow each other down (backends.TorchCpu)."""
+    command = [__file__, "--raw", str(bundle), name, str(seconds), str(threads), str(optimize)]
     answer = subprocess.run(
-        [sys.executable, __file__, "--raw", str(bundle), name, str(seconds), str(threads)],
+        [sys.executable, *command],
         check=True,
         capture_output=True,
         text=True,
@@ -212,11 +220,14 @@ def raw_throughput(bundle: Path, name: str, seconds: float, threads: int) -> dic
     return figures
 
 
-def measure_raw(bundle: Path, name: str, seconds: float, threads: int) -> dict[str, Any]:
+def measure_raw(
+    bundle: Path, name: str, seconds: float, threads: int, optimize: bool
+) -> dict[str, Any]:
     """Images/s of medimg's backend in this process, per batch size, and the best: as many
     instances as the cores hold at `threads` threads each, each run back to back by a caller
     thread of its own, as the service's batcher runs them."""
     config = load_bundle(bundle, name, 1)  # type: ignore[arg-type]
+    config = replace(config, execution=replace(config.execution, optimize=optimize))
     backends = [
         load_backend(config, BackendOptions(threads)) for _ in range(instances_for(threads))
     ]
@@ -645,11 +656,15 @@ def measure_raws(
         platform: raw_throughput(bundle, f"{name}-{platform}", args.seconds, args.intra_op_threads)
         for platform, bundle in by_platform.items()
     }
-    for platform, figures in raw.items():
+    # For comparison only: the TorchScript module as stored (TorchServe runs it so).
+    stored = raw_throughput(by_platform["torchscript"], f"{name}-torchscript", args.seconds,
+                            args.intra_op_threads, optimize=False)  # fmt: skip
+    for platform, figures in [*raw.items(), ("torchscript-as-stored", stored)]:
         batches = ", ".join(f"{batch}: {rate:.1f}" for batch, rate in figures["per_batch"].items())
         print(f"{name} raw-{platform}: images/s by batch {batches}")
-        set_serving(by_platform[platform], figures["best_batch"], instances)
-    return raw
+        if platform in by_platform:
+            set_serving(by_platform[platform], figures["best_batch"], instances)
+    return {**raw, "torchscript-as-stored": stored}
 
 
 def main() -> None:
@@ -686,8 +701,9 @@ def main() -> None:
 
     medimg.start()
     torchserve.start(
-        {name: results["models"][name]["raw"]["torchscript"]["best_batch"] for name in bundles}
-    )
+        {name: results["models"][name]["raw"]["torchscript-as-stored"]["best_batch"]
+         for name in bundles}
+    )  # fmt: skip
 
     meter = cpu_meter(medimg, torchserve)
     rounds = [
@@ -747,7 +763,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--raw"]:  # the raw measurement, in a process of its own
-        bundle, name, seconds, threads = sys.argv[2:6]
-        print(json.dumps(measure_raw(Path(bundle), name, float(seconds), int(threads))))
+        bundle, name, seconds, threads, optimize = sys.argv[2:7]
+        print(json.dumps(
+            measure_raw(Path(bundle), name, float(seconds), int(threads), optimize == "True")
+        ))  # fmt: skip
     else:
         main()
