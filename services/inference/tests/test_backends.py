@@ -103,9 +103,8 @@ def test_a_module_torch_cannot_freeze_is_served_as_stored(
         raise RuntimeError("freezing is not supported for this module")
 
     monkeypatch.setattr(torch.jit, "freeze", cannot)
-    write_bundle(
-        tmp_path, "patches", 1, classifier_metadata(), {"model.ts": classifier.torchscript}
-    )
+    metadata = classifier_metadata({"optimize": True})
+    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
     backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
     assert isinstance(backend, TorchScriptBackend)
 

@@ -45,7 +45,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
         "labels": ["computed tomography", "magnetic resonance"],
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": True}],
         "response_cache": True,
-        "optimize": False,
+        "optimize": True,
     }
     write_bundle(tmp_path, "patches", 3, classifier_metadata(medimg), ONNX)
 
@@ -64,7 +64,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
     assert config.execution.platform is Platform.ONNX
     assert config.execution.model_file == tmp_path / "patches/3/models/model.onnx"
     assert (config.execution.instances, config.execution.device) == (2, "cpu")
-    assert not config.execution.optimize
+    assert config.execution.optimize
     assert config.labels == ("computed tomography", "magnetic resonance")
     assert config.metadata["task"] == "test model"
     assert config.response_cache
@@ -81,11 +81,23 @@ def test_a_plain_monai_bundle_loads_with_defaults(tmp_path: Path) -> None:
     assert config.execution.platform is Platform.TORCHSCRIPT
     assert (config.execution.device, config.execution.precision) == ("cpu", Precision.FP32)
     assert config.execution.instances == 1
-    assert config.execution.optimize
+    assert not config.execution.optimize  # a 2D network
     # Class names come from the output's channel_def.
     assert config.labels == ("CT", "MR")
     assert config.preprocessing == config.postprocessing == ()
     assert not config.response_cache
+
+
+def test_a_volume_network_is_optimized_unless_told_not_to(tmp_path: Path) -> None:
+    volume = tensor_json(1, [96, 96, 96])
+    mask = tensor_json(2, [96, 96, 96], channel_def={"0": "background", "1": "organ"})
+    for version, medimg in ((1, {}), (2, {"optimize": False})):
+        metadata = metadata_json({"image": volume}, {"pred": mask}, medimg)
+        write_bundle(tmp_path, "unet", version, metadata, {"model.ts": b"ts"})
+    repository = ModelRepository(tmp_path)
+
+    assert repository.config("unet", 1).execution.optimize
+    assert not repository.config("unet", 2).execution.optimize
 
 
 def test_the_preprocessing_is_a_monai_compose_of_the_configs(tmp_path: Path) -> None:

@@ -35,9 +35,10 @@ plain MONAI bundle loads::
         "device": "cpu",               # "cpu" | "cuda" | "cuda:N"
         "precision": "fp32",           # "fp32" | "fp16" | "bf16" (reduced: TorchScript on CUDA)
         "optimize": true,              # TorchScript on the CPU: freeze the module and run its
-                                       #   convolutions on oneDNN at every batch size (faster
-                                       #   small batches of 3D nets, larger ones can be slower:
-                                       #   bench/README, inference run 3); false: as stored
+                                       #   convolutions on oneDNN at every batch size; false:
+                                       #   as stored. Default: true for a model with a 3D input
+                                       #   (torch's own choice runs its small batches slowly),
+                                       #   false otherwise (bench/README, inference run 3)
         "labels": ["CT", "MR"],        # class names; default: the first output's channel_def
         "preprocessing": [{"_target_": "ScaleIntensityRange", "a_min": -1000, ...}],
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": true}],
@@ -186,8 +187,8 @@ class ExecutionConfig:
     device: str = "cpu"
     precision: Precision = Precision.FP32
     instances: int = 1
-    #: TorchScript on the CPU: frozen and optimized for inference (see backends).
-    optimize: bool = True
+    #: TorchScript on the CPU: frozen and optimized for inference (see backends._optimized).
+    optimize: bool = False
 
     @property
     def uses_cuda(self) -> bool:
@@ -313,7 +314,7 @@ def load_bundle(path: Path, name: ModelName, version: ModelVersion) -> ModelConf
                 up_to=medimg.positive_int("max_batch_size", BatchingConfig.max_batch_size),
             ),
         ),
-        execution=_execution(path, medimg, fields),
+        execution=_execution(path, medimg, fields, inputs),
         labels=medimg.labels(outputs),
         preprocessing=medimg.transforms("preprocessing"),
         postprocessing=medimg.transforms("postprocessing"),
@@ -569,7 +570,9 @@ class _MedimgSection:
         return tuple(configs)
 
 
-def _execution(path: Path, medimg: _MedimgSection, fields: _Fields) -> ExecutionConfig:
+def _execution(
+    path: Path, medimg: _MedimgSection, fields: _Fields, inputs: Sequence[TensorSpec]
+) -> ExecutionConfig:
     device = medimg.section.get("device", "cpu")
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise fields.invalid("medimg.device", 'must be "cpu", "cuda" or "cuda:N"')
@@ -607,7 +610,9 @@ def _execution(path: Path, medimg: _MedimgSection, fields: _Fields) -> Execution
         device=device,
         precision=precision,
         instances=medimg.positive_int("instances", 1),
-        optimize=medimg.boolean("optimize", True),
+        # Volumes (channel and three spatial axes) gain; 2D networks such as DenseNet lose a
+        # little to the layout conversions around oneDNN (bench/README, inference run 3).
+        optimize=medimg.boolean("optimize", any(len(spec.shape) == 4 for spec in inputs)),
     )
 
 
