@@ -610,8 +610,8 @@ def _execution(
         device=device,
         precision=precision,
         instances=medimg.positive_int("instances", 1),
-        # Volumes (channel and three spatial axes) gain; 2D networks such as DenseNet lose a
-        # little to the layout conversions around oneDNN (bench/README, inference run 3).
+        # Volumes (channel and three spatial axes) gain; 2D networks such as DenseNet, whose
+        # convolutions torch already runs on oneDNN, show no gain (bench/README, runs 3, 4).
         optimize=medimg.boolean("optimize", any(len(spec.shape) == 4 for spec in inputs)),
     )
 
