@@ -4,7 +4,10 @@ and a real OTLP/gRPC receiver for the workers' spans."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shlex
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -165,3 +168,27 @@ def otlp_receiver() -> Iterator[tuple[OtlpReceiver, str]]:
         yield receiver, f"http://127.0.0.1:{port}"
     finally:
         server.stop(None)
+
+
+def stand_in_python(directory: Path, script: str) -> Path:
+    """An executable to give as `worker_python`: the local launcher runs `<it> -m
+    medimg_training.worker CONFIG`, and it runs `script` instead, with those arguments (so
+    the process's command line names the job's config, as a real worker's does)."""
+    python = directory / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -c {shlex.quote(script)} "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
+def logged(log: Path) -> list[str]:
+    """The lines of a worker.log so far."""
+    return log.read_text().splitlines() if log.exists() else []
+
+
+async def wait_for_line(log: Path, line: str) -> None:
+    """Until `line` is in the worker.log (10 s at most)."""
+    for _ in range(1000):
+        if line in logged(log):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{line!r} never came: {logged(log)}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import copy
-import shlex
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from medimg_training.jobs import Job, State
 from medimg_training.launchers import Exit, Launch, TemplateError
 from medimg_training.runner import launch_request
 from medimg_training.settings import TrainingSettings
+from services.training.tests.support import logged, stand_in_python, wait_for_line
 
 ROOT = Path(__file__).resolve().parents[3]
 TEMPLATE = ROOT / "deploy" / "k8s" / "base" / "training-worker-template.yaml"
@@ -488,26 +487,10 @@ time.sleep(0.5)
 """
 
 
-def logged(log: Path) -> list[str]:
-    return log.read_text().splitlines() if log.exists() else []
-
-
-async def wait_for_line(log: Path, line: str) -> None:
-    for _ in range(1000):
-        if line in logged(log):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{line!r} never came: {logged(log)}")
-
-
 async def test_local_workers_asked_twice_to_stop_get_one_sigterm(
     settings: TrainingSettings, tmp_path: Path
 ) -> None:
-    # The launcher runs `<worker_python> -m medimg_training.worker CONFIG`: this one ignores
-    # its arguments and counts.
-    python = tmp_path / "python"
-    python.write_text(f"#!/bin/sh\nexec {sys.executable} -c {shlex.quote(COUNTS_SIGTERMS)}\n")
-    python.chmod(0o755)
+    python = stand_in_python(tmp_path, COUNTS_SIGTERMS)
     settings = settings.model_copy(
         update={"worker_python": str(python), "cancel_grace_seconds": 30.0}
     )

@@ -4,10 +4,12 @@ service loads, cancel, a killed worker, a restart of the service, resume from ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,11 +18,13 @@ import redis.asyncio as aioredis
 
 from medimg_core.bundles import bundle_digest
 from medimg_inference.repository import ModelRepository
-from medimg_training import jobs, progress, registry, specs
+from medimg_training import jobs, launchers, progress, registry, specs
 from medimg_training.datasets import Dataset
 from medimg_training.jobs import Job, State
+from medimg_training.launchers import Exit, Launch
 from medimg_training.runner import Runner
 from medimg_training.settings import TrainingSettings
+from services.training.tests.support import stand_in_python, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -220,3 +224,35 @@ async def test_a_job_past_its_max_runtime_fails_and_its_workers_stop(
     assert 8 <= took < 8 + settings.cancel_grace_seconds + 10  # not the 1000 epochs
     with pytest.raises(ProcessLookupError):
         os.killpg(running.worker_pid, 0)
+
+
+async def test_a_new_leader_stops_the_workers_of_a_job_cancelled_while_none_led(
+    pool: asyncpg.Pool,
+    dataset: Dataset,
+    settings: TrainingSettings,
+    make_runner: MakeRunner,
+    tmp_path: Path,
+) -> None:
+    # Workers a crashed leader left running, launched as its launcher did (a stand-in
+    # worker that just waits), then the job cancelled through a replica while none led.
+    job = await submit(pool, dataset, epochs=1000)
+    jobs_root = settings.object_dir / "jobs"
+    config = jobs_root / job.job_id / "worker.json"
+    config.parent.mkdir(parents=True)
+    python = stand_in_python(tmp_path, "import time\nprint('ready', flush=True)\ntime.sleep(600)")
+    crashed = launchers.LocalLauncher(settings.model_copy(update={"worker_python": str(python)}),
+                                      jobs_root)  # fmt: skip
+    left = await crashed.launch(Launch(job.job_id, config, processes=1))
+    await wait_for_line(config.parent / "worker.log", "ready")
+    try:
+        await jobs.start(pool, job.job_id, left.pid, left.host)
+        await jobs.cancel(pool, job.job_id)
+
+        await make_runner().start()
+
+        # Stopped by the new leader at its start (SIGTERM), not run on.
+        assert await left.wait(0) == Exit(-signal.SIGTERM)
+        assert (await jobs.get(pool, job.job_id)).state is State.CANCELLED
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(left.pid, signal.SIGKILL)

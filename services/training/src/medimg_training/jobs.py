@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -112,6 +112,16 @@ async def in_state(pool: asyncpg.Pool, *states: State) -> list[Job]:
     rows = await pool.fetch(
         "SELECT * FROM training_jobs WHERE state = ANY($1) ORDER BY create_time, job_id",
         [str(s) for s in states],
+    )
+    return [_job(r) for r in rows]
+
+
+async def cancelled_after_start(pool: asyncpg.Pool, within: timedelta) -> list[Job]:
+    """Jobs cancelled in the last `within` after their workers had started."""
+    rows = await pool.fetch(
+        "SELECT * FROM training_jobs WHERE state = 'cancelled' AND start_time IS NOT NULL "
+        "AND end_time > now() - $1::interval ORDER BY end_time, job_id",
+        within,
     )
     return [_job(r) for r in rows]
 

@@ -20,9 +20,10 @@ DEADLINE_EXCEEDED.
 At start-up (or when leadership changes hands), jobs left RUNNING are looked at: workers
 the launcher still finds (the service crashed, or they outlive it) are adopted and
 watched; finished workers' results are registered; workers that are gone fail the job
-(WORKER_LOST), unless its spec asks to resume from the last checkpoint. At a graceful
-shutdown, or when the lease is lost, local workers are stopped (Kubernetes Jobs run on, to
-be adopted) and the jobs stay RUNNING for the next leader.
+(WORKER_LOST), unless its spec asks to resume from the last checkpoint. Workers the
+launcher still finds of a job cancelled in the last day (while no replica led) are stopped.
+At a graceful shutdown, or when the lease is lost, local workers are stopped (Kubernetes
+Jobs run on, to be adopted) and the jobs stay RUNNING for the next leader.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ from medimg_training.launchers import Exit, Launch, Launcher, Workers
 from medimg_training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
+
+#: How far back a new leader looks for cancelled jobs whose workers may still run: far longer
+#: than a replica goes without a leader.
+STRAY_WORKERS_WINDOW = timedelta(days=1)
 
 #: Called when a job ends (for audit and metrics): the job as it ended.
 OnEnd = Callable[[Job], Awaitable[None]]
@@ -162,6 +167,14 @@ class Runner:
                     "WORKER_LOST",
                     "the training service restarted and the job's workers were gone",
                 )
+        # Cancelled while no replica led (or while the leader fell mid-stop): nobody has
+        # stopped their workers, which would otherwise run on to their end.
+        for job in await jobs.cancelled_after_start(self._pool, STRAY_WORKERS_WINDOW):
+            workers = await self._launcher.recover(job)
+            if workers is not None:
+                log.info("stopping a cancelled job's workers",
+                         extra={"fields": {"job": job.job_id}})  # fmt: skip
+                await workers.stop()
 
     # Scheduling ---------------------------------------------------------------------
 
