@@ -7,24 +7,26 @@ Models (random weights: throughput does not depend on them), built here with MON
     unet-3d          UNet, 3D, input 1x96x96x96 float32, channels (16, 32, 64, 128), 2 classes
 
 Each is exported to TorchScript (traced) and ONNX (torch.export, dynamic batch) and written as
-a model bundle. What is measured, per model:
+a model bundle; a third bundle, `openvino`, holds the same TorchScript file with
+`medimg.accelerator` "openvino" (converted and run by OpenVINO). What is measured, per model:
 
-    raw-<platform>     medimg's own backend class (medimg_inference.backends) loaded in a
-                       process of its own, as many instances as the cores hold at
-                       `--intra-op-threads` threads each (default 1), each run back to back
-                       by a thread of its own on batches of 1, 2, 4, 8 and 16 rows: the best
-                       images/s over those batch sizes is the ceiling a server can reach,
-                       and the smallest batch within 3% of it is the one served. medimg's
-                       defaults apply: the UNet's TorchScript module runs frozen
-                       (medimg.optimize), DenseNet's as stored
+    raw-<path>         (torchscript, onnx, openvino) medimg's own backend class
+                       (medimg_inference.backends) loaded in a process of its own, as many
+                       instances as the cores hold at `--intra-op-threads` threads each
+                       (default 1), each run back to back by a thread of its own on batches
+                       of 1, 2, 4, 8 and 16 rows: the best images/s over those batch sizes
+                       is the ceiling a server can reach, and the smallest batch within 3%
+                       of it is the one served. medimg's defaults apply: the UNet's
+                       TorchScript module runs frozen (medimg.optimize), DenseNet's as stored
     raw-torchscript-as-stored  the same, with the module as stored (medimg.optimize false),
                        as TorchServe runs it: printed for comparison; its batch is the one
                        TorchServe serves
-    medimg-<platform>  the whole local platform; the stock tritonclient gRPC (asyncio) client
-                       sends one image per ModelInfer request through the inference sidecar
-                       (mTLS, ops identity), with N requests in flight (closed loop), the
-                       model's dynamic batcher at the batch size chosen raw, with the
-                       same instances and threads (MEDIMG_INFERENCE_INTRA_OP_THREADS)
+    medimg-<path>      (torchscript, onnx, openvino) the whole local platform; the stock
+                       tritonclient gRPC (asyncio) client sends one image per ModelInfer
+                       request through the inference sidecar (mTLS, ops identity), with N
+                       requests in flight (closed loop), the model's dynamic batcher at the
+                       batch size chosen raw, with the same instances and threads
+                       (MEDIMG_INFERENCE_INTRA_OP_THREADS)
     torchserve         TorchServe 0.12 (installed by this script into a folder of its own,
                        pinned by constraints.txt) serving the same TorchScript file with its
                        batching on (the batch size chosen raw as stored, 2 workers of 1
@@ -38,7 +40,8 @@ the inference service (raw: its own process), the five Envoys, TorchServe (its f
 workers), the rest of medimg (the other services, PostgreSQL, Redis) and the client (this
 process, which sends for every path). Latency percentiles are over all
 requests of all rounds. Goals (issue 5): medimg at least 0.9 of raw at its best batch size,
-and at least 1.5x TorchServe's throughput at a lower p99.
+and, serving the TorchScript file (as stored or in OpenVINO), at least 1.5x TorchServe's
+throughput at a lower p99.
 
 Run from the repository root, after `make setup`:
 
@@ -88,6 +91,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 TORCHSERVE_PACKAGES = ("torchserve", "torch-model-archiver", "enum-compat", "pyyaml")
 GOAL_OF_RAW = 0.9
 GOAL_OF_TORCHSERVE = 1.5
+#: medimg's bundles of each model: its platform, or "openvino" (the TorchScript file in it).
+PATHS = ("torchscript", "onnx", "openvino")
+#: The paths that serve the TorchScript file TorchServe serves.
+SAME_FILE_AS_TORCHSERVE = ("torchscript", "openvino")
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,7 @@ def _tensor(channels: int, spatial: list[int]) -> dict[str, Any]:
 
 
 def write_bundles(spec: ModelSpec, root: Path) -> dict[str, Path]:
-    """`<root>/<name>-<platform>/1/` for TorchScript and ONNX; the bundle per platform."""
+    """`<root>/<name>-<path>/1/` for each of PATHS; the bundle by path."""
     torch.manual_seed(0)
     network = spec.network().eval()
     example = torch.zeros(2, *spec.shape)
@@ -184,6 +191,11 @@ def write_bundles(spec: ModelSpec, root: Path) -> dict[str, Path]:
         }
         (bundle / METADATA_PATH).write_text(json.dumps(metadata, indent=2))
         bundles[platform] = bundle
+    bundles["openvino"] = root / f"{spec.name}-openvino" / "1"
+    shutil.copytree(bundles["torchscript"], bundles["openvino"])
+    accelerated = json.loads((bundles["openvino"] / METADATA_PATH).read_text())
+    accelerated["medimg"]["accelerator"] = "openvino"
+    (bundles["openvino"] / METADATA_PATH).write_text(json.dumps(accelerated, indent=2))
     return bundles
 
 
@@ -581,8 +593,7 @@ async def one_round(  # noqa: PLR0917
     measured: dict[str, dict[str, Any]] = {}
     for name in models:
         paths: list[tuple[str, Runner, str]] = [
-            (f"{name} medimg-{platform}", medimg.run, f"{name}-{platform}")
-            for platform in ("torchscript", "onnx")
+            (f"{name} medimg-{platform}", medimg.run, f"{name}-{platform}") for platform in PATHS
         ]
         paths.append((f"{name} torchserve", torchserve.run, name))
         shift = index % len(paths)
@@ -731,7 +742,7 @@ def main() -> None:
                 f"  {name} torchserve c={concurrency}: {peer['images_per_s']:.1f} images/s, "
                 f"p50 {_ms(peer, 'p50_ms')}, p99 {_ms(peer, 'p99_ms')}{_failed(peer)}"
             )
-            for platform in ("torchscript", "onnx"):
+            for platform in PATHS:
                 ours = served[f"{name} medimg-{platform} c={concurrency}"]
                 of_raw = ours["images_per_s"] / raw[platform]["images_per_s"]
                 of_peer = ours["images_per_s"] / max(peer["images_per_s"], 1e-9)
@@ -748,9 +759,9 @@ def main() -> None:
                     goals[f"{name} medimg-{platform} >= {GOAL_OF_RAW} of raw, no failure"] = (
                         of_raw >= GOAL_OF_RAW and not ours["failures"]
                     )
-                if platform == "torchscript" and concurrency == max(CONCURRENCY):
+                if platform in SAME_FILE_AS_TORCHSERVE and concurrency == max(CONCURRENCY):
                     goals[
-                        f"{name} medimg-torchscript >= {GOAL_OF_TORCHSERVE}x torchserve, lower p99"
+                        f"{name} medimg-{platform} >= {GOAL_OF_TORCHSERVE}x torchserve, lower p99"
                     ] = (
                         of_peer >= GOAL_OF_TORCHSERVE
                         and not ours["failures"]

@@ -110,6 +110,7 @@ def specs(tmp_path: Path, classifier: TrainedClassifier) -> Specs:
             "max_queue_delay_us": 500,
             "preferred_batch_sizes": [4],
             "instances": 2,
+            "accelerator": "openvino",
         },
     )
     write_bundle(tmp_path, "ints", 3, ints, {"model.ts": classifier.torchscript})
@@ -247,6 +248,9 @@ def test_model_config_as_triton_writes_it(specs: Specs) -> None:
         (mc.ModelInstanceGroup.KIND_CPU, 2)
     ]
     assert config.default_model_filename == "model.ts"
+    (accelerator,) = config.optimization.execution_accelerators.cpu_execution_accelerator
+    assert accelerator.name == "openvino"
+    assert not kserve.model_config(specs.float_patch).HasField("optimization")
 
 
 # --- the servicer ---------------------------------------------------------------------------

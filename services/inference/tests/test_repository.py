@@ -12,6 +12,7 @@ import pytest
 
 from medimg_core.errors import FailedPrecondition, InvalidArgument, MedimgError, NotFound
 from medimg_inference.repository import (
+    Accelerator,
     BatchingConfig,
     ModelRepository,
     Platform,
@@ -46,6 +47,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": True}],
         "response_cache": True,
         "optimize": True,
+        "accelerator": "openvino",
     }
     write_bundle(tmp_path, "patches", 3, classifier_metadata(medimg), ONNX)
 
@@ -65,6 +67,7 @@ def test_a_full_bundle_parses_into_typed_specs(tmp_path: Path) -> None:
     assert config.execution.model_file == tmp_path / "patches/3/models/model.onnx"
     assert (config.execution.instances, config.execution.device) == (2, "cpu")
     assert config.execution.optimize
+    assert config.execution.accelerator is Accelerator.OPENVINO
     assert config.labels == ("computed tomography", "magnetic resonance")
     assert config.metadata["task"] == "test model"
     assert config.response_cache
@@ -82,6 +85,7 @@ def test_a_plain_monai_bundle_loads_with_defaults(tmp_path: Path) -> None:
     assert (config.execution.device, config.execution.precision) == ("cpu", Precision.FP32)
     assert config.execution.instances == 1
     assert not config.execution.optimize  # a 2D network
+    assert config.execution.accelerator is Accelerator.NONE
     # Class names come from the output's channel_def.
     assert config.labels == ("CT", "MR")
     assert config.preprocessing == config.postprocessing == ()
@@ -377,6 +381,18 @@ MALFORMED: list[tuple[str, Callable[[Metadata], object], str, str]] = [
         lambda m: _medimg(m).update(precision="fp16", device="cuda"),
         "INVALID_METADATA",
         "medimg.precision",
+    ),
+    (
+        "unknown accelerator",
+        lambda m: _medimg(m).update(accelerator="openvivo"),
+        "INVALID_METADATA",
+        "medimg.accelerator",
+    ),
+    (
+        "an accelerator on a GPU",
+        lambda m: _medimg(m).update(accelerator="openvino", device="cuda"),
+        "INVALID_METADATA",
+        "medimg.accelerator",
     ),
     (
         "unknown platform",

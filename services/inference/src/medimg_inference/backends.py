@@ -7,11 +7,13 @@ is the batch axis, followed by the tensor's own axes (channel first), in the dty
 metadata declares; the outputs come back the same way. Backends import their runtime when
 they load, so a missing optional runtime (TensorRT) fails only the models that need it,
 with FAILED_PRECONDITION, and never falls back to another device or runtime silently.
+A model with an accelerator (medimg.accelerator) runs in it, or does not load.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -24,10 +26,18 @@ import numpy.typing as npt
 
 from medimg_core import cpus
 from medimg_core.errors import FailedPrecondition
-from medimg_inference.repository import ModelConfig, Platform, Precision, TensorSpec
+from medimg_inference.repository import (
+    Accelerator,
+    ModelConfig,
+    Platform,
+    Precision,
+    TensorSpec,
+    warmup_shape,
+)
 
 if TYPE_CHECKING:
     import onnxruntime
+    import openvino
     import torch
 
 T = TypeVar("T")
@@ -154,8 +164,10 @@ class Backend(ABC):
 
 
 def load_backend(config: ModelConfig, options: BackendOptions) -> Backend:
-    """A loaded backend for the model's platform. Blocking (reads and compiles the model):
-    call it from a thread."""
+    """A loaded backend for the model's platform, or its accelerator's. Blocking (reads and
+    compiles the model): call it from a thread."""
+    if config.execution.accelerator is Accelerator.OPENVINO:
+        return OpenVinoBackend.load(config, options)
     backends: dict[Platform, type[Backend]] = {
         Platform.TORCHSCRIPT: TorchScriptBackend,
         Platform.ONNX: OnnxRuntimeBackend,
@@ -401,8 +413,10 @@ class OnnxRuntimeBackend(Backend):
         # ONNX Runtime falls back to the CPU when the CUDA provider fails to start.
         if config.execution.uses_cuda and "CUDAExecutionProvider" not in session.get_providers():
             raise _device_unavailable(config, "onnxruntime could not start its CUDA provider")
-        _check_onnx_signature(config, "input", config.inputs, session.get_inputs())
-        _check_onnx_signature(config, "output", config.outputs, session.get_outputs())
+        _check_signature(config, "input", config.inputs, _onnxruntime_tensors(session.get_inputs()))
+        _check_signature(
+            config, "output", config.outputs, _onnxruntime_tensors(session.get_outputs())
+        )
         return cls(config, session)
 
     def execute(self, batch: Batch) -> dict[str, Array]:
@@ -414,13 +428,37 @@ class OnnxRuntimeBackend(Backend):
         del self.session
 
 
-def _check_onnx_signature(
-    config: ModelConfig,
-    kind: str,
-    specs: Sequence[TensorSpec],
-    graph_tensors: Sequence[onnxruntime.NodeArg],
+@dataclass(frozen=True)
+class _GraphTensor:
+    """A graph's input or output as its runtime reports it."""
+
+    name: str
+    #: The runtime's own name for its element type (for messages).
+    type: str
+    dtype: np.dtype[Any] | None
+    #: Sizes, batch axis first; -1 where dynamic.
+    shape: tuple[int, ...]
+
+
+def _onnxruntime_tensors(tensors: Sequence[onnxruntime.NodeArg]) -> list[_GraphTensor]:
+    # ONNX shapes hold ints for fixed sizes and names (or None) for dynamic ones.
+    return [
+        _GraphTensor(
+            tensor.name,
+            tensor.type,
+            _ONNX_DTYPES.get(tensor.type),
+            tuple(size if isinstance(size, int) else -1 for size in tensor.shape),
+        )
+        for tensor in tensors
+    ]
+
+
+def _check_signature(
+    config: ModelConfig, kind: str, specs: Sequence[TensorSpec], tensors: Sequence[_GraphTensor]
 ) -> None:
-    graph = {tensor.name: tensor for tensor in graph_tensors}
+    """That the graph has each declared input or output by name, with its dtype, and for an
+    input its rank and fixed sizes; and no input the metadata leaves out."""
+    graph = {tensor.name: tensor for tensor in tensors}
     for spec in specs:
         tensor = graph.get(spec.name)
         if tensor is None:
@@ -428,26 +466,149 @@ def _check_onnx_signature(
                 config,
                 f"the graph has no {kind} {spec.name!r} (it has {', '.join(graph) or 'none'})",
             )
-        if _ONNX_DTYPES.get(tensor.type) != spec.dtype:
+        if tensor.dtype != spec.dtype:
             raise _mismatch(config, f"{kind} {spec.name!r} is {tensor.type}, not {spec.dtype}")
-        # ONNX shapes hold ints for fixed sizes and names (or None) for dynamic ones.
-        graph_shape = [size if isinstance(size, int) else -1 for size in tensor.shape]
         declared = [-1, *spec.shape]
         if kind == "input" and (
-            len(graph_shape) != len(declared)
+            len(tensor.shape) != len(declared)
             or any(
                 -1 not in (ours, theirs) and ours != theirs
-                for ours, theirs in zip(declared, graph_shape, strict=True)
+                for ours, theirs in zip(declared, tensor.shape, strict=True)
             )
         ):
+            shown = ", ".join("?" if size == -1 else str(size) for size in tensor.shape)
             raise _mismatch(
                 config,
-                f"input {spec.name!r} has shape {tensor.shape} in the graph, metadata.json "
+                f"input {spec.name!r} has shape ({shown}) in the graph, metadata.json "
                 f"declares (batch, {', '.join(map(str, spec.shape))})",
             )
     if kind == "input" and len(graph) != len(specs):
         extra = sorted(set(graph) - {spec.name for spec in specs})
         raise _mismatch(config, f"the graph also needs input(s) {', '.join(extra)}")
+
+
+def _openvino() -> Any:
+    """The openvino module, with its usage telemetry off. OpenVINO's converter reports every
+    conversion to Intel unless a consent file says no (and writes a client ID under
+    ~/intel); without the `openvino_telemetry` package it uses a stub that does nothing.
+    None in sys.modules makes that import fail in this process, whatever is installed."""
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    import openvino
+
+    return openvino
+
+
+#: OpenVINO's CPU settings: one stream of the threads an execution may use, in fp32 (CPUs
+#: with AMX or AVX512-BF16 would otherwise compute in bf16), and no thread pinning: each
+#: instance compiles a model of its own, and pinned, all of them would share the first core.
+_OPENVINO_CPU = {
+    "NUM_STREAMS": 1,
+    "PERFORMANCE_HINT": "LATENCY",
+    "INFERENCE_PRECISION_HINT": "f32",
+    "ENABLE_CPU_PINNING": False,
+}
+
+
+class OpenVinoBackend(Backend):
+    """A TorchScript or ONNX model file run by OpenVINO on the CPU (medimg.accelerator
+    "openvino", as Triton's OpenVINO cpu_execution_accelerator), converted and compiled for
+    this CPU when it loads, with a dynamic batch axis. A TorchScript module takes its inputs
+    in metadata order and returns its outputs in it; an ONNX graph matches them by name, as
+    in ONNX Runtime."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        compiled: openvino.CompiledModel,
+        inputs: Sequence[int | str],
+        outputs: Sequence[openvino.ConstOutput],
+    ) -> None:
+        super().__init__(config)
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.inputs = inputs
+        self.outputs = outputs
+
+    @classmethod
+    def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
+        ov = _openvino()
+        torchscript = config.execution.platform is Platform.TORCHSCRIPT
+        try:
+            model = _torchscript_for_openvino(ov, config) if torchscript else (
+                ov.Core().read_model(str(config.execution.model_file))
+            )  # fmt: skip
+        except Exception as error:  # torch's and OpenVINO's own exception types
+            raise _unloadable(config, error) from error
+        if torchscript:
+            for kind, specs, ports in (
+                ("inputs", config.inputs, model.inputs),
+                ("outputs", config.outputs, model.outputs),
+            ):
+                if len(ports) != len(specs):
+                    raise _mismatch(config, f"the module has {len(ports)} {kind}, not {len(specs)}")
+            inputs: list[int | str] = list(range(len(config.inputs)))
+        else:
+            _check_signature(config, "input", config.inputs, _openvino_tensors(model.inputs))
+            _check_signature(config, "output", config.outputs, _openvino_tensors(model.outputs))
+            inputs = [spec.name for spec in config.inputs]
+        try:
+            model.reshape({
+                model.input(key): ov.PartialShape([-1, *spec.shape])
+                for key, spec in zip(inputs, config.inputs, strict=True)
+            })  # fmt: skip
+            compiled = ov.Core().compile_model(
+                model, "CPU", {**_OPENVINO_CPU, "INFERENCE_NUM_THREADS": options.intra_op_threads}
+            )
+        except Exception as error:  # OpenVINO raises RuntimeError and its own types
+            raise _unloadable(config, error) from error
+        outputs = (
+            list(compiled.outputs)
+            if torchscript
+            else [compiled.output(spec.name) for spec in config.outputs]
+        )
+        return cls(config, compiled, inputs, outputs)
+
+    def execute(self, batch: Batch) -> dict[str, Array]:
+        feed = {
+            key: batch[spec.name] for key, spec in zip(self.inputs, self.config.inputs, strict=True)
+        }
+        # The request reads the arrays in place; its results are copies, which the batcher
+        # may keep while this request runs the next batch.
+        results = self.request.infer(feed, share_inputs=True)
+        return {
+            spec.name: np.asarray(results[port]).astype(spec.dtype, copy=False)
+            for spec, port in zip(self.config.outputs, self.outputs, strict=True)
+        }
+
+    def close(self) -> None:
+        del self.request
+        del self.compiled
+
+
+def _torchscript_for_openvino(ov: Any, config: ModelConfig) -> openvino.Model:
+    """The TorchScript module converted to an OpenVINO model, traced on zeros of the declared
+    dtypes and a batch of one at the warmup shapes."""
+    import torch
+
+    module = torch.jit.load(str(config.execution.model_file), map_location="cpu")  # type: ignore[no-untyped-call]
+    module.eval()
+    example = tuple(
+        torch.from_numpy(np.zeros((1, *warmup_shape(spec)), spec.dtype)) for spec in config.inputs
+    )
+    model: openvino.Model = ov.convert_model(module, example_input=example)
+    return model
+
+
+def _openvino_tensors(ports: Sequence[openvino.Output]) -> list[_GraphTensor]:
+    return [
+        _GraphTensor(
+            port.get_any_name(),
+            str(port.get_element_type().get_type_name()),
+            np.dtype(port.get_element_type().to_dtype()),
+            tuple(size.get_length() if size.is_static else -1 for size in port.get_partial_shape()),
+        )
+        for port in ports
+    ]
 
 
 class TensorRTBackend(Backend):

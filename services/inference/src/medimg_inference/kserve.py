@@ -33,6 +33,7 @@ from medimg_core.identity import Role
 from medimg_inference.backends import Array
 from medimg_inference.batcher import ModelStatistics
 from medimg_inference.repository import (
+    Accelerator,
     ModelConfig,
     ModelVersion,
     Platform,
@@ -281,6 +282,11 @@ def model_config(config: ModelConfig) -> mc.ModelConfig:
                 ),
             )
         )
+    if config.execution.accelerator is not Accelerator.NONE:
+        accelerator = mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(
+            name=config.execution.accelerator
+        )
+        message.optimization.execution_accelerators.cpu_execution_accelerator.append(accelerator)
     return message
 
 

@@ -39,6 +39,9 @@ plain MONAI bundle loads::
                                        #   as stored. Default: true for a model with a 3D input
                                        #   (torch's own choice runs its small batches slowly),
                                        #   false otherwise (bench/README, inference run 3)
+        "accelerator": "none",         # "openvino": run the TorchScript or ONNX file on the
+                                       #   CPU in OpenVINO, converted when it loads (Triton's
+                                       #   cpu_execution_accelerator); "none": its own runtime
         "labels": ["CT", "MR"],        # class names; default: the first output's channel_def
         "preprocessing": [{"_target_": "ScaleIntensityRange", "a_min": -1000, ...}],
         "postprocessing": [{"_target_": "AsDiscrete", "argmax": true}],
@@ -99,6 +102,13 @@ MODEL_FILES: Mapping[Platform, Path] = MappingProxyType(
         Platform.TORCHSCRIPT: Path("models/model.ts"),
     }
 )
+
+
+class Accelerator(StrEnum):
+    """A runtime that runs a model file in place of its own, on the CPU."""
+
+    NONE = "none"
+    OPENVINO = "openvino"
 
 
 class Precision(StrEnum):
@@ -189,6 +199,7 @@ class ExecutionConfig:
     instances: int = 1
     #: TorchScript on the CPU: frozen and optimized for inference (see backends._optimized).
     optimize: bool = False
+    accelerator: Accelerator = Accelerator.NONE
 
     @property
     def uses_cuda(self) -> bool:
@@ -604,6 +615,11 @@ def _execution(
         raise fields.invalid(
             "medimg.precision", f"{precision} needs a TorchScript model on a cuda device"
         )
+    accelerator = Accelerator(medimg.choice("accelerator", Accelerator.NONE, list(Accelerator)))
+    if accelerator is not Accelerator.NONE and (platform is Platform.TENSORRT or device != "cpu"):
+        raise fields.invalid(
+            "medimg.accelerator", f"{accelerator} runs a TorchScript or ONNX model on the cpu"
+        )
     return ExecutionConfig(
         platform=platform,
         model_file=path / MODEL_FILES[platform],
@@ -613,6 +629,7 @@ def _execution(
         # Volumes (channel and three spatial axes) gain; 2D networks such as DenseNet, whose
         # convolutions torch already runs on oneDNN, show no gain (bench/README, runs 3, 4).
         optimize=medimg.boolean("optimize", any(len(spec.shape) == 4 for spec in inputs)),
+        accelerator=accelerator,
     )
 
 
