@@ -356,47 +356,87 @@ def rt_dose() -> pydicom.Dataset:
     return stored(pydicom.dcmread(BytesIO(dicom_file("rtdose.dcm"))))
 
 
+def _split_in_two_multi_frame_instances(*, placed: bool = True) -> list[pydicom.Dataset]:
+    """The CT series as two multi-frame images of one series (slices 3 to 5, then 1 and 2:
+    stored out of order), each frame placed by its Plane Position unless `placed` is False."""
+    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()]
+    images = [legacy_enhanced_ct(slices[2:]), legacy_enhanced_ct(slices[:2])]
+    images[1].SeriesInstanceUID = images[0].SeriesInstanceUID
+    images[1].InstanceNumber = 2
+    if not placed:
+        del images[1].PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    return [stored(image) for image in images]
+
+
+def _two_single_frame_enhanced_images() -> list[pydicom.Dataset]:
+    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()[:2]]
+    images = [legacy_enhanced_ct([s]) for s in slices]
+    images[1].SeriesInstanceUID = images[0].SeriesInstanceUID
+    return [stored(image) for image in images]
+
+
 @pytest.mark.parametrize(
     ("make", "frames"),
     [
-        (multi_frame_ct, [FRAME_ORDER.index(k) + 1 for k in range(len(FRAME_ORDER))]),
+        (lambda: [multi_frame_ct()], [FRAME_ORDER.index(k) + 1 for k in range(len(FRAME_ORDER))]),
         (
-            lambda: multi_frame_ct(per_frame_geometry=True),
+            lambda: [multi_frame_ct(per_frame_geometry=True)],
             [FRAME_ORDER.index(k) + 1 for k in range(len(FRAME_ORDER))],
         ),
-        (enhanced_ct, [2, 1]),
-        (rt_dose, list(range(1, 16))),
+        (lambda: [enhanced_ct()], [2, 1]),
+        (lambda: [rt_dose()], list(range(1, 16))),
+        # A stack split over instances: along the slice normal, the first instance's frames
+        # 3 to 1, then the second's 2 and 1.
+        (_split_in_two_multi_frame_instances, [3, 2, 1, 2, 1]),
+        (_two_single_frame_enhanced_images, [1, 1]),
     ],
-    ids=["shared-geometry", "per-frame-geometry", "enhanced-ct", "rt-dose"],
+    ids=[
+        "shared-geometry",
+        "per-frame-geometry",
+        "enhanced-ct",
+        "rt-dose",
+        "split-over-two-instances",
+        "two-single-frame-enhanced-images",
+    ],
 )
-def test_a_seg_on_a_multi_frame_image_puts_each_slice_on_its_source_frame(
-    make: Callable[[], pydicom.Dataset], frames: list[int]
+def test_a_seg_on_multi_frame_images_puts_each_slice_on_its_source_frame(
+    make: Callable[[], list[pydicom.Dataset]], frames: list[int]
 ) -> None:
-    source = make()
-    volume = series_volume([source])
+    sources = make()
+    volume = series_volume(sources)
     assert volume.frame_numbers == frames  # volume slice k holds frame frames[k]
     assert volume.positions is not None
     labels = known_labels(volume.array.shape)
 
-    built = segmentations.build(spec_of(source, labels), labels, [source])
+    built = segmentations.build(spec_of(sources[0], labels), labels, sources)
 
     seg = highdicom.seg.segread(BytesIO(built.data))
+    [series] = seg.ReferencedSeriesSequence
+    assert {str(i.ReferencedSOPInstanceUID) for i in series.ReferencedInstanceSequence} == {
+        str(source.SOPInstanceUID) for source in sources
+    }
     # A frame for every source frame and segment (empty ones too), each derived from its
-    # source frame and lying where that frame lies.
-    where = dict(zip(volume.frame_numbers, volume.positions, strict=True))
+    # source instance and frame and lying where that frame lies.
+    slices = list(zip(volume.sop_instance_uids, volume.frame_numbers, strict=True))
+    where = dict(zip(slices, volume.positions, strict=True))
+    classes = {str(source.SOPInstanceUID): source.SOPClassUID for source in sources}
     framed = set()
     for group in seg.PerFrameFunctionalGroupsSequence:
         [derivation] = group.DerivationImageSequence
         [reference] = derivation.SourceImageSequence
-        assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        frame = int(reference.ReferencedFrameNumber)
+        source_frame = (
+            str(reference.ReferencedSOPInstanceUID),
+            int(reference.ReferencedFrameNumber),
+        )
+        assert reference.ReferencedSOPClassUID == classes[source_frame[0]]
         position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
-        assert position == pytest.approx(where[frame])
-        framed.add((int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber), frame))
-    assert framed == {(segment, frame) for segment in (1, 2) for frame in where}
+        assert position == pytest.approx(where[source_frame])
+        segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        framed.add((segment, *source_frame))
+    assert framed == {(segment, *source_frame) for segment in (1, 2) for source_frame in where}
     # Source frame by source frame, the SEG holds the slice of the label map it became.
-    for k, frame in enumerate(volume.frame_numbers):
-        back = seg.get_pixels_by_source_frame(source.SOPInstanceUID, [frame], combine_segments=True)
+    for k, (uid, frame) in enumerate(slices):
+        back = seg.get_pixels_by_source_frame(uid, [frame], combine_segments=True)
         numpy.testing.assert_array_equal(back[0], labels[k])
     # Served back, it is the label map voxel for voxel, on the volume's grid.
     served = series_volume([pydicom.dcmread(BytesIO(built.data))])
@@ -410,8 +450,28 @@ def test_a_seg_on_a_multi_frame_image_puts_each_slice_on_its_source_frame(
     assert served.spacing == pytest.approx(volume.spacing)
     assert served.origin == pytest.approx(volume.origin)
     assert served.direction == pytest.approx(volume.direction)
-    # Built again, it is the same SEG.
-    assert segmentations.build(spec_of(source, labels), labels.copy(), [source]) == built
+    # Built again, from the sources in another order, it is the same SEG.
+    again = segmentations.build(spec_of(sources[0], labels), labels.copy(), sources[::-1])
+    assert again == built
+
+
+def test_a_seg_on_several_multi_frame_images_needs_every_frame_placed_to_be_read() -> None:
+    sources = _split_in_two_multi_frame_instances()
+    labels = known_labels(series_volume(sources).array.shape)
+    built = segmentations.build(spec_of(sources[0], labels), labels, sources)
+    seg = pydicom.dcmread(BytesIO(built.data))
+    # No frame placed: the SEG's frames indexed by segment alone, as the standard allows.
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        del group.PlanePositionSequence
+        content = group.FrameContentSequence[0]
+        content.DimensionIndexValues = content.DimensionIndexValues[:1]
+    seg.DimensionIndexSequence = seg.DimensionIndexSequence[:1]
+
+    with pytest.raises(InvalidArgument) as caught:
+        series_volume([seg])
+
+    assert caught.value.reason == "INVALID_SEGMENTATION"
+    assert "only their positions put in order" in caught.value.message
 
 
 def _a_frame_without_a_position() -> list[pydicom.Dataset]:
@@ -422,20 +482,10 @@ def _a_frame_without_a_position() -> list[pydicom.Dataset]:
     return [stored(image)]
 
 
-def _two_single_frame_enhanced_images() -> list[pydicom.Dataset]:
-    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()[:2]]
-    images = [legacy_enhanced_ct([s]) for s in slices]
-    images[1].SeriesInstanceUID = images[0].SeriesInstanceUID
-    return [stored(image) for image in images]
-
-
 @pytest.mark.parametrize(
     ("make", "why"),
-    [
-        (_a_frame_without_a_position, "frames have no position in the patient"),
-        (_two_single_frame_enhanced_images, "its 2 instances are of a multi-frame kind"),
-    ],
-    ids=["a-frame-without-position", "several-multi-frame-instances"],
+    [(_a_frame_without_a_position, "frames have no position in the patient")],
+    ids=["a-frame-without-position"],
 )
 def test_a_multi_frame_source_that_cannot_be_placed_is_refused_saying_why(
     make: Callable[[], list[pydicom.Dataset]], why: str
@@ -447,18 +497,6 @@ def test_a_multi_frame_source_that_cannot_be_placed_is_refused_saying_why(
         segmentations.build(spec_of(sources[0], labels), labels, sources)
     assert caught.value.reason == "SEGMENTATION_SOURCE_UNSUPPORTED"
     assert why in caught.value.message
-
-
-def _split_in_two_multi_frame_instances(*, placed: bool = True) -> list[pydicom.Dataset]:
-    """The CT series as two multi-frame images of one series (slices 3 to 5, then 1 and 2:
-    stored out of order), each frame placed by its Plane Position unless `placed` is False."""
-    slices = [pydicom.dcmread(BytesIO(data)) for data in ct_files()]
-    images = [legacy_enhanced_ct(slices[2:]), legacy_enhanced_ct(slices[:2])]
-    images[1].SeriesInstanceUID = images[0].SeriesInstanceUID
-    images[1].InstanceNumber = 2
-    if not placed:
-        del images[1].PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
-    return [stored(image) for image in images]
 
 
 def test_frames_of_several_multi_frame_instances_make_one_volume_in_patient_order() -> None:

@@ -209,16 +209,16 @@ def build(
     slice normal (highdicom's: from the last slice of the label map to the first).
 
     Single-frame sources: one frame per source instance and segment that has any of it,
-    each referencing its source instance. One multi-frame source: one frame per source frame
-    and segment, empty ones included (a SEG names no count of source frames, so only a frame
-    for each lets a reader rebuild the source's grid, see volumes.label_volume), each
-    referencing its source frame (Referenced Frame Number); label map slice k goes to the
-    source frame that slice k of the series' volume came from.
+    each referencing its source instance. Multi-frame sources (one, or a stack split over
+    several): one frame per source frame and segment, empty ones included (a SEG names no
+    count of source frames, so only a frame for each lets a reader rebuild the source's
+    grid, see volumes.label_volume), each referencing its source instance and frame
+    (Referenced Frame Number); label map slice k goes to the source frame that slice k of
+    the series' volume came from.
 
     Refused: a label map whose shape is not the series' volume grid (INVALID_ARGUMENT
-    LABEL_MAP_SHAPE_MISMATCH), and series whose frames are not each placed in the patient,
-    or that hold several instances of a multi-frame kind (FAILED_PRECONDITION
-    SEGMENTATION_SOURCE_UNSUPPORTED)."""
+    LABEL_MAP_SHAPE_MISMATCH), and series whose frames are not each placed in the patient
+    (FAILED_PRECONDITION SEGMENTATION_SOURCE_UNSUPPORTED)."""
     # The grid inference segmented: the volume GetSeriesPixels serves, slice by slice.
     volume = volumes.series_volume(sources)
     grid = tuple(volume.array.shape[:3])
@@ -229,17 +229,13 @@ def build(
             f"{list(grid)} (slices, rows, columns)",
         )
     positions = _placed(sources, volume)
-    multi_frame = _multi_frame(sources[0])
-    if multi_frame:
-        # highdicom takes the mask in the source's frame order, and reads the geometry from
-        # the source's functional groups: a stand-in states it as the volume was built.
-        where = dict(zip(volume.frame_numbers, positions, strict=True))
-        ordered = [_geometry_stand_in(sources[0], [where[n] for n in sorted(where)], volume)]
-        mask = labels[numpy.argsort(volume.frame_numbers, kind="stable")]
-    else:
-        by_uid = {str(source.SOPInstanceUID): source for source in sources}
-        ordered = [by_uid[uid] for uid in volume.sop_instance_uids]
-        mask = labels
+    multi_frame = any(_multi_frame(source) for source in sources)
+    by_uid = {str(source.SOPInstanceUID): source for source in sources}
+    ordered = [by_uid[uid] for uid in dict.fromkeys(volume.sop_instance_uids)]
+    # highdicom segments the frames of one multi-frame image, its geometry read from the
+    # functional groups: for multi-frame sources, a stand-in whose frame k is slice k of the
+    # volume, as the volume was built; its references then go to the real frames (_refer).
+    images = [_geometry_stand_in(ordered[0], positions, volume)] if multi_frame else ordered
     content = hashlib.sha256(labels.astype("<u2").tobytes())
     content.update("\\".join(spec.segment_labels).encode())
     series_uid = _uid(spec.series_uid, spec.algorithm_name, spec.algorithm_version)
@@ -266,8 +262,10 @@ def build(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", _PERSON_NAME_WARNING, UserWarning)
         segmentation = highdicom.seg.Segmentation(
-            source_images=ordered,
-            pixel_array=mask,
+            source_images=images,
+            # The other instances of a split stack, referenced beside the stand-in's first.
+            further_source_images=ordered[1:] if multi_frame else None,
+            pixel_array=labels,
             omit_empty_frames=not multi_frame,
             segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segments,
@@ -283,6 +281,8 @@ def build(
             content_description=description,
             series_description=description,
         )
+    if multi_frame:
+        _refer(segmentation, ordered, volume)
     _settle(segmentation, ordered[0], sop_instance_uid)
     out = BytesIO()
     segmentation.save_as(out, enforce_file_format=True)
@@ -292,11 +292,6 @@ def build(
 def _placed(sources: Sequence[pydicom.Dataset], volume: volumes.Volume) -> list[volumes.Vector]:
     """The position of each slice of the sources' volume; SEGMENTATION_SOURCE_UNSUPPORTED
     unless highdicom can place every frame of them."""
-    if len(sources) > 1 and any(_multi_frame(source) for source in sources):
-        raise _unsupported(
-            f"its {len(sources)} instances are of a multi-frame kind (a SEG references the "
-            "frames of one multi-frame instance, or single-frame images)"
-        )
     positions = volume.positions
     if positions is None or any("FrameOfReferenceUID" not in s for s in sources):
         raise _unsupported(
@@ -335,6 +330,8 @@ def _geometry_stand_in(
     for element in source:
         if element.keyword not in _LEFT_OUT_OF_STAND_IN:
             stand_in.add(element)
+    # A new element: the stand-in shares the source's, which must not change.
+    stand_in.add(pydicom.DataElement("NumberOfFrames", "IS", len(positions)))
     stand_in.PerFrameFunctionalGroupsSequence = [
         _item(PlanePositionSequence=highdicom.PlanePositionSequence(_PATIENT, position))
         for position in positions
@@ -355,6 +352,28 @@ def _geometry_stand_in(
         )
     ]
     return stand_in
+
+
+def _refer(
+    segmentation: pydicom.Dataset, sources: Sequence[pydicom.Dataset], volume: volumes.Volume
+) -> None:
+    """Points each frame of a SEG built on the stand-in (whose frame k is the volume's slice
+    k) at the source instance and frame that slice came from."""
+    classes = {str(source.SOPInstanceUID): source.SOPClassUID for source in sources}
+    references = [
+        reference
+        for group in segmentation.PerFrameFunctionalGroupsSequence
+        for derivation in group.DerivationImageSequence
+        for reference in derivation.SourceImageSequence
+    ]
+    # All read before any is written: highdicom may share one item between the frames of
+    # several segments.
+    slices = [int(reference.ReferencedFrameNumber) - 1 for reference in references]
+    for reference, k in zip(references, slices, strict=True):
+        uid = volume.sop_instance_uids[k]
+        reference.ReferencedSOPClassUID = classes[uid]
+        reference.ReferencedSOPInstanceUID = uid
+        reference.ReferencedFrameNumber = volume.frame_numbers[k]
 
 
 def _item(**sequences: pydicom.Sequence) -> pydicom.Dataset:

@@ -157,22 +157,22 @@ def label_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     highdicom).
 
     One slice per source frame: per source instance the SEG references (its Referenced
-    Series Sequence) when those are single-frame images, per frame 1 to N when it segments
-    the frames of one multi-frame image (N the highest frame number its frames reference);
-    rows and columns those of the source. Each voxel holds the number of the segment it
-    belongs to, 0 for none, as float32 like every volume. `sop_instance_uids[k]` and
+    Series Sequence) when those are single-frame images, per frame 1 to N of each when it
+    segments the frames of multi-frame images (N the highest frame number its frames
+    reference there); rows and columns those of the source. Each voxel holds the number of
+    the segment it belongs to, 0 for none, as float32 like every volume. `sop_instance_uids[k]` and
     `frame_numbers[k]` name the source instance and frame of slice k (ingest replaces the
     SEG's references with the same keyed UIDs as the source's own), so a reader pairs labels
     with the source volume's slices by UID and frame. Slices follow the source's order along
     its slice normal when the SEG places every source frame (the plane positions of its
     frames), and otherwise the SEG's list of references (single-frame sources; one without
-    any segmented frame has no position in the SEG) or the frame numbers (a multi-frame
+    any segmented frame has no position in the SEG) or the frame numbers (one multi-frame
     source); the geometry is that of the source grid as the SEG describes it. Refused:
     several instances in the series (INCONSISTENT_SERIES); a SEG that highdicom cannot read,
-    that references no series or several, several multi-frame sources or frames of a
-    multi-frame source mixed with whole instances, a multi-frame source with a frame the
-    SEG leaves out (its empty frames omitted: the source's grid cannot be told), or
-    overlapping segments (INVALID_SEGMENTATION).
+    that references no series or several, frames of multi-frame sources mixed with whole
+    instances, a multi-frame source with a frame the SEG leaves out (its empty frames
+    omitted: the source's grid cannot be told), several multi-frame sources with a frame
+    the SEG does not place, or overlapping segments (INVALID_SEGMENTATION).
     """
     if len(datasets) > 1:
         raise _inconsistent(
@@ -195,16 +195,31 @@ def label_volume(datasets: Sequence[pydicom.Dataset]) -> Volume:
     derived = _derivations(dataset)
     multi_frame = any(frames for _, frames, _ in derived)
     if multi_frame:
-        uid, numbers, positions = _source_frames(derived, uids)
-        uids = [uid] * len(numbers)
+        counts = _source_frames(derived, uids)
+        uids = [uid for uid, count in counts.items() for _ in range(count)]
+        numbers = [number for count in counts.values() for number in range(1, count + 1)]
+        located = {
+            (uid, frames[0]): position
+            for uid, frames, position in derived
+            if len(frames) == 1 and position
+        }
+        positions = [located.get(key) for key in zip(uids, numbers, strict=True)]
+        if len(counts) > 1 and None in positions:
+            raise _invalid_segmentation(
+                f"it segments the frames of {len(counts)} multi-frame instances, which only "
+                "their positions put in order, and some frames have none"
+            )
     else:
-        located = {uid: position for uid, _, position in derived if position}
-        numbers, positions = [1] * len(uids), [located.get(uid) for uid in uids]
+        located_instances = {uid: position for uid, _, position in derived if position}
+        numbers, positions = [1] * len(uids), [located_instances.get(uid) for uid in uids]
     try:
         if multi_frame:
-            labels = segmentation.get_pixels_by_source_frame(
-                uids[0], numbers, combine_segments=True
-            )
+            labels = numpy.concatenate([
+                segmentation.get_pixels_by_source_frame(
+                    uid, list(range(1, count + 1)), combine_segments=True
+                )
+                for uid, count in counts.items()
+            ])  # fmt: skip
         else:
             labels = segmentation.get_pixels_by_source_instance(uids, combine_segments=True)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
@@ -262,32 +277,33 @@ def _derivations(dataset: pydicom.Dataset) -> list[_Derivation]:
     return derived
 
 
-def _source_frames(
-    derived: list[_Derivation], uids: list[str]
-) -> tuple[str, list[int], list[Vector | None]]:
-    """The multi-frame source a SEG segments, its frames 1 to N, and where each lies (None
-    where no SEG frame of that source frame alone places it); INVALID_SEGMENTATION unless
-    the SEG segments frames of exactly one instance and has a frame for each of 1 to N."""
-    sources = {uid for uid, _, _ in derived} | set(uids)
-    if len(sources) != 1 or not all(frames for _, frames, _ in derived):
+def _source_frames(derived: list[_Derivation], uids: list[str]) -> dict[str, int]:
+    """The multi-frame sources a SEG segments, each with its count of frames N, in the order
+    the SEG references them; INVALID_SEGMENTATION unless the SEG segments frames alone (no
+    whole instance) and has a frame for each of 1 to N of every source."""
+    if not all(frames for _, frames, _ in derived):
         raise _invalid_segmentation(
-            f"the SEG segments frames of multi-frame images among {len(sources)} source "
-            "instances; a label volume is on the grid of one multi-frame instance alone"
+            "the SEG segments frames of multi-frame images and whole images at once; a "
+            "label volume is on the grid of either"
         )
-    numbers = {number for _, frames, _ in derived for number in frames}
-    if min(numbers) < 1:
-        raise _invalid_segmentation(f"the SEG references source frame {min(numbers)}")
-    count = max(numbers)
-    missing = sorted(set(range(1, count + 1)) - numbers)
-    if missing:
-        raise _invalid_segmentation(
-            f"source frame(s) {missing[:8]} have no frame in the SEG (empty frames left "
-            "out), so the grid of the source cannot be told; a SEG with a frame for every "
-            "source frame can be read"
-        )
-    located = {frames[0]: position for _, frames, position in derived if len(frames) == 1}
-    every = list(range(1, count + 1))
-    return sources.pop(), every, [located.get(number) for number in every]
+    numbers: dict[str, set[int]] = {uid: set() for uid in uids}
+    for uid, frames, _ in derived:
+        numbers.setdefault(uid, set()).update(frames)
+    counts = {}
+    for uid, referenced in numbers.items():
+        if not referenced:
+            raise _invalid_segmentation(f"source instance {uid} has no frame in the SEG")
+        if min(referenced) < 1:
+            raise _invalid_segmentation(f"the SEG references source frame {min(referenced)}")
+        missing = sorted(set(range(1, max(referenced) + 1)) - referenced)
+        if missing:
+            raise _invalid_segmentation(
+                f"source frame(s) {missing[:8]} have no frame in the SEG (empty frames left "
+                "out), so the grid of the source cannot be told; a SEG with a frame for every "
+                "source frame can be read"
+            )
+        counts[uid] = max(referenced)
+    return counts
 
 
 def _integers(value: Any) -> tuple[int, ...]:
