@@ -4,8 +4,11 @@ refusals with their status and reason; on the real pipeline, PostgreSQL and Redi
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from io import BytesIO
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -14,13 +17,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
 
-from medimg_ingest.dimse import DimseServer
+from medimg_ingest.dimse import SUCCESS, DimseServer
 from medimg_ingest.objects import LocalObjectStore
 from medimg_ingest.pipeline import Outcome, Pipeline
 from services.ingest.tests.support import MakePipeline, Recorded, dicom_file
@@ -215,3 +219,35 @@ async def test_associations_past_the_limit_are_rejected_as_transient(
         await asyncio.to_thread(run)
     finally:
         server.stop()
+
+
+def _sleeps(thread: threading.Thread) -> int:
+    """How many times `thread` has given up the CPU of its own accord (Linux)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    [line] = [line for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")]
+    return int(line.split()[1])
+
+
+async def test_an_idle_association_does_not_poll_every_millisecond(
+    door: tuple[DimseServer, Pipeline, Recorded],
+) -> None:
+    """pynetdicom's association reactor sleeps a millisecond between looks at its message
+    queue: a thousand wakeups a second per idle association, each taking the GIL from the
+    pipeline. The door's waits on the queue instead (dimse.REACTOR_WAIT_SECONDS)."""
+    server, _, _ = door
+
+    def idle(association: Any) -> float:
+        [reactor] = [
+            thread
+            for thread in threading.enumerate()
+            if isinstance(thread, Association) and thread.is_acceptor
+        ]
+        before, start = _sleeps(reactor), time.monotonic()
+        time.sleep(1.0)
+        wakeups = (_sleeps(reactor) - before) / (time.monotonic() - start)
+        assert association.send_c_echo().Status == SUCCESS  # still answers at once
+        return wakeups
+
+    wakeups_per_second = await as_pacs(server, idle, (Verification,))
+
+    assert wakeups_per_second < 100
