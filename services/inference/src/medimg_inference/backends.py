@@ -532,10 +532,11 @@ class OpenVinoBackend(Backend):
     @classmethod
     def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
         ov = _openvino()
+        core = ov.Core()
         torchscript = config.execution.platform is Platform.TORCHSCRIPT
         try:
             model = _torchscript_for_openvino(ov, config) if torchscript else (
-                ov.Core().read_model(str(config.execution.model_file))
+                core.read_model(str(config.execution.model_file))
             )  # fmt: skip
         except Exception as error:  # torch's and OpenVINO's own exception types
             raise _unloadable(config, error) from error
@@ -556,7 +557,7 @@ class OpenVinoBackend(Backend):
                 model.input(key): ov.PartialShape([-1, *spec.shape])
                 for key, spec in zip(inputs, config.inputs, strict=True)
             })  # fmt: skip
-            compiled = ov.Core().compile_model(
+            compiled = core.compile_model(
                 model, "CPU", {**_OPENVINO_CPU, "INFERENCE_NUM_THREADS": options.intra_op_threads}
             )
         except Exception as error:  # OpenVINO raises RuntimeError and its own types
