@@ -250,4 +250,4 @@ async def test_an_idle_association_does_not_poll_every_millisecond(
 
     wakeups_per_second = await as_pacs(server, idle, (Verification,))
 
-    assert wakeups_per_second < 100
+    assert wakeups_per_second < 100, wakeups_per_second
