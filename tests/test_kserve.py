@@ -43,6 +43,7 @@ Float32Array = npt.NDArray[np.float32]
 class Served:
     patches: Float32Array
     expected: Float32Array
+    torchscript: bytes
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def served(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Serv
     patches, _ = random_patches(8, np.random.default_rng(7))
     with torch.inference_mode():
         expected = network(torch.from_numpy(patches)).numpy()
-    return Served(patches, expected)
+    return Served(patches, expected, model.read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,29 @@ def test_repository_index_load_and_unload(
     assert caught.value.status() == "StatusCode.UNAVAILABLE"
     client.load_model(MODEL, client_timeout=60)
     assert client.is_model_ready(MODEL)
+
+
+def test_a_model_in_openvino_serves_through_the_sidecar(
+    client: triton.InferenceServerClient, served: Served, platform: Platform
+) -> None:
+    """The same TorchScript file with `"accelerator": "openvino"`, in the service process."""
+    accelerated = f"{MODEL}-openvino"
+    metadata = classifier_metadata({"max_batch_size": 8, "accelerator": "openvino"})
+    write_bundle(
+        platform.model_repository, accelerated, 1, metadata, {"model.ts": served.torchscript}
+    )
+    client.load_model(accelerated, client_timeout=60)
+
+    result = client.infer(accelerated, [patch_input(served.patches[:5])], client_timeout=30)
+
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities is not None
+    np.testing.assert_allclose(probabilities, served.expected[:5], atol=1e-5)
+    config = client.get_model_config(accelerated).config
+    assert config.platform == "pytorch_libtorch"
+    [accelerator] = config.optimization.execution_accelerators.cpu_execution_accelerator
+    assert accelerator.name == "openvino"
+    client.unload_model(accelerated)
 
 
 def test_workloads_are_allowed_per_method(platform: Platform) -> None:
