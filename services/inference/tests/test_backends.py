@@ -23,6 +23,7 @@ from medimg_core import cpus
 from medimg_core.errors import FailedPrecondition, InvalidArgument
 from medimg_inference.backends import (
     TORCH_CPU,
+    Backend,
     BackendOptions,
     OpenVinoBackend,
     TorchScriptBackend,
@@ -48,6 +49,12 @@ MODEL_FILES = {Platform.TORCHSCRIPT: "model.ts", Platform.ONNX: "model.onnx"}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 
 
+def _loaded(tmp_path: Path, metadata: dict[str, Any], files: dict[str, Any]) -> Backend:
+    """Version 1 of model "patches" (this metadata.json and model files), loaded."""
+    write_bundle(tmp_path, "patches", 1, metadata, files)
+    return load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+
+
 def _exported(classifier: TrainedClassifier, platform: Platform) -> Path:
     return classifier.torchscript if platform is Platform.TORCHSCRIPT else classifier.onnx
 
@@ -69,8 +76,7 @@ def test_a_backend_answers_as_the_network_does_in_process(
 ) -> None:
     model_file = {MODEL_FILES[platform]: _exported(classifier, platform)}
     metadata = classifier_metadata({"accelerator": accelerator})
-    write_bundle(tmp_path, "patches", 1, metadata, model_file)
-    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    backend = _loaded(tmp_path, metadata, model_file)
     assert isinstance(backend, OpenVinoBackend) is (accelerator == "openvino")
     patches = classifier.patches[:batch_size]
 
@@ -90,8 +96,7 @@ def test_torchscript_on_the_cpu_is_served_frozen_unless_told_not_to(
     tmp_path: Path, classifier: TrainedClassifier, optimize: bool
 ) -> None:
     metadata = classifier_metadata({"optimize": optimize})
-    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
-    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    backend = _loaded(tmp_path, metadata, {"model.ts": classifier.torchscript})
     assert isinstance(backend, TorchScriptBackend)
 
     # Frozen: the weights are constants of the graph, no longer parameters.
@@ -113,8 +118,7 @@ def test_a_module_torch_cannot_freeze_is_served_as_stored(
 
     monkeypatch.setattr(torch.jit, "freeze", cannot)
     metadata = classifier_metadata({"optimize": True})
-    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
-    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    backend = _loaded(tmp_path, metadata, {"model.ts": classifier.torchscript})
     assert isinstance(backend, TorchScriptBackend)
 
     assert list(backend.module.parameters())
@@ -134,8 +138,7 @@ def test_read_only_inputs_are_accepted(
 ) -> None:
     # Arrays made from request bytes (np.frombuffer) are read-only.
     metadata = classifier_metadata({"accelerator": accelerator})
-    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
-    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    backend = _loaded(tmp_path, metadata, {"model.ts": classifier.torchscript})
     patches = np.frombuffer(classifier.patches[:2].tobytes(), np.float32).reshape(2, 1, 16, 16)
 
     outputs = backend.execute({"patch": patches})
@@ -316,8 +319,7 @@ def test_a_torchscript_module_must_return_the_declared_outputs(
     metadata = classifier_metadata()
     outputs = metadata["network_data_format"]["outputs"]
     outputs["logits"] = outputs["probabilities"]
-    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
-    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    backend = _loaded(tmp_path, metadata, {"model.ts": classifier.torchscript})
 
     with pytest.raises(FailedPrecondition) as error:
         backend.execute({"patch": classifier.patches[:1]})
@@ -348,8 +350,7 @@ def test_torchscript_on_cuda_answers_as_on_the_cpu(
     tmp_path: Path, classifier: TrainedClassifier, precision: str, tolerance: float
 ) -> None:
     metadata = classifier_metadata({"device": "cuda", "precision": precision})
-    write_bundle(tmp_path, "patches", 1, metadata, {"model.ts": classifier.torchscript})
-    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    backend = _loaded(tmp_path, metadata, {"model.ts": classifier.torchscript})
     patches = classifier.patches[:8]
 
     outputs = backend.execute({"patch": patches})
@@ -370,8 +371,7 @@ def test_onnx_on_cuda_answers_as_on_the_cpu(tmp_path: Path, classifier: TrainedC
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has no CUDA provider (onnxruntime-gpu)")
     metadata = classifier_metadata({"device": "cuda"})
-    write_bundle(tmp_path, "patches", 1, metadata, {"model.onnx": classifier.onnx})
-    backend = load_backend(ModelRepository(tmp_path).config("patches"), OPTIONS)
+    backend = _loaded(tmp_path, metadata, {"model.onnx": classifier.onnx})
     patches = classifier.patches[:8]
 
     outputs = backend.execute({"patch": patches})

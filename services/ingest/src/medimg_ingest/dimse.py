@@ -68,8 +68,8 @@ WAIT_SECONDS = 120
 POLL_SECONDS = 0.005
 #: Seconds an association's reactor waits for the next DIMSE message before it looks for a
 #: release, an abort or a dead DUL. pynetdicom's sleeps a millisecond and then looks without
-#: waiting, a thousand wakeups a second per association (16 idle ones took half a core);
-#: waiting on the queue takes each message the moment it is decoded.
+#: waiting, a thousand wakeups a second per association, each taking the GIL from the
+#: pipeline; waiting on the queue takes each message the moment it is decoded.
 REACTOR_WAIT_SECONDS = 0.05
 
 
