@@ -20,7 +20,7 @@ quiet "${pip[@]}" install --quiet -c constraints.txt \
   pytest pytest-asyncio ruff mypy grpc-stubs types-protobuf "boto3-stubs[s3]" \
   lxml rnc2rng fhir.resources pydicom-data dicomweb-client \
   onnxscript tritonclient "moto[s3]" flask flask-cors  # test-only: audit exports vs DICOM/FHIR; deid corpus; a stock DICOMweb client; ONNX export; the stock KServe client; an S3 server
-# (moto's ThreadedMotoServer for the ingest object store: its [s3] extra and Flask are all
+# (moto's ThreadedMotoServer for the S3 stores: its [s3] extra and Flask are all
 # that needs, not the [server] extra, which pulls in every AWS service's dependencies)
 # (tritonclient without its [grpc] extra, which pins protobuf<7: the grpcio and protobuf above serve it)
 # test-only: deepbet's wheel ships TorchScript networks that inference serves as they are; its

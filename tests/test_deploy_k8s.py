@@ -22,7 +22,7 @@ import yaml
 from medimg_cli import k8s
 from medimg_cli import mesh as meshlib
 from medimg_cli.pki import ensure_pki
-from medimg_ingest.objects import S3Location
+from medimg_core.s3 import S3Location
 from medimg_protos import DESCRIPTOR_SET_PATH
 from medimg_training import launchers
 
@@ -584,34 +584,62 @@ def test_prod_runs_training_jobs_as_kubernetes_jobs(rendered: dict[str, Objects]
     assert "kube-api-access" not in {v["name"] for v in dev["volumes"]}
 
 
+def irsa_settings(objects: Objects, service: str) -> dict[str, str]:
+    """The settings of the service's container, once its IRSA wiring is checked: the role
+    terraform names for it (iam.tf), and the token projected into that container alone."""
+    pod = of_kind(objects, "Deployment")[service]["spec"]["template"]["spec"]
+    (envoy,) = pod["initContainers"]
+    (container,) = pod["containers"]
+    settings = env(container)
+    account = settings["AWS_ROLE_ARN"].split(":")[4]
+    assert settings["AWS_ROLE_ARN"] == f"arn:aws:iam::{account}:role/medimg-prod-{service}"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (source,) = volumes["aws-iam-token"]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "sts.amazonaws.com"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert Path(settings["AWS_WEB_IDENTITY_TOKEN_FILE"]).parent == Path(mounts["aws-iam-token"])
+    assert "aws-iam-token" not in {m["name"] for m in envoy.get("volumeMounts", [])}
+    return settings
+
+
+def data_bucket(settings: dict[str, str]) -> str:
+    """The name terraform gives the data bucket (storage.tf), in the role's account."""
+    return f"medimg-prod-data-{settings['AWS_ROLE_ARN'].split(':')[4]}"
+
+
 def test_prod_ingest_keeps_instances_on_s3_with_its_own_role(
     rendered: dict[str, Objects],
 ) -> None:
-    deployment = of_kind(rendered["prod"], "Deployment")["ingest"]
-    pod = deployment["spec"]["template"]["spec"]
-    (envoy,) = pod["initContainers"]
-    (ingest,) = pod["containers"]
-    settings = env(ingest)
+    settings = irsa_settings(rendered["prod"], "ingest")
     assert "MEDIMG_INGEST_OBJECT_DIR" not in settings
     location = S3Location.parse(settings["MEDIMG_INGEST_OBJECT_STORE_URL"])
-    assert location.prefix == ""  # the role allows instances/ at the bucket's root
-    # The names terraform gives the bucket and the role (storage.tf, iam.tf), one account.
-    account = settings["AWS_ROLE_ARN"].split(":")[4]
-    assert location.bucket == f"medimg-prod-data-{account}"
-    assert settings["AWS_ROLE_ARN"] == f"arn:aws:iam::{account}:role/medimg-prod-ingest"
-    # IRSA's token reaches the ingest container alone, for STS only; no volume is left.
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert "objects" not in volumes
-    (source,) = volumes["aws-iam-token"]["projected"]["sources"]
-    assert source["serviceAccountToken"]["audience"] == "sts.amazonaws.com"
-    mounts = {m["name"]: m["mountPath"] for m in ingest["volumeMounts"]}
-    assert Path(settings["AWS_WEB_IDENTITY_TOKEN_FILE"]).parent == Path(mounts["aws-iam-token"])
-    assert "aws-iam-token" not in {m["name"] for m in envoy.get("volumeMounts", [])}
+    assert location == S3Location(data_bucket(settings))  # the role allows instances/ at the root
+    pod = of_kind(rendered["prod"], "Deployment")["ingest"]["spec"]["template"]["spec"]
+    assert "objects" not in {v["name"] for v in pod["volumes"]}  # no volume is left
     assert "ingest-objects" not in of_kind(rendered["prod"], "PersistentVolumeClaim")
     assert "ingest-objects" in of_kind(rendered["dev"], "PersistentVolumeClaim")
-    # Out of the cluster only to the VPC's S3 and STS endpoints, on 443.
+
+
+def test_prod_inference_reads_the_model_repository_on_s3(rendered: dict[str, Objects]) -> None:
+    settings = irsa_settings(rendered["prod"], "inference")
+    location = S3Location.parse(settings["MEDIMG_INFERENCE_MODEL_REPOSITORY_URL"])
+    # The prefix terraform's role lets inference list and read, and nothing more.
+    assert location == S3Location(data_bucket(settings), "models/")
+    iam = (ROOT / "deploy" / "terraform" / "iam.tf").read_text()
+    assert 'inference = { read = ["models/"], write = [], delete = [] }' in iam
+    # The promoted versions and the fetched copies share the replica's emptyDir.
+    assert settings["MEDIMG_INFERENCE_MODEL_REPOSITORY"] == "/var/lib/medimg/models"
+    dev = of_kind(rendered["dev"], "Deployment")["inference"]["spec"]["template"]["spec"]
+    assert "MEDIMG_INFERENCE_MODEL_REPOSITORY_URL" not in env(dev["containers"][0])
+
+
+def test_prod_services_reach_s3_only_through_the_vpc(rendered: dict[str, Objects]) -> None:
     policy = of_kind(rendered["prod"], "NetworkPolicy")["backend-object-store"]["spec"]
-    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "ingest"}}
+    assert policy["podSelector"] == {
+        "matchExpressions": [
+            {"key": "app.kubernetes.io/name", "operator": "In", "values": ["ingest", "inference"]}
+        ]
+    }
     assert policy["egress"] == [
         {
             "to": [{"ipBlock": {"cidr": "10.40.0.0/16"}}],

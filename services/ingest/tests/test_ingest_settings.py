@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from medimg_core.s3 import S3Location
 from medimg_core.settings import load_settings
-from medimg_ingest.objects import LocalObjectStore, S3Location, S3ObjectStore, open_store
+from medimg_ingest.objects import LocalObjectStore, S3ObjectStore, open_store
 from medimg_ingest.settings import IngestSettings, policy_of
 
 REQUIRED = (

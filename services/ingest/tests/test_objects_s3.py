@@ -6,33 +6,35 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import socket
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
-import boto3
 import pydicom
 import pytest
-from botocore.config import Config
-from moto.server import ThreadedMotoServer
 
 from medimg_core.errors import DataLoss
+from medimg_core.s3 import S3Location
 from medimg_ingest.objects import (
     ObjectStore,
     ObjectStoreError,
-    S3Location,
     S3ObjectStore,
     open_store,
 )
 from medimg_ingest.pipeline import Outcome, Pipeline, sweep_orphans
 from medimg_ingest.settings import IngestSettings
 from services.ingest.tests.support import Recorded, dicom_file
+from tests.s3_server import (
+    free_port,
+    isolate_credentials,
+    make_client,
+    moto_server,
+    new_bucket,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -40,52 +42,21 @@ if TYPE_CHECKING:
 PREFIX = "site-a/"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(autouse=True)
 def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Credentials through the standard chain (the environment), and nothing from this
-    machine's own AWS configuration."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "medimg-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "medimg-test-secret")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def make_client(endpoint: str, **config: Any) -> S3Client:
-    return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name="eu-west-1", config=Config(**config)
-    )
+    isolate_credentials(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def raw(s3_endpoint: str) -> S3Client:
     """A client of the test's own, to look at and tamper with the bucket behind the store."""
     return make_client(s3_endpoint)
-
-
-def new_bucket(raw: S3Client, *, versioned: bool) -> str:
-    name = f"medimg-{uuid.uuid4().hex[:12]}"
-    raw.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-    if versioned:
-        raw.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-    return name
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from medimg_inference.metrics import register_metrics
 from medimg_inference.predict import Predictor
 from medimg_inference.promotion import PromotionFollower, TrainingRegistry
 from medimg_inference.repository import ModelRepository
+from medimg_inference.s3_models import S3_CACHE, S3Models
 from medimg_inference.servicer import POLICY, InferenceServicer
 from medimg_inference.serving import ModelServer
 from medimg_inference.settings import InferenceSettings
@@ -55,7 +56,7 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
     threads = settings.intra_op_threads
     options = BackendOptions(threads) if threads else BackendOptions()
     TORCH_CPU.configure(options.intra_op_threads)
-    server = ModelServer(ModelRepository(settings.model_repository), options, cache=cache)
+    server = ModelServer(repository(settings), options, cache=cache)
     # Unloads (answering what is queued) before the channels close: the stack unwinds in
     # reverse.
     resources.push_async_callback(server.close)
@@ -93,3 +94,16 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
         policy={**POLICY, **kserve.POLICY},
         on_denied=audit.record_denial,
     )
+
+
+def repository(settings: InferenceSettings) -> ModelRepository:
+    """The local repository, and the one on S3 when the settings name one."""
+    remote = None
+    if settings.model_repository_url is not None:
+        remote = S3Models.connect(
+            settings.model_repository_url,
+            settings.model_repository / S3_CACHE,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
+    return ModelRepository(settings.model_repository, remote)

@@ -1,4 +1,5 @@
-"""The on-disk model repository: `<root>/<model name>/<version>/` holds one MONAI bundle.
+"""The model repository: `<root>/<model name>/<version>/` holds one MONAI bundle, on disk and,
+where one is set, on S3 (s3_models.py) with the same layout.
 
 A version directory is named by a positive integer and holds a MONAI-bundle-style
 directory::
@@ -64,7 +65,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NewType
+from typing import Any, NewType, Protocol
 
 import numpy as np
 from monai.bundle.config_parser import ConfigParser
@@ -242,34 +243,61 @@ def check_model_name(name: str) -> ModelName:
     return ModelName(name)
 
 
-class ModelRepository:
-    """The models under one root directory. Reads the disk on every call: the repository
-    may change while the service runs (a new version dropped in), and it is small."""
+class RemoteModels(Protocol):
+    """Model directories kept elsewhere (s3_models.S3Models): listed there, fetched to local
+    disk to be read."""
 
-    def __init__(self, root: Path) -> None:
+    def model_dirs(self) -> list[str]:
+        """The names of the model directories, unchecked."""
+        ...
+
+    def version_dirs(self, model: ModelName) -> list[str]:
+        """The names of the version directories of `model`, unchecked."""
+        ...
+
+    def fetch(self, model: ModelName, version: ModelVersion) -> Path:
+        """A local copy of the version's bundle."""
+        ...
+
+
+class ModelRepository:
+    """The models under one root directory, and under a remote location if there is one.
+    Reads the disk (and lists the remote) on every call: the repository may change while
+    the service runs (a new version dropped in), and it is small.
+
+    With a remote, the repository is both: a version in the root directory (installed by a
+    promotion, or put there by hand) is read from there, any other from the remote, which
+    fetches it to local disk first."""
+
+    def __init__(self, root: Path, remote: RemoteModels | None = None) -> None:
         self.root = root
+        self.remote = remote
 
     def model_names(self) -> list[ModelName]:
         """The names of the model directories, sorted."""
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            ModelName(entry.name)
-            for entry in self.root.iterdir()
-            if entry.is_dir() and _MODEL_NAME.fullmatch(entry.name)
-        )
+        names = set()
+        if self.root.is_dir():
+            names = {entry.name for entry in self.root.iterdir() if entry.is_dir()}
+        if self.remote is not None:
+            names.update(self.remote.model_dirs())
+        return sorted(ModelName(name) for name in names if _MODEL_NAME.fullmatch(name))
 
     def versions(self, name: str) -> list[ModelVersion]:
         """The versions of model `name`, oldest first; MODEL_NOT_FOUND if there is no such
         model. Entries that are not positive integers are ignored, as Triton does."""
-        model_dir = self.root / check_model_name(name)
-        if not model_dir.is_dir():
+        model = check_model_name(name)
+        model_dir = self.root / model
+        found = model_dir.is_dir()
+        entries = set()
+        if found:
+            entries = {entry.name for entry in model_dir.iterdir() if entry.is_dir()}
+        if self.remote is not None:
+            remote = self.remote.version_dirs(model)
+            found = found or bool(remote) or model in self.remote.model_dirs()
+            entries.update(remote)
+        if not found:
             raise NotFound("MODEL_NOT_FOUND", f"no model {name!r} in the repository", model=name)
-        return sorted(
-            ModelVersion(int(entry.name))
-            for entry in model_dir.iterdir()
-            if entry.is_dir() and _VERSION_DIR.fullmatch(entry.name)
-        )
+        return sorted(ModelVersion(int(e)) for e in entries if _VERSION_DIR.fullmatch(e))
 
     def latest_version(self, name: str) -> ModelVersion:
         versions = self.versions(name)
@@ -291,7 +319,10 @@ class ModelRepository:
                 model=name,
                 version=version,
             )
-        return load_bundle(self.root / model / str(version), model, ModelVersion(version))
+        path = self.root / model / str(version)
+        if not path.is_dir() and self.remote is not None:
+            path = self.remote.fetch(model, ModelVersion(version))
+        return load_bundle(path, model, ModelVersion(version))
 
 
 def load_bundle(path: Path, name: ModelName, version: ModelVersion) -> ModelConfig:

@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from medimg_core.s3 import S3Location
 from medimg_core.settings import AuditedServiceSettings
 
 
@@ -12,8 +13,19 @@ class InferenceSettings(AuditedServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MEDIMG_INFERENCE_", frozen=True)
 
     port: int = 7102
-    #: The model repository: `<dir>/<model>/<version>/` MONAI bundles (required).
+    #: The model repository: `<dir>/<model>/<version>/` MONAI bundles (required). With
+    #: `model_repository_url`, the local part: promoted versions, and the copies of the
+    #: versions fetched from S3 (under `.s3/`).
     model_repository: Path
+    #: A model repository on S3 (or an S3-compatible store), `s3://bucket[/key/prefix]`,
+    #: laid out as the directory; its versions are fetched when they are loaded.
+    #: Credentials come from the standard AWS chain (environment, IRSA web identity), never
+    #: from these settings. Unset: the directory alone.
+    model_repository_url: str | None = None
+    #: The S3 API's endpoint, for an S3-compatible store (unset: AWS's for the region).
+    s3_endpoint_url: str | None = None
+    #: The bucket's AWS region (unset: the AWS chain's, e.g. AWS_REGION).
+    s3_region: str | None = None
     #: The models loaded at start-up: "*" every model of the repository (as Triton does), ""
     #: none, or names separated by commas. A named model that fails to load stops the start.
     load_models: str = "*"
@@ -43,3 +55,10 @@ class InferenceSettings(AuditedServiceSettings):
     intra_op_threads: int | None = Field(default=None, ge=1)
     #: The largest series volume Predict takes, in bytes of float32 voxels.
     max_volume_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)
+
+    @field_validator("model_repository_url")
+    @classmethod
+    def _an_s3_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            S3Location.parse(url)  # a ValueError names what is wrong
+        return url

@@ -18,18 +18,15 @@ import base64
 import errno
 import hashlib
 import os
-import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from medimg_core import s3
 from medimg_core.errors import DataLoss
+from medimg_core.s3 import S3Location
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -146,37 +143,6 @@ class ObjectStoreError(OSError):
     """The object store refused or failed a request (unreachable, denied, throttled)."""
 
 
-#: S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, letter or digit at
-#: both ends (the general-purpose bucket rules, less the rarer exceptions).
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-@dataclass(frozen=True)
-class S3Location:
-    """A bucket and a key prefix ("" or ending in "/") that every key is put under."""
-
-    bucket: str
-    prefix: str = ""
-
-    @classmethod
-    def parse(cls, url: str) -> S3Location:
-        """`s3://bucket` or `s3://bucket/some/prefix`; `ValueError` saying what is wrong."""
-        parts = urlsplit(url)
-        if parts.scheme != "s3":
-            raise ValueError(f"{url!r} is not an s3://bucket[/prefix] URL")
-        if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
-            raise ValueError(f"{url!r}: an S3 URL has only a bucket and a key prefix")
-        if not _BUCKET.fullmatch(parts.netloc) or ".." in parts.netloc:
-            raise ValueError(
-                f"{parts.netloc!r} is not a valid S3 bucket name (3-63 lower-case letters, "
-                "digits, dots and hyphens)"
-            )
-        prefix = parts.path.strip("/")
-        if "//" in prefix:
-            raise ValueError(f"{url!r}: the key prefix has an empty segment")
-        return cls(parts.netloc, prefix + "/" if prefix else "")
-
-
 class S3ObjectStore(ObjectStore):
     """A bucket (and a key prefix in it) on S3 or an S3-compatible store.
 
@@ -213,18 +179,10 @@ class S3ObjectStore(ObjectStore):
         region: str | None = None,
         connections: int = 10,
     ) -> S3ObjectStore:
-        """A store with a client of its own (thread-safe, one connection per worker thread).
-        Credentials come from the standard AWS chain: environment, IRSA web identity, ..."""
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            config=Config(
-                retries={"mode": "standard", "max_attempts": 5},
-                max_pool_connections=max(connections, 10),
-            ),
+        """A store with a client of its own (one connection per worker thread)."""
+        return cls(
+            location, s3.client(endpoint_url=endpoint_url, region=region, connections=connections)
         )
-        return cls(location, client)
 
     def _name(self, key: str) -> str:
         return self.location.prefix + key
@@ -242,7 +200,7 @@ class S3ObjectStore(ObjectStore):
             )
             return
         except ClientError as error:
-            if not _missing(error):
+            if not s3.is_missing(error):
                 raise _failure("refresh", key, error) from error
         except BotoCoreError as error:
             raise _failure("refresh", key, error) from error
@@ -264,7 +222,7 @@ class S3ObjectStore(ObjectStore):
             response = self._client.get_object(Bucket=self.location.bucket, Key=self._name(key))
             return response["Body"].read()
         except ClientError as error:
-            if _missing(error):
+            if s3.is_missing(error):
                 raise FileNotFoundError(errno.ENOENT, "no such object", key) from None
             raise _failure("read", key, error) from error
         except BotoCoreError as error:
@@ -292,7 +250,7 @@ class S3ObjectStore(ObjectStore):
         try:
             head = self._client.head_object(Bucket=self.location.bucket, Key=name)
         except ClientError as error:
-            if _missing(error):
+            if s3.is_missing(error):
                 return False
             raise _failure("look at", key, error) from error
         except BotoCoreError as error:
@@ -311,17 +269,8 @@ class S3ObjectStore(ObjectStore):
         return True
 
 
-def _missing(error: ClientError) -> bool:
-    # GetObject says NoSuchKey; HeadObject, which has no body, only its status.
-    return error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")
-
-
 def _failure(action: str, key: str, error: ClientError | BotoCoreError) -> ObjectStoreError:
-    if isinstance(error, ClientError):
-        reason = error.response.get("Error", {}).get("Code", "unknown error")
-    else:
-        reason = type(error).__name__
-    return ObjectStoreError(errno.EIO, f"S3 could not {action} the object: {reason}", key)
+    return ObjectStoreError(errno.EIO, f"S3 could not {action} the object: {s3.reason(error)}", key)
 
 
 def open_store(settings: IngestSettings) -> ObjectStore:

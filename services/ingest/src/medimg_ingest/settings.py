@@ -5,9 +5,9 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from medimg_core.s3 import S3Location
 from medimg_core.settings import AuditedServiceSettings
 from medimg_ingest import deid
-from medimg_ingest.objects import S3Location
 
 
 class IngestSettings(AuditedServiceSettings):
