@@ -242,8 +242,9 @@ def measure_raw(
     thread of its own, as the service's batcher runs them."""
     config = load_bundle(bundle, name, 1)  # type: ignore[arg-type]
     config = replace(config, execution=replace(config.execution, optimize=optimize))
-    backends = [
-        load_backend(config, BackendOptions(threads)) for _ in range(instances_for(threads))
+    backends = [load_backend(config, BackendOptions(threads))]
+    backends += [
+        backends[0].replicate(BackendOptions(threads)) for _ in range(instances_for(threads) - 1)
     ]
     spec_shape = config.inputs[0].shape
     per_batch, cpu_ms = {}, {}

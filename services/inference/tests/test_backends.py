@@ -167,6 +167,34 @@ def test_openvino_sends_no_telemetry(
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.parametrize("accelerator", ["none", "openvino"])
+def test_a_replica_answers_as_the_first_and_openvino_converts_once(
+    tmp_path: Path, classifier: TrainedClassifier, monkeypatch: pytest.MonkeyPatch, accelerator: str
+) -> None:
+    import openvino
+
+    conversions: list[object] = []
+    convert = openvino.convert_model
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        conversions.append(args[0])
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(openvino, "convert_model", counted)
+    metadata = classifier_metadata({"accelerator": accelerator})
+    first = _loaded(tmp_path, metadata, {"model.ts": classifier.torchscript})
+    second = first.replicate(BackendOptions(intra_op_threads=1))
+    first.close()  # a replica does not depend on the copy it came from
+    patches = classifier.patches[:4]
+
+    outputs = second.execute({"patch": patches})
+    second.close()
+
+    assert type(second) is type(first)
+    assert len(conversions) == (1 if accelerator == "openvino" else 0)
+    np.testing.assert_allclose(outputs["probabilities"], classifier.expected(patches), atol=1e-5)
+
+
 def test_openvino_needs_the_declared_outputs_of_a_module(
     tmp_path: Path, classifier: TrainedClassifier
 ) -> None:

@@ -162,6 +162,11 @@ class Backend(ABC):
     def close(self) -> None:
         """Frees the model; the backend is not used afterwards."""
 
+    def replicate(self, options: BackendOptions) -> Backend:
+        """One more copy of this model, for one more instance: by default loaded again;
+        a backend that can skip part of its load for a copy does (OpenVINO's conversion)."""
+        return type(self).load(self.config, options)
+
 
 def load_backend(config: ModelConfig, options: BackendOptions) -> Backend:
     """A loaded backend for the model's platform, or its accelerator's. Blocking (reads and
@@ -519,15 +524,21 @@ class OpenVinoBackend(Backend):
     def __init__(
         self,
         config: ModelConfig,
+        model: openvino.Model,
         compiled: openvino.CompiledModel,
         inputs: Sequence[int | str],
-        outputs: Sequence[openvino.ConstOutput],
     ) -> None:
         super().__init__(config)
+        #: Converted and reshaped, kept for `replicate` (the CPU plugin shares its weights).
+        self.model = model
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.inputs = inputs
-        self.outputs = outputs
+        self.outputs = (
+            list(compiled.outputs)
+            if config.execution.platform is Platform.TORCHSCRIPT
+            else [compiled.output(spec.name) for spec in config.outputs]
+        )
 
     @classmethod
     def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
@@ -557,17 +568,15 @@ class OpenVinoBackend(Backend):
                 model.input(key): ov.PartialShape([-1, *spec.shape])
                 for key, spec in zip(inputs, config.inputs, strict=True)
             })  # fmt: skip
-            compiled = core.compile_model(
-                model, "CPU", {**_OPENVINO_CPU, "INFERENCE_NUM_THREADS": options.intra_op_threads}
-            )
         except Exception as error:  # OpenVINO raises RuntimeError and its own types
             raise _unloadable(config, error) from error
-        outputs = (
-            list(compiled.outputs)
-            if torchscript
-            else [compiled.output(spec.name) for spec in config.outputs]
-        )
-        return cls(config, compiled, inputs, outputs)
+        return cls(config, model, _openvino_compile(core, config, model, options), inputs)
+
+    def replicate(self, options: BackendOptions) -> OpenVinoBackend:
+        """A copy compiled from the model already converted: a TorchScript file is not
+        traced and converted again per instance."""
+        compiled = _openvino_compile(_openvino().Core(), self.config, self.model, options)
+        return OpenVinoBackend(self.config, self.model, compiled, self.inputs)
 
     def execute(self, batch: Batch) -> dict[str, Array]:
         feed = {
@@ -584,6 +593,19 @@ class OpenVinoBackend(Backend):
     def close(self) -> None:
         del self.request
         del self.compiled
+        del self.model
+
+
+def _openvino_compile(
+    core: openvino.Core, config: ModelConfig, model: openvino.Model, options: BackendOptions
+) -> openvino.CompiledModel:
+    """The model compiled for this CPU, with its own stream of `intra_op_threads` threads."""
+    try:
+        return core.compile_model(
+            model, "CPU", {**_OPENVINO_CPU, "INFERENCE_NUM_THREADS": options.intra_op_threads}
+        )
+    except Exception as error:  # OpenVINO raises RuntimeError and its own types
+        raise _unloadable(config, error) from error
 
 
 def _torchscript_for_openvino(ov: Any, config: ModelConfig) -> openvino.Model:

@@ -254,8 +254,9 @@ class ModelServer:
         config = await asyncio.to_thread(self.repository.config, name, version)
         backends: list[Backend] = []
         try:
-            for _ in range(config.execution.instances):
-                backends.append(await asyncio.to_thread(self._load_backend, config, self.options))
+            backends.append(await asyncio.to_thread(self._load_backend, config, self.options))
+            for _ in range(config.execution.instances - 1):
+                backends.append(await asyncio.to_thread(backends[0].replicate, self.options))
             preprocessing, postprocessing = await asyncio.to_thread(_pipelines, config)
         except BaseException:
             for backend in backends:
