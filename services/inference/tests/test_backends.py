@@ -288,6 +288,20 @@ def test_a_tensorrt_engine_without_tensorrt_fails_clearly(tmp_path: Path) -> Non
     assert "`tensorrt` package is not installed" in error.value.message
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present")
+def test_an_engine_to_build_from_onnx_without_tensorrt_fails_clearly(
+    tmp_path: Path, classifier: TrainedClassifier
+) -> None:
+    metadata = classifier_metadata({"platform": "tensorrt", "device": "cuda"})
+    write_bundle(tmp_path, "engine", 1, metadata, {"model.onnx": classifier.onnx})
+
+    with pytest.raises(FailedPrecondition) as error:
+        load_backend(ModelRepository(tmp_path).config("engine"), OPTIONS)
+
+    assert error.value.reason == "TENSORRT_NOT_INSTALLED"
+    assert "asks for a TensorRT engine built from model.onnx" in error.value.message
+
+
 @pytest.mark.parametrize("accelerator", ["none", "openvino"])
 @pytest.mark.parametrize("platform", [Platform.TORCHSCRIPT, Platform.ONNX])
 def test_a_corrupt_model_file_cannot_load(
@@ -389,6 +403,43 @@ def test_torchscript_on_cuda_answers_as_on_the_cpu(
     np.testing.assert_allclose(
         outputs["probabilities"], classifier.expected(patches), atol=tolerance
     )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_tensorrt_builds_an_engine_from_onnx_once_per_gpu(
+    tmp_path: Path, classifier: TrainedClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tensorrt")
+    from medimg_inference import backends
+
+    builds: list[str] = []
+    build = backends._build_engine
+
+    def counted(tensorrt: Any, config: Any) -> bytes:
+        builds.append(config.name)
+        return build(tensorrt, config)
+
+    monkeypatch.setattr(backends, "_build_engine", counted)
+    metadata = classifier_metadata({"platform": "tensorrt", "device": "cuda", "max_batch_size": 8})
+    write_bundle(tmp_path / "repository", "patches", 1, metadata, {"model.onnx": classifier.onnx})
+    config = ModelRepository(tmp_path / "repository").config("patches")
+    options = BackendOptions(intra_op_threads=2, engine_cache=tmp_path / "engines")
+    patches = classifier.patches[:8]
+
+    first = load_backend(config, options)
+    outputs = first.execute({"patch": patches})
+    second = first.replicate(options)  # from the cache: not built again
+    again = second.execute({"patch": patches[:3]})
+    first.close()
+    second.close()
+
+    assert builds == ["patches"]
+    [engine] = (tmp_path / "engines").iterdir()
+    gpu = torch.cuda.get_device_properties(0)
+    assert engine.suffix == ".plan" and f"sm{gpu.major}{gpu.minor}" in engine.name
+    np.testing.assert_allclose(outputs["probabilities"], classifier.expected(patches), atol=1e-4)
+    np.testing.assert_allclose(again["probabilities"], outputs["probabilities"][:3], atol=1e-6)
 
 
 @pytest.mark.gpu

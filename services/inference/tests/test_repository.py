@@ -216,6 +216,31 @@ def test_a_platform_whose_model_file_is_missing(tmp_path: Path) -> None:
     assert reason(error) == "MODEL_FILE_NOT_FOUND"
 
 
+def test_tensorrt_without_a_plan_builds_from_the_onnx_file(tmp_path: Path) -> None:
+    tensorrt = classifier_metadata({"platform": "tensorrt", "device": "cuda"})
+    write_bundle(tmp_path, "build", 1, tensorrt, ONNX)
+    write_bundle(tmp_path, "neither", 1, tensorrt, {"model.ts": b"ts"})
+    repository = ModelRepository(tmp_path)
+
+    execution = repository.config("build").execution
+    assert execution.platform is Platform.TENSORRT
+    assert execution.model_file.name == "model.onnx"
+    with pytest.raises(FailedPrecondition) as error:
+        repository.config("neither")
+    assert reason(error) == "MODEL_FILE_NOT_FOUND"
+    assert "needs models/model.plan or models/model.onnx" in error.value.message
+
+
+def test_an_engine_is_built_from_onnx_for_fixed_shapes_only(tmp_path: Path) -> None:
+    metadata = classifier_metadata({"platform": "tensorrt", "device": "cuda"})
+    _patch(metadata)["spatial_shape"] = ["16*n", 16]
+    write_bundle(tmp_path, "dynamic", 1, metadata, ONNX)
+    with pytest.raises(FailedPrecondition) as error:
+        ModelRepository(tmp_path).config("dynamic")
+    assert (reason(error), error.value.metadata["field"]) == ("INVALID_METADATA", "medimg.platform")
+    assert "for fixed shapes only, but input 'patch' has a dynamic size" in error.value.message
+
+
 def _inputs(metadata: Metadata) -> Any:
     return metadata["network_data_format"]["inputs"]
 

@@ -16,7 +16,7 @@ from medimg_core import redis as medimg_redis
 from medimg_core.audit import AuditClient
 from medimg_core.server import ServiceDefinition, run_in_background
 from medimg_inference import kserve
-from medimg_inference.backends import TORCH_CPU, BackendOptions
+from medimg_inference.backends import ENGINE_CACHE, TORCH_CPU, BackendOptions
 from medimg_inference.cache import ResponseCache
 from medimg_inference.metrics import register_metrics
 from medimg_inference.predict import Predictor
@@ -54,7 +54,8 @@ async def build(settings: InferenceSettings, resources: AsyncExitStack) -> Servi
         )
         resources.push_async_callback(cache.aclose)
     threads = settings.intra_op_threads
-    options = BackendOptions(threads) if threads else BackendOptions()
+    engines = settings.model_repository / ENGINE_CACHE
+    options = BackendOptions(threads, engines) if threads else BackendOptions(engine_cache=engines)
     TORCH_CPU.configure(options.intra_op_threads)
     server = ModelServer(repository(settings), options, cache=cache)
     # Unloads (answering what is queued) before the channels close: the stack unwinds in

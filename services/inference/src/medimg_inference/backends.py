@@ -12,13 +12,18 @@ A model with an accelerator (medimg.accelerator) runs in it, or does not load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 import sys
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
@@ -132,6 +137,10 @@ def _available_cores() -> int:
     return cpus.available()
 
 
+#: The engine cache's directory under the local model repository (no model has this name).
+ENGINE_CACHE = ".engines"
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """How backends use the machine. `intra_op_threads` is the threads one execution may use
@@ -140,6 +149,9 @@ class BackendOptions:
     the cores only adds contention."""
 
     intra_op_threads: int = field(default_factory=_available_cores)
+    #: Where TensorRT engines built from ONNX files are kept, one per file, GPU and TensorRT
+    #: version; None: built at every load and kept nowhere.
+    engine_cache: Path | None = None
 
 
 class Backend(ABC):
@@ -635,9 +647,10 @@ def _openvino_tensors(ports: Sequence[openvino.Output]) -> list[_GraphTensor]:
 
 
 class TensorRTBackend(Backend):
-    """A serialized TensorRT engine (models/model.plan) on a CUDA GPU, through the TensorRT
-    10 tensor API, with torch allocating the device buffers. Needs the `tensorrt` package,
-    which is imported only here."""
+    """A TensorRT engine on a CUDA GPU, through the TensorRT 10/11 tensor API, with torch
+    allocating the device buffers: the serialized engine of models/model.plan, or one built
+    from models/model.onnx (see `_engine_from_onnx`). Needs the `tensorrt` package, which is
+    imported only here."""
 
     def __init__(self, config: ModelConfig, engine: Any, device: torch.device) -> None:
         super().__init__(config)
@@ -647,13 +660,15 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def load(cls, config: ModelConfig, options: BackendOptions) -> Self:
+        from_onnx = config.execution.model_file.suffix == ".onnx"
         try:
             import tensorrt
         except ImportError as error:
+            what = "asks for a TensorRT engine built from" if from_onnx else "is a TensorRT engine"
             raise FailedPrecondition(
                 "TENSORRT_NOT_INSTALLED",
-                f"model {config.name} version {config.version} is a TensorRT engine "
-                f"({config.execution.model_file.name}) but the `tensorrt` package is not "
+                f"model {config.name} version {config.version} {what} "
+                f"{config.execution.model_file.name} but the `tensorrt` package is not "
                 "installed",
                 model=config.name,
                 version=config.version,
@@ -661,8 +676,12 @@ class TensorRTBackend(Backend):
         if not config.execution.uses_cuda:
             raise _device_unavailable(config, 'a TensorRT engine needs medimg.device "cuda"')
         device = _torch_device(config)
+        if from_onnx:
+            plan = _engine_from_onnx(tensorrt, config, options, device)
+        else:
+            plan = config.execution.model_file.read_bytes()
         runtime = tensorrt.Runtime(tensorrt.Logger(tensorrt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(config.execution.model_file.read_bytes())
+        engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise _unloadable(config, ValueError("TensorRT could not deserialize the engine"))
         names = {engine.get_tensor_name(index) for index in range(engine.num_io_tensors)}
@@ -703,3 +722,78 @@ class TensorRTBackend(Backend):
     def close(self) -> None:
         del self.context
         del self.engine
+
+
+def _engine_from_onnx(
+    tensorrt: Any, config: ModelConfig, options: BackendOptions, device: torch.device
+) -> bytes:
+    """The serialized engine of the model's ONNX file for this GPU: from the engine cache,
+    or built now and stored there. An engine runs only on the GPU model and TensorRT
+    version it was built with, so both name it, with the file's SHA-256 and the largest
+    batch it takes."""
+    import torch
+
+    onnx = config.execution.model_file
+    gpu = torch.cuda.get_device_properties(device)
+    key = "-".join((
+        hashlib.sha256(onnx.read_bytes()).hexdigest()[:32],
+        re.sub(r"[^A-Za-z0-9]+", "_", gpu.name).strip("_"),
+        f"sm{gpu.major}{gpu.minor}",
+        f"trt{tensorrt.__version__}",
+        f"b{config.batching.max_batch_size}",
+    ))  # fmt: skip
+    cached = options.engine_cache / f"{key}.plan" if options.engine_cache else None
+    if cached is not None and cached.is_file():
+        return cached.read_bytes()
+    with torch.cuda.device(device):
+        plan = _build_engine(tensorrt, config)
+    if cached is not None:
+        try:
+            _store_engine(cached, plan)
+        except OSError as error:  # a full disk costs the next load a build, not this one
+            log.warning(
+                "the TensorRT engine was built but could not be cached",
+                extra={"fields": {"model": config.name, "error_type": type(error).__name__}},
+            )
+    return plan
+
+
+def _store_engine(path: Path, plan: bytes) -> None:
+    """Writes the engine under `path` whole or not at all, whoever reads it meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".building-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(plan)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _build_engine(tensorrt: Any, config: ModelConfig) -> bytes:
+    """An engine built from the ONNX file, in the precision of its graph (TensorRT 11 has no
+    reduced-precision flags: an fp16 engine comes from an fp16 ONNX file), for batches of 1
+    to max_batch_size, tuned for the largest (the repository allows fixed shapes only)."""
+    logger = tensorrt.Logger(tensorrt.Logger.WARNING)
+    builder = tensorrt.Builder(logger)
+    network = builder.create_network(0)
+    parser = tensorrt.OnnxParser(network, logger)
+    # From the file, so that weights kept as external data beside it are found.
+    if not parser.parse_from_file(str(config.execution.model_file)):
+        errors = "; ".join(
+            str(parser.get_error(index).desc()) for index in range(parser.num_errors)
+        )
+        raise _unloadable(config, ValueError(f"TensorRT cannot parse the ONNX file: {errors}"))
+    build = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    largest = config.batching.max_batch_size
+    for spec in config.inputs:
+        profile.set_shape(
+            spec.name, (1, *spec.shape), (largest, *spec.shape), (largest, *spec.shape)
+        )
+    build.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, build)
+    if plan is None:
+        raise _unloadable(config, RuntimeError("TensorRT could not build an engine (see its log)"))
+    return bytes(plan)

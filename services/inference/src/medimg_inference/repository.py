@@ -7,7 +7,8 @@ directory::
     configs/metadata.json     MONAI bundle metadata, plus an optional "medimg" section
     models/model.ts           TorchScript, or
     models/model.onnx         ONNX, or
-    models/model.plan         a serialized TensorRT engine
+    models/model.plan         a serialized TensorRT engine (or, with platform "tensorrt",
+                              one built from models/model.onnx when the version loads)
 
 `network_data_format` (MONAI bundle specification) names and types the tensors: each input
 and output has `num_channels`, `spatial_shape` and `dtype`; a tensor's shape per batch item
@@ -22,7 +23,9 @@ plain MONAI bundle loads::
 
     "medimg": {
         "platform": "onnx",            # "torchscript" | "onnx" | "tensorrt"; default: the
-                                       #   model file present (model.plan, model.onnx, model.ts)
+                                       #   model file present (model.plan, model.onnx, model.ts).
+                                       #   "tensorrt" without a model.plan builds an engine
+                                       #   from model.onnx, cached per GPU (backends)
         "max_batch_size": 8,           # rows per execution; 1 turns batching off
         "max_queue_delay_us": 2000,    # how long a batch may wait for more requests
         "preferred_batch_sizes": [4, 8],  # batch sizes to run at once when they can form,
@@ -619,12 +622,18 @@ def _execution(
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise fields.invalid("medimg.device", 'must be "cpu", "cuda" or "cuda:N"')
     precision = Precision(medimg.choice("precision", Precision.FP32, list(Precision)))
+    model_file = None
     if "platform" in medimg.section:
         platform = Platform(medimg.choice("platform", "", list(Platform)))
-        if not (path / MODEL_FILES[platform]).is_file():
+        model_file = path / MODEL_FILES[platform]
+        if platform is Platform.TENSORRT and not model_file.is_file():
+            model_file = path / MODEL_FILES[Platform.ONNX]  # the engine is built from it
+        if not model_file.is_file():
             raise FailedPrecondition(
                 "MODEL_FILE_NOT_FOUND",
-                f"platform {platform} needs {MODEL_FILES[platform]}, which the bundle lacks",
+                f"platform {platform} needs {MODEL_FILES[platform]}"
+                + (f" or {MODEL_FILES[Platform.ONNX]}" if platform is Platform.TENSORRT else "")
+                + ", which the bundle lacks",
                 **fields.where,
             )
     else:
@@ -638,6 +647,15 @@ def _execution(
         # The first in MODEL_FILES order: an engine built for this deployment beats a
         # portable format; medimg.platform chooses otherwise.
         platform = present[0]
+    if model_file is not None and platform is Platform.TENSORRT and model_file.suffix == ".onnx":
+        dynamic = [spec.name for spec in inputs if -1 in spec.shape]
+        if dynamic:
+            raise fields.invalid(
+                "medimg.platform",
+                f'"tensorrt" builds an engine from {MODEL_FILES[Platform.ONNX]} for fixed '
+                f"shapes only, but input {dynamic[0]!r} has a dynamic size: ship a model.plan, "
+                'or serve the ONNX file with "platform": "onnx"',
+            )
     # Reduced precision casts a TorchScript model's weights on the GPU; an ONNX model or a
     # TensorRT engine has its precision fixed when it is exported or built.
     if precision is not Precision.FP32 and not (
@@ -653,7 +671,7 @@ def _execution(
         )
     return ExecutionConfig(
         platform=platform,
-        model_file=path / MODEL_FILES[platform],
+        model_file=model_file or path / MODEL_FILES[platform],
         device=device,
         precision=precision,
         instances=medimg.positive_int("instances", 1),

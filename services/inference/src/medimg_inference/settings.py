@@ -15,7 +15,8 @@ class InferenceSettings(AuditedServiceSettings):
     port: int = 7102
     #: The model repository: `<dir>/<model>/<version>/` MONAI bundles (required). With
     #: `model_repository_url`, the local part: promoted versions, and the copies of the
-    #: versions fetched from S3 (under `.s3/`).
+    #: versions fetched from S3 (under `.s3/`). TensorRT engines built from ONNX files are
+    #: cached under `.engines/`.
     model_repository: Path
     #: A model repository on S3 (or an S3-compatible store), `s3://bucket[/key/prefix]`,
     #: laid out as the directory; its versions are fetched when they are loaded.
