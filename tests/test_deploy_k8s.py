@@ -633,11 +633,30 @@ def test_prod_inference_reads_the_model_repository_on_s3(rendered: dict[str, Obj
     assert "MEDIMG_INFERENCE_MODEL_REPOSITORY_URL" not in env(dev["containers"][0])
 
 
+def test_prod_training_registers_bundles_where_inference_serves_them(
+    rendered: dict[str, Objects],
+) -> None:
+    training = irsa_settings(rendered["prod"], "training")
+    inference = irsa_settings(rendered["prod"], "inference")
+    # A promotion names the version under training's store; inference fetches it only from
+    # its own repository on S3: the two must be the same place.
+    store = S3Location.parse(training["MEDIMG_TRAINING_MODEL_STORE_URL"])
+    assert store == S3Location.parse(inference["MEDIMG_INFERENCE_MODEL_REPOSITORY_URL"])
+    iam = (ROOT / "deploy" / "terraform" / "iam.tf").read_text()
+    assert 'write = ["models/"], delete = ["models/"] }' in iam  # training's role
+    dev = of_kind(rendered["dev"], "Deployment")["training"]["spec"]["template"]["spec"]
+    assert "MEDIMG_TRAINING_MODEL_STORE_URL" not in env(dev["containers"][0])
+
+
 def test_prod_services_reach_s3_only_through_the_vpc(rendered: dict[str, Objects]) -> None:
     policy = of_kind(rendered["prod"], "NetworkPolicy")["backend-object-store"]["spec"]
     assert policy["podSelector"] == {
         "matchExpressions": [
-            {"key": "app.kubernetes.io/name", "operator": "In", "values": ["ingest", "inference"]}
+            {
+                "key": "app.kubernetes.io/name",
+                "operator": "In",
+                "values": ["ingest", "training", "inference"],
+            }
         ]
     }
     assert policy["egress"] == [

@@ -5,10 +5,12 @@
 locals {
   oidc = replace(aws_iam_openid_connect_provider.eks.url, "https://", "")
   # service account -> (S3 prefixes it reads, writes, and deletes from). ingest deletes the
-  # orphans its sweep finds, by version (medimg_ingest.objects.S3ObjectStore.discard).
+  # orphans its sweep finds, by version (medimg_ingest.objects.S3ObjectStore.discard);
+  # training replaces the files of a registration that did not commit (a delete marker:
+  # the bucket keeps every version; medimg_training.bundle_store.S3Bundles).
   s3_access = {
     ingest    = { read = ["instances/"], write = ["instances/"], delete = ["instances/"] }
-    training  = { read = ["instances/", "models/"], write = ["models/"], delete = [] }
+    training  = { read = ["instances/", "models/"], write = ["models/"], delete = ["models/"] }
     inference = { read = ["models/"], write = [], delete = [] }
   }
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -22,15 +22,19 @@ import pytest
 import redis.asyncio as aioredis
 
 from medimg_core import redis as medimg_redis
+from medimg_core import s3
 from medimg_core.bundles import bundle_digest
+from medimg_core.s3 import S3Location
 from medimg_inference.backends import BackendOptions
 from medimg_inference.promotion import (
     PROMOTION_STREAM,
+    BundleLocation,
     PromotionFollower,
     Registered,
     RegistryUnavailable,
 )
 from medimg_inference.repository import ModelName, ModelRepository, ModelVersion
+from medimg_inference.s3_models import S3_CACHE, S3Models
 from medimg_inference.serving import ModelServer, ModelState
 from services.inference.tests.support import (
     TORCHSCRIPT_DEPRECATED,
@@ -38,11 +42,23 @@ from services.inference.tests.support import (
     classifier_metadata,
     write_bundle,
 )
+from tests.s3_server import isolate_credentials, make_client, moto_server, new_bucket
 
 pytestmark = pytest.mark.filterwarnings(TORCHSCRIPT_DEPRECATED)
 
 Replica = tuple[ModelServer, PromotionFollower]
 StartReplica = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(autouse=True)
+def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    isolate_credentials(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -68,7 +84,9 @@ class Registry:
             raise RegistryUnavailable("UNAVAILABLE")
         return self.records.get((model, version))
 
-    def point(self, name: str, version: int, bundle: Path, sha256: str, alias: str) -> None:
+    def point(
+        self, name: str, version: int, bundle: BundleLocation, sha256: str, alias: str
+    ) -> None:
         """Registers the version (if new) and points the alias at it, as promotion does."""
         for key, record in list(self.records.items()):
             if key[0] == name and alias in record.aliases:
@@ -91,16 +109,24 @@ def stream() -> str:
 
 @pytest.fixture
 async def start_replica(
-    tmp_path: Path, redis: aioredis.Redis, stream: str, registry: Registry
+    tmp_path: Path, redis: aioredis.Redis, stream: str, registry: Registry, s3_endpoint: str
 ) -> AsyncIterator[StartReplica]:
-    """start_replica(alias="production"): a model server over a repository of its own, and
-    its follower task, caught up with the stream."""
+    """start_replica(alias="production"): a model server over a repository of its own (and
+    one on S3 with `on_s3`), and its follower task, caught up with the stream."""
     async with AsyncExitStack() as stack:
 
-        async def start(alias: str = "production", repository: Path | None = None) -> Replica:
+        async def start(
+            alias: str = "production",
+            repository: Path | None = None,
+            on_s3: S3Location | None = None,
+        ) -> Replica:
             root = repository or tmp_path / f"replica-{uuid.uuid4().hex[:8]}"
             root.mkdir(exist_ok=True)
-            server = ModelServer(ModelRepository(root), BackendOptions(intra_op_threads=1))
+            remote = None
+            if on_s3 is not None:  # a model repository on S3 too
+                remote = S3Models(on_s3, make_client(s3_endpoint), root / S3_CACHE)
+            options = BackendOptions(intra_op_threads=1)
+            server = ModelServer(ModelRepository(root, remote), options)
             stack.push_async_callback(server.close)
             follower = PromotionFollower(
                 redis, server, registry, alias=alias, stream=stream, block_ms=100, retry_seconds=0.1
@@ -132,12 +158,15 @@ async def publish(  # noqa: PLR0917 - the fields of the entry, in their order
     stream: str,
     name: str,
     version: int | str,
-    bundle: Path | str,
+    bundle: BundleLocation | str,
     sha256: str,
     alias: str = "production",
 ) -> None:
     """Writes a promotion entry, as anyone who can write to Redis could."""
-    uri = bundle.as_uri() if isinstance(bundle, Path) else bundle
+    if isinstance(bundle, Path):
+        uri = bundle.as_uri()
+    else:
+        uri = bundle.url if isinstance(bundle, S3Location) else bundle
     fields = {
         "model": name,
         "version": str(version),
@@ -154,7 +183,7 @@ async def promote(  # noqa: PLR0917 - the fields of the entry, in their order
     registry: Registry,
     name: str,
     version: int,
-    bundle: Path,
+    bundle: BundleLocation,
     sha256: str,
     alias: str = "production",
 ) -> None:
@@ -369,3 +398,46 @@ async def test_a_registry_out_of_reach_is_waited_out(
     await until(lambda: server.ready("patches", 1))
     assert registry.unavailable == 0 and registry.asked == 4
     assert follower.applied == 1 and follower.refused == 0
+
+
+async def test_a_bundle_on_s3_is_fetched_from_the_repository_there_and_checked(
+    tmp_path: Path,
+    redis: aioredis.Redis,
+    stream: str,
+    *,
+    registry: Registry,
+    start_replica: StartReplica,
+    classifier: TrainedClassifier,
+    s3_endpoint: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Training keeps its bundles on S3 (MEDIMG_TRAINING_MODEL_STORE_URL), which replicas
+    serve as their model repository there: a promotion names the version's prefix."""
+    client = make_client(s3_endpoint)
+    bucket = new_bucket(client, versioned=True)
+    repository = S3Location(bucket, "models/")
+    bundles = {}
+    for version in (1, 2):  # uploaded as training uploads them (medimg_core.s3.upload_tree)
+        local, digest = registry_bundle(tmp_path / "registry", "patches", version, classifier)
+        prefix = f"models/patches/{version}/"
+        s3.upload_tree(client, bucket, prefix, local)
+        bundles[version] = (S3Location(bucket, prefix), digest)
+    caplog.set_level(logging.WARNING, logger="medimg_inference.promotion")
+    on_s3, follower = await start_replica(on_s3=repository)
+    elsewhere, stranger = await start_replica()  # no repository on S3
+
+    await promote(redis, stream, registry, "patches", 1, *bundles[1])
+    await until(lambda: on_s3.ready("patches", 1))
+    assert not (on_s3.repository.root / "patches").exists()  # fetched, not copied in
+    assert (on_s3.repository.root / S3_CACHE / "patches" / "1").is_dir()
+    await until(lambda: stranger.refused == 1)
+    assert not elsewhere.ready("patches")
+
+    # The bucket's copy is not what was registered: refused, version 1 keeps serving.
+    client.put_object(Bucket=bucket, Key="models/patches/2/models/extra.bin", Body=b"planted")
+    await promote(redis, stream, registry, "patches", 2, *bundles[2])
+    await until(lambda: follower.refused == 1 and stranger.refused == 2)
+    assert on_s3.ready("patches", 1) and follower.applied == 1
+    skipped = [r for r in caplog.records if r.getMessage() == "promotion skipped"]
+    reasons = [record.__dict__["fields"]["reason"] for record in skipped]
+    assert sorted(reasons) == ["BUNDLE_DIGEST_MISMATCH"] + ["BUNDLE_OUTSIDE_REPOSITORY"] * 2

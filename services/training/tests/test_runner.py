@@ -112,8 +112,8 @@ async def test_a_job_runs_to_a_registered_bundle(
     assert float(entries[-1][1]["eta_seconds"]) == 0
 
     version = await registry.get_version(pool, job.model_version)
-    assert version.bundle_path == settings.object_dir / "models" / "ct-or-mr" / "1"
-    assert version.sha256 == bundle_digest(version.bundle_path)
+    assert version.bundle == str(settings.object_dir / "models" / "ct-or-mr" / "1")
+    assert version.sha256 == bundle_digest(Path(version.bundle))
     assert version.dataset == dataset.name
     assert version.creator == "max"
     assert version.code_version == "test"

@@ -7,8 +7,11 @@ never from medimg's settings.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -18,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 #: S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, letter or digit at
 #: both ends (the general-purpose bucket rules, less the rarer exceptions).
@@ -30,6 +34,10 @@ class S3Location:
 
     bucket: str
     prefix: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
 
     @classmethod
     def parse(cls, url: str) -> S3Location:
@@ -78,3 +86,36 @@ def reason(error: ClientError | BotoCoreError) -> str:
     if isinstance(error, ClientError):
         return error.response.get("Error", {}).get("Code", "unknown error")
     return type(error).__name__
+
+
+def upload_tree(client: S3Client, bucket: str, prefix: str, directory: Path) -> None:
+    """Puts every file under `directory` at `prefix` + its relative path (with `/`), each
+    with its SHA-256, which S3 checks on arrival and keeps. Raises S3's errors as they are."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            client.put_object(
+                Bucket=bucket,
+                Key=prefix + path.relative_to(directory).as_posix(),
+                Body=data,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode("ascii"),
+            )
+
+
+def delete_prefix(client: S3Client, bucket: str, prefix: str) -> None:
+    """Deletes every object under `prefix` (their current versions, in a versioned bucket).
+    Raises S3's errors as they are."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        keys: list[ObjectIdentifierTypeDef] = [
+            {"Key": entry["Key"]} for entry in page.get("Contents", [])
+        ]
+        if keys:  # a page holds at most 1,000 keys, as many as one DeleteObjects takes
+            answer = client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            if answer.get("Errors"):
+                failed = answer["Errors"][0]
+                raise ClientError(
+                    {"Error": {"Code": failed.get("Code", "unknown error"), "Message": ""}},
+                    "DeleteObjects",
+                )

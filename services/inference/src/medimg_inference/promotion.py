@@ -3,12 +3,15 @@ replica's repository, loaded and served.
 
 Training publishes each promotion on the Redis stream `medimg:training:model-promoted`, with
 the string fields `model` (the repository's directory name), `version` (a positive integer),
-`alias` (e.g. "production"), `bundle` (the bundle directory's URI, `file:///abs/path`) and
-`sha256` (medimg_core.bundles.bundle_digest of the bundle). A replica acts on the promotions
-to the alias it serves: it copies the bundle into a temporary directory beside its target
-`<repository>/<model>/<version>`, checks the digest of the copy, renames it into place, then
-loads it (ModelServer switches versions without failing a request; a failed load leaves the
-old version serving).
+`alias` (e.g. "production"), `bundle` (the bundle directory's URI: `file:///abs/path`, or
+`s3://bucket/prefix/<model>/<version>/` where training keeps its bundles on S3) and `sha256`
+(medimg_core.bundles.bundle_digest of the bundle). A replica acts on the promotions to the
+alias it serves. A bundle on its file system is copied into a temporary directory beside
+its target `<repository>/<model>/<version>`, its digest checked, and renamed into place. A
+bundle on S3 must lie in the replica's model repository on S3 (the training bucket, as
+MEDIMG_INFERENCE_MODEL_REPOSITORY_URL): it is fetched like any version there and its digest
+checked. Then the version is loaded (ModelServer switches versions without failing a
+request; a failed load leaves the old version serving).
 
 The stream only says that something changed: anyone who can write to Redis can write to
 it. So before a replica installs anything it asks the training registry, through the mesh
@@ -43,7 +46,14 @@ from medimg.training.v1 import training_service_pb2 as training_pb
 from medimg.training.v1 import training_service_pb2_grpc as training_grpc
 from medimg_core.bundles import bundle_digest, manifest
 from medimg_core.errors import FailedPrecondition, InvalidArgument, MedimgError
-from medimg_inference.repository import ModelName, ModelVersion, check_model_name
+from medimg_core.s3 import S3Location
+from medimg_inference.repository import (
+    ModelName,
+    ModelRepository,
+    ModelVersion,
+    check_model_name,
+)
+from medimg_inference.s3_models import S3Models
 from medimg_inference.serving import ModelServer
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,10 @@ _HEX = frozenset("0123456789abcdef")
 _PAGE = 500
 
 
+#: Where a promoted bundle is: a directory on this file system, or a prefix on S3.
+BundleLocation = Path | S3Location
+
+
 @dataclass(frozen=True)
 class Promotion:
     """One promotion event, checked."""
@@ -62,7 +76,7 @@ class Promotion:
     model: ModelName
     version: ModelVersion
     alias: str
-    bundle: Path
+    bundle: BundleLocation
     sha256: str
 
 
@@ -85,7 +99,11 @@ def parse_promotion(fields: Mapping[str, str]) -> Promotion:
             "INVALID_PROMOTION_DIGEST", "the promotion's sha256 is not 64 lowercase hex digits"
         )
     return Promotion(
-        model, ModelVersion(int(version)), fields["alias"], _bundle_path(fields["bundle"]), sha256
+        model,
+        ModelVersion(int(version)),
+        fields["alias"],
+        _bundle_location(fields["bundle"]),
+        sha256,
     )
 
 
@@ -93,7 +111,7 @@ def parse_promotion(fields: Mapping[str, str]) -> Promotion:
 class Registered:
     """What the training registry holds for a model version."""
 
-    bundle: Path
+    bundle: BundleLocation
     sha256: str
     aliases: frozenset[str]
 
@@ -131,7 +149,8 @@ class TrainingRegistry:
             raise FailedPrecondition(
                 "REGISTRY_REFUSED", f"the registry refused to confirm: {error.code().name}"
             ) from error
-        return Registered(_bundle_path(found.bundle_uri), found.sha256, frozenset(found.aliases))
+        bundle = _bundle_location(found.bundle_uri)
+        return Registered(bundle, found.sha256, frozenset(found.aliases))
 
 
 async def confirm(promotion: Promotion, registry: Registry) -> None:
@@ -155,11 +174,17 @@ async def confirm(promotion: Promotion, registry: Registry) -> None:
         )
 
 
-def _bundle_path(uri: str) -> Path:
+def _bundle_location(uri: str) -> BundleLocation:
     parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        try:
+            return S3Location.parse(uri)
+        except ValueError as error:
+            raise InvalidArgument("UNSUPPORTED_BUNDLE_URI", str(error)) from error
     if parts.scheme != "file" or parts.netloc not in ("", "localhost") or parts.query:
         raise InvalidArgument(
-            "UNSUPPORTED_BUNDLE_URI", "the bundle URI is not a file:///absolute/path URI"
+            "UNSUPPORTED_BUNDLE_URI",
+            "the bundle URI is neither a file:///absolute/path nor an s3://bucket/prefix URI",
         )
     path = Path(unquote(parts.path))
     if not path.is_absolute() or ".." in path.parts:
@@ -167,22 +192,60 @@ def _bundle_path(uri: str) -> Path:
     return path
 
 
-def install_bundle(promotion: Promotion, root: Path) -> Path:
-    """Copies the promoted bundle to `<root>/<model>/<version>` atomically and returns that
-    path. Blocking: call it from a thread. A version already there with the same digest is
-    kept; one with another digest is refused (versions are immutable), as is a copy whose
-    digest is not the promotion's. Nothing is left behind on failure."""
-    target = root / promotion.model / str(promotion.version)
-    where: dict[str, str | int] = {"model": promotion.model, "version": promotion.version}
+def install_bundle(promotion: Promotion, repository: ModelRepository) -> Path:
+    """Makes the promoted bundle a version of the repository, checked against the
+    promotion's digest, and returns its local path. Blocking: call it from a thread. A
+    version already in the local directory with the same digest is kept; one with another
+    digest is refused (versions are immutable)."""
+    target = repository.root / promotion.model / str(promotion.version)
     if target.exists():
         if bundle_digest(target) == promotion.sha256:
             return target
         raise FailedPrecondition(
             "VERSION_EXISTS",
             "the repository already holds this version with other content",
+            model=promotion.model,
+            version=promotion.version,
+        )
+    if isinstance(promotion.bundle, S3Location):
+        return _fetch_from_s3(promotion, promotion.bundle, repository)
+    return _copy_bundle(promotion, promotion.bundle, target)
+
+
+def _fetch_from_s3(promotion: Promotion, bundle: S3Location, repository: ModelRepository) -> Path:
+    """Fetches the version from the repository on S3 where the bundle lies, checked."""
+    where: dict[str, str | int] = {"model": promotion.model, "version": promotion.version}
+    remote = repository.remote
+    if not (
+        isinstance(remote, S3Models)
+        and bundle
+        == S3Location(
+            remote.location.bucket,
+            f"{remote.location.prefix}{promotion.model}/{promotion.version}/",
+        )
+    ):
+        raise FailedPrecondition(
+            "BUNDLE_OUTSIDE_REPOSITORY",
+            "the promoted bundle is on S3 but not at this model version in this replica's model "
+            "repository on S3: point MEDIMG_INFERENCE_MODEL_REPOSITORY_URL at the training "
+            "service's MEDIMG_TRAINING_MODEL_STORE_URL",
             **where,
         )
-    if not promotion.bundle.is_dir():
+    fetched = remote.fetch(promotion.model, promotion.version)
+    if bundle_digest(fetched) != promotion.sha256:
+        raise FailedPrecondition(
+            "BUNDLE_DIGEST_MISMATCH",
+            "the promoted bundle's digest is not the one the promotion names",
+            **where,
+        )
+    return fetched
+
+
+def _copy_bundle(promotion: Promotion, bundle: Path, target: Path) -> Path:
+    """Copies the promoted bundle to `target` atomically, refusing a copy whose digest is
+    not the promotion's. Nothing is left behind on failure."""
+    where: dict[str, str | int] = {"model": promotion.model, "version": promotion.version}
+    if not bundle.is_dir():
         raise FailedPrecondition(
             "BUNDLE_NOT_FOUND", "the promoted bundle is not a readable directory", **where
         )
@@ -191,11 +254,11 @@ def install_bundle(promotion: Promotion, root: Path) -> Path:
     # repository from taking it for a version.
     staging = Path(tempfile.mkdtemp(prefix=f".promoting-{promotion.version}-", dir=target.parent))
     try:
-        for line in manifest(promotion.bundle):
+        for line in manifest(bundle):
             relative = line.split("\0", 1)[0]
             destination = staging / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(promotion.bundle / relative, destination)
+            shutil.copyfile(bundle / relative, destination)
         if bundle_digest(staging) != promotion.sha256:
             raise FailedPrecondition(
                 "BUNDLE_DIGEST_MISMATCH",
@@ -213,7 +276,7 @@ def install_bundle(promotion: Promotion, root: Path) -> Path:
 
 async def apply_promotion(promotion: Promotion, server: ModelServer) -> None:
     """Installs the promoted bundle and makes it the version of its model that serves."""
-    await asyncio.to_thread(install_bundle, promotion, server.repository.root)
+    await asyncio.to_thread(install_bundle, promotion, server.repository)
     await server.load(promotion.model, promotion.version)
 
 

@@ -79,7 +79,7 @@ class S3Models:
         return cls(S3Location.parse(url), client, cache)
 
     def __str__(self) -> str:
-        return f"s3://{self.location.bucket}/{self.location.prefix}"
+        return self.location.url
 
     def model_dirs(self) -> list[str]:
         """The names of the "directories" at the top of the location, unchecked."""

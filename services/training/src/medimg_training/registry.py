@@ -1,16 +1,17 @@
 """The model registry: models, their versions (bundles with lineage) and aliases.
 
-A version's bundle lies at `<object_dir>/models/<model>/<version>/`, the layout of the
-inference service's repository; its row names the job, dataset, spec, code version,
+A version's bundle lies at `<model>/<version>/` in the bundle store (bundle_store.py: the
+training volume, or S3), the layout of the inference service's repository; its row names
+where, and the job, dataset, spec, code version,
 metrics and creator that produced it, and the bundle's digest
 (`medimg_core.bundles.bundle_digest`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 
 from medimg_core import redis as medimg_redis
 from medimg_core.errors import InvalidArgument, NotFound
+from medimg_training.bundle_store import BundleStore
 from medimg_training.jobs import Job
 
 #: The stream the inference service follows to load promoted versions.
@@ -56,7 +58,8 @@ class Version:
     code_version: str
     metrics: Mapping[str, float]
     creator: str
-    bundle_path: Path
+    #: Where the bundle is: an absolute path, or an s3://bucket/prefix/ URI.
+    bundle: str
     sha256: str
     aliases: tuple[str, ...]
     create_time: datetime
@@ -67,7 +70,7 @@ class Version:
 
     @property
     def bundle_uri(self) -> str:
-        return self.bundle_path.as_uri()
+        return self.bundle if self.bundle.startswith("s3://") else Path(self.bundle).as_uri()
 
 
 def parse_model(name: str) -> str:
@@ -90,14 +93,14 @@ async def register(
     pool: asyncpg.Pool,
     job: Job,
     bundle: Path,
-    models_root: Path,
+    store: BundleStore,
     *,
     metrics: Mapping[str, float],
     code_version: str,
     sha256: str,
 ) -> str:
-    """Moves the job's bundle to the model's next version and records it; returns the
-    version's name. Idempotent per job: a job registers one version, once."""
+    """Places the job's bundle in the store as the model's next version and records it;
+    returns the version's name. Idempotent per job: a job registers one version, once."""
     model_id = job.spec["model"]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
@@ -113,9 +116,8 @@ async def register(
             "SELECT coalesce(max(version), 0) + 1 FROM model_versions WHERE model_id = $1",
             model_id,
         )
-        target = models_root / model_id / str(version)
-        # Renames within one file system: quick enough to do on the loop, inside the lock.
-        _place(bundle, target)
+        # Inside the lock: no other registration takes this version meanwhile.
+        location = await asyncio.to_thread(store.place, bundle, model_id, version)
         try:
             await conn.execute(
                 """INSERT INTO model_versions (model_id, version, job_id, dataset, spec,
@@ -129,20 +131,13 @@ async def register(
                 code_version,
                 json.dumps(dict(metrics)),
                 job.creator,
-                str(target),
+                location,
                 sha256,
             )
         except BaseException:
-            target.rename(bundle)
+            await asyncio.to_thread(store.remove, location, bundle)
             raise
     return f"registeredModels/{model_id}/versions/{version}"
-
-
-def _place(bundle: Path, target: Path) -> None:
-    if target.exists():  # left by a registration whose transaction did not commit
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    bundle.rename(target)
 
 
 def _version(row: asyncpg.Record, aliases: tuple[str, ...]) -> Version:
@@ -155,7 +150,7 @@ def _version(row: asyncpg.Record, aliases: tuple[str, ...]) -> Version:
         code_version=row["code_version"],
         metrics=json.loads(row["metrics"]),
         creator=row["creator"],
-        bundle_path=Path(row["bundle_path"]),
+        bundle=row["bundle_path"],
         sha256=row["sha256"],
         aliases=aliases,
         create_time=row["create_time"],

@@ -49,6 +49,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from medimg_core.bundles import bundle_digest
 from medimg_training import datasets, jobs, launchers, progress, registry, specs
+from medimg_training.bundle_store import open_bundle_store
 from medimg_training.jobs import Job, State
 from medimg_training.launchers import Exit, Launch, Launcher, Workers
 from medimg_training.settings import TrainingSettings
@@ -116,7 +117,7 @@ class Runner:
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._scheduler: asyncio.Task[None] | None = None
         self.jobs_root = settings.object_dir / "jobs"
-        self.models_root = settings.object_dir / "models"
+        self.bundles = open_bundle_store(settings)
         self._launcher = launcher or launchers.LocalLauncher(settings, self.jobs_root)
         self._tracer = tracer or trace.get_tracer(__name__)
 
@@ -347,7 +348,7 @@ class Runner:
                     self._pool,
                     job,
                     bundle,
-                    self.models_root,
+                    self.bundles,
                     metrics=metrics,
                     code_version=self.code_version,
                     sha256=digest,
