@@ -153,6 +153,21 @@ def test_a_version_is_fetched_once_and_again_when_s3_holds_other_files(site: Sit
     assert site.copies("chest", 1) == [replaced.path.name]  # the older copy is gone
 
 
+def test_copies_of_the_two_versions_read_last_are_kept(site: Site) -> None:
+    for version in (1, 2, 3):
+        site.upload("chest", version, {"model.ts": f"weights {version}".encode()})
+    repo = site.repository()
+    for version in (1, 2, 3):
+        repo.config("chest", version)
+    assert sorted(path.name for path in (site.root / S3_CACHE / "chest").iterdir()) == ["2", "3"]
+
+    site.calls.clear()
+    again = repo.config("chest", 1)  # a rollback: fetched again
+    assert site.calls.count("GetObject") == 2
+    assert again.execution.model_file.read_bytes() == b"weights 1"
+    assert sorted(path.name for path in (site.root / S3_CACHE / "chest").iterdir()) == ["1", "3"]
+
+
 def test_a_local_version_is_read_from_disk_not_s3(site: Site) -> None:
     site.upload("chest", 1, {"model.ts": b"on s3"})
     local = write_bundle(site.root, "chest", 1, classifier_metadata(), {"model.ts": b"promoted"})

@@ -7,7 +7,8 @@ one MONAI bundle (`configs/metadata.json`, `models/model.ts`, ...).
 A version is fetched into `<cache>/<model>/<version>/<fingerprint>/`, the fingerprint being
 a digest of its objects' keys, sizes and ETags as listed. Reading it again costs one
 listing; a version whose files were replaced on S3 is fetched anew (as Triton fetches on
-every load), and the older copy is removed once the new one is in place.
+every load), and the older copy is removed once the new one is in place. Copies of the two
+versions of each model read last are kept; older ones are removed.
 
 - Each object is read with If-Match on the ETag it was listed with, so a version rewritten
   while it is fetched fails the fetch (UNAVAILABLE, load again) instead of mixing files;
@@ -28,6 +29,7 @@ import os
 import shutil
 import tempfile
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
 
 #: Where the service keeps its copies, under the local repository: a name no model can have.
 S3_CACHE = ".s3"
+#: Versions of a model whose copies are kept: the one read last (serving, as a rule) and
+#: the one before it (what a rollback loads).
+KEEP_VERSIONS = 2
 _CHUNK = 1024 * 1024
 _STAGING = ".fetching-"
 
@@ -101,7 +106,23 @@ class S3Models:
             for other in home.iterdir():  # older copies, and staging left by a crash
                 if other != target:
                     shutil.rmtree(other, ignore_errors=True)
-            return target
+            os.utime(home)  # the version's last use
+        self._prune(model)
+        return target
+
+    def _prune(self, model: ModelName) -> None:
+        """Keeps the copies of the KEEP_VERSIONS versions of `model` read last, so that the
+        local disk holds a bounded share of the repository. A copy removed is fetched again
+        if it is read again; a backend that loaded it keeps what it read (Linux keeps a
+        removed file's data for whoever has it open or mapped)."""
+        homes = sorted(
+            (home for home in (self.cache / model).iterdir() if home.is_dir()),
+            key=lambda home: home.stat().st_mtime_ns,
+            reverse=True,
+        )
+        for home in homes[KEEP_VERSIONS:]:
+            with self._lock(model, int(home.name)) if home.name.isdigit() else nullcontext():
+                shutil.rmtree(home, ignore_errors=True)
 
     def _subdirectories(self, prefix: str) -> list[str]:
         names = []
