@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from medimg_cli.platform import Platform
+from medimg_cli.testing import S3_REGION, free_port, new_bucket
+from medimg_cli.testing import s3_client as make_client
 from services.inference.tests.support import (
     TORCHSCRIPT_DEPRECATED,
     classifier_metadata,
@@ -30,19 +31,11 @@ from services.inference.tests.support import (
     train_patch_classifier,
     write_bundle,
 )
-from tests.s3_server import REGION, free_port, make_client, moto_server, new_bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(TORCHSCRIPT_DEPRECATED)]
 
 MODEL = "s3-patches"
 Array = npt.NDArray[np.float32]
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "medimg-test", "AWS_SECRET_ACCESS_KEY": "medimg-test-secret"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
 
 
 def upload(endpoint: str, bucket: str, staging: Path, version: int, files: dict[str, Path]) -> None:
@@ -55,10 +48,8 @@ def upload(endpoint: str, bucket: str, staging: Path, version: int, files: dict[
 
 
 def test_an_inference_process_serves_models_from_s3(
-    platform: Platform, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    platform: Platform, s3_endpoint: str, tmp_path: Path, aws_credentials: dict[str, str]
 ) -> None:
-    for name, value in CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
     bucket = new_bucket(make_client(s3_endpoint), versioned=True)
     network = train_patch_classifier()
     upload(s3_endpoint, bucket, tmp_path / "staging", 1, {
@@ -72,10 +63,10 @@ def test_an_inference_process_serves_models_from_s3(
         MODEL_REPOSITORY=str(tmp_path / "repository"),
         MODEL_REPOSITORY_URL=f"s3://{bucket}/models",
         S3_ENDPOINT_URL=s3_endpoint,
-        S3_REGION=REGION,
+        S3_REGION=S3_REGION,
         LOAD_MODELS=MODEL,  # must load from S3, or the process does not start
     )
-    env |= CREDENTIALS | {"AWS_EC2_METADATA_DISABLED": "true"}
+    env |= aws_credentials
     log = tmp_path / "inference.log"
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from medimg_cli.testing import new_bucket
+from medimg_cli.testing import s3_client as make_client
 from medimg_core import redis as medimg_redis
 from medimg_core import s3
 from medimg_core.bundles import bundle_digest
@@ -42,23 +44,11 @@ from services.inference.tests.support import (
     classifier_metadata,
     write_bundle,
 )
-from tests.s3_server import isolate_credentials, make_client, moto_server, new_bucket
 
 pytestmark = pytest.mark.filterwarnings(TORCHSCRIPT_DEPRECATED)
 
 Replica = tuple[ModelServer, PromotionFollower]
 StartReplica = Callable[..., Awaitable[Replica]]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_credentials(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -400,6 +390,7 @@ async def test_a_registry_out_of_reach_is_waited_out(
     assert follower.applied == 1 and follower.refused == 0
 
 
+@pytest.mark.usefixtures("aws_credentials")
 async def test_a_bundle_on_s3_is_fetched_from_the_repository_there_and_checked(
     tmp_path: Path,
     redis: aioredis.Redis,

@@ -5,7 +5,6 @@ S3 that cannot be reached."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
+from medimg_cli.testing import free_port, new_bucket
+from medimg_cli.testing import s3_client as make_client
 from medimg_core.errors import FailedPrecondition, MedimgError, NotFound, Unavailable
 from medimg_core.s3 import S3Location
 from medimg_core.settings import load_settings
@@ -28,25 +29,16 @@ from services.inference.tests.support import (
     classifier_metadata,
     write_bundle,
 )
-from tests.s3_server import free_port, isolate_credentials, make_client, moto_server, new_bucket
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-pytestmark = pytest.mark.filterwarnings(TORCHSCRIPT_DEPRECATED)
+pytestmark = [
+    pytest.mark.filterwarnings(TORCHSCRIPT_DEPRECATED),
+    pytest.mark.usefixtures("aws_credentials"),
+]
 
 PREFIX = "models/"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_credentials(monkeypatch, tmp_path)
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -17,6 +16,8 @@ import asyncpg
 import pydicom
 import pytest
 
+from medimg_cli.testing import free_port, new_bucket
+from medimg_cli.testing import s3_client as make_client
 from medimg_core.errors import DataLoss
 from medimg_core.s3 import S3Location
 from medimg_ingest.objects import (
@@ -28,29 +29,13 @@ from medimg_ingest.objects import (
 from medimg_ingest.pipeline import Outcome, Pipeline, sweep_orphans
 from medimg_ingest.settings import IngestSettings
 from services.ingest.tests.support import Recorded, dicom_file
-from tests.s3_server import (
-    free_port,
-    isolate_credentials,
-    make_client,
-    moto_server,
-    new_bucket,
-)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+pytestmark = pytest.mark.usefixtures("aws_credentials")
+
 PREFIX = "site-a/"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_credentials(monkeypatch, tmp_path)
 
 
 @pytest.fixture

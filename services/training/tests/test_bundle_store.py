@@ -7,32 +7,23 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from medimg_cli.testing import free_port, new_bucket
+from medimg_cli.testing import s3_client as make_client
 from medimg_core.bundles import bundle_digest
 from medimg_core.errors import Unavailable
 from medimg_core.s3 import S3Location
 from medimg_training import jobs, registry
 from medimg_training.bundle_store import LocalBundles, S3Bundles, open_bundle_store
 from medimg_training.settings import TrainingSettings
-from tests.s3_server import free_port, isolate_credentials, make_client, moto_server, new_bucket
+
+pytestmark = pytest.mark.usefixtures("aws_credentials")
 
 PREFIX = "models/"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with moto_server() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture(autouse=True)
-def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_credentials(monkeypatch, tmp_path)
 
 
 def a_bundle(directory: Path, weights: bytes = b"weights") -> Path:

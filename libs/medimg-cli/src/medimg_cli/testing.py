@@ -1,4 +1,5 @@
-"""Pytest fixtures over real servers: PostgreSQL, Redis, and the whole platform with its mesh.
+"""Pytest fixtures over real servers: PostgreSQL, Redis, an S3 API, and the whole platform
+with its mesh.
 
 Loaded for every test run (`-p medimg_cli.testing` in the root pyproject.toml). Nothing
 here is a mock: the fixtures start the same embedded PostgreSQL, Redis, Envoy and
@@ -13,11 +14,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
+import boto3
 import grpc
 import httpx
 import pytest
+from botocore.config import Config
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -33,6 +36,9 @@ from medimg_cli.platform import (
 from medimg_core.errors import ERROR_DOMAIN
 from medimg_core.server import Server, ServiceDefinition
 from medimg_core.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 
 def error_reason(error: grpc.RpcError) -> str:
@@ -172,3 +178,61 @@ def platform(
     running.start()
     yield running
     running.stop()
+
+
+#: The region of the test buckets.
+S3_REGION: Final = "eu-west-1"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The endpoint URL of a real S3 API on a socket (moto's server, a test-only package),
+    shared by the session: each test makes buckets of its own (`new_bucket`)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """Credentials through the standard AWS chain (the environment), and nothing from this
+    machine's own AWS configuration; returns the variables set, for a child process."""
+    variables = {
+        "AWS_ACCESS_KEY_ID": "medimg-test",
+        "AWS_SECRET_ACCESS_KEY": "medimg-test-secret",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return variables
+
+
+def s3_client(endpoint: str, **config: Any) -> S3Client:
+    """A client of the test's own, to write to buckets and look at them."""
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=S3_REGION, config=Config(**config)
+    )
+
+
+def new_bucket(client: S3Client, *, versioned: bool) -> str:
+    """A new bucket with a name of its own."""
+    name = f"medimg-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": S3_REGION})
+    if versioned:
+        client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return name
