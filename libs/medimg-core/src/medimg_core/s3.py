@@ -12,12 +12,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import AfterValidator
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -56,6 +57,15 @@ class S3Location:
         if "//" in prefix:
             raise ValueError(f"{url!r}: the key prefix has an empty segment")
         return cls(parts.netloc, prefix + "/" if prefix else "")
+
+
+def _parsable(url: str) -> str:
+    S3Location.parse(url)  # a ValueError names what is wrong
+    return url
+
+
+#: A setting that holds an `s3://bucket[/prefix]` URL, refused at start with the reason.
+S3Url = Annotated[str, AfterValidator(_parsable)]
 
 
 def client(

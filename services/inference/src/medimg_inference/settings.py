@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from medimg_core.s3 import S3Location
+from medimg_core.s3 import S3Url
 from medimg_core.settings import AuditedServiceSettings
 
 
@@ -22,7 +22,7 @@ class InferenceSettings(AuditedServiceSettings):
     #: laid out as the directory; its versions are fetched when they are loaded.
     #: Credentials come from the standard AWS chain (environment, IRSA web identity), never
     #: from these settings. Unset: the directory alone.
-    model_repository_url: str | None = None
+    model_repository_url: S3Url | None = None
     #: The S3 API's endpoint, for an S3-compatible store (unset: AWS's for the region).
     s3_endpoint_url: str | None = None
     #: The bucket's AWS region (unset: the AWS chain's, e.g. AWS_REGION).
@@ -56,10 +56,3 @@ class InferenceSettings(AuditedServiceSettings):
     intra_op_threads: int | None = Field(default=None, ge=1)
     #: The largest series volume Predict takes, in bytes of float32 voxels.
     max_volume_bytes: int = Field(default=1024 * 1024 * 1024, ge=1)
-
-    @field_validator("model_repository_url")
-    @classmethod
-    def _an_s3_url(cls, url: str | None) -> str | None:
-        if url is not None:
-            S3Location.parse(url)  # a ValueError names what is wrong
-        return url

@@ -5,7 +5,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from medimg_core.s3 import S3Location
+from medimg_core.s3 import S3Url
 from medimg_core.settings import AuditedServiceSettings
 from medimg_ingest import deid
 
@@ -21,7 +21,7 @@ class IngestSettings(AuditedServiceSettings):
     #: The object store on S3 (or an S3-compatible store): `s3://bucket[/key/prefix]`.
     #: Credentials come from the standard AWS chain (environment, IRSA web identity), never
     #: from these settings. Unset: the directory `object_dir`.
-    object_store_url: str | None = None
+    object_store_url: S3Url | None = None
     #: The S3 API's endpoint, for an S3-compatible store (unset: AWS's for the region).
     s3_endpoint_url: str | None = None
     #: The bucket's AWS region (unset: the AWS chain's, e.g. AWS_REGION).
@@ -68,13 +68,6 @@ class IngestSettings(AuditedServiceSettings):
     #: Associations served at once (a thread each); one more is rejected as transient
     #: ("local limit exceeded"), which senders retry. A PACS often opens several.
     dimse_max_associations: int = Field(default=32, ge=1, le=1024)
-
-    @field_validator("object_store_url")
-    @classmethod
-    def _an_s3_url(cls, url: str | None) -> str | None:
-        if url is not None:
-            S3Location.parse(url)  # a ValueError names what is wrong
-        return url
 
     @field_validator("object_dir")
     @classmethod

@@ -3,10 +3,10 @@
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from medimg_core.s3 import S3Location
+from medimg_core.s3 import S3Url
 from medimg_core.settings import AuditedServiceSettings
 
 
@@ -26,7 +26,7 @@ class TrainingSettings(AuditedServiceSettings):
     #: `<prefix><model>/<version>/`, the layout the inference service reads as its model
     #: repository on S3. Credentials come from the standard AWS chain, never from these
     #: settings. Unset: `<object_dir>/models`.
-    model_store_url: str | None = None
+    model_store_url: S3Url | None = None
     #: The S3 API's endpoint, for an S3-compatible store (unset: AWS's for the region).
     s3_endpoint_url: str | None = None
     #: The bucket's AWS region (unset: the AWS chain's, e.g. AWS_REGION).
@@ -71,13 +71,6 @@ class TrainingSettings(AuditedServiceSettings):
     #: Seconds a finished worker Job (and its pods' logs) is kept; long enough for the
     #: service to read how it ended.
     worker_ttl_seconds: int = Field(default=86_400, ge=60)
-
-    @field_validator("model_store_url")
-    @classmethod
-    def _an_s3_url(cls, url: str | None) -> str | None:
-        if url is not None:
-            S3Location.parse(url)  # a ValueError names what is wrong
-        return url
 
     @model_validator(mode="after")
     def _launcher_settings_fit(self) -> Self:
