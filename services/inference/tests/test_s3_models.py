@@ -215,6 +215,18 @@ def test_a_key_that_is_not_a_plain_path_fails_the_fetch(site: Site, key: str) ->
     assert site.copies("chest", 1) == []
 
 
+def test_a_copy_the_local_disk_cannot_hold_fails_the_fetch_and_leaves_nothing(
+    site: Site,
+) -> None:
+    site.upload("chest", 1, {"model.ts": b"x"})
+    site.put("chest/1/models/" + "w" * 300, b"a name longer than the file system takes")
+    with pytest.raises(Unavailable) as failed:
+        site.repository().config("chest", 1)
+    assert failed.value.reason == "MODEL_FETCH_FAILED"
+    assert "File name too long" in failed.value.message
+    assert site.copies("chest", 1) == []
+
+
 def test_folder_markers_are_not_files(site: Site) -> None:
     site.upload("chest", 1, {"model.ts": b"x"})
     site.put("chest/1/models/", b"")

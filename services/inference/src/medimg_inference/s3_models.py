@@ -25,10 +25,12 @@ Blocking, like the local repository: the model server calls it from a thread.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -43,6 +45,8 @@ from medimg_inference.repository import ModelName, ModelVersion
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
 
 #: Where the service keeps its copies, under the local repository: a name no model can have.
 S3_CACHE = ".s3"
@@ -170,19 +174,41 @@ class S3Models:
         model: ModelName,
         version: ModelVersion,
     ) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=home))
+        started = time.monotonic()
+        staging = None
         try:
+            home.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=home))
             for item in objects:
                 destination = staging / item.relative
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 self._download_one(item, destination, model, version)
             staging.chmod(0o755)
             os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _fsync_directory(home)
+            _fsync_directory(home)
+        except OSError as error:  # the local disk: full (ENOSPC), a name too long, ...
+            raise Unavailable(
+                "MODEL_FETCH_FAILED",
+                f"model {model!r} version {version} could not be copied to local disk: "
+                f"{error.strerror or type(error).__name__}",
+                model=model,
+                version=version,
+            ) from error
+        finally:
+            if staging is not None and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info(
+            "model version fetched from S3",
+            extra={
+                "fields": {
+                    "model": model,
+                    "version": version,
+                    "files": len(objects),
+                    "bytes": sum(item.size for item in objects),
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            },
+        )
 
     def _download_one(
         self, item: _Object, destination: Path, model: ModelName, version: ModelVersion
