@@ -10,16 +10,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
 import prometheus_client
 import pytest
+import redis.asyncio as aioredis
 
 from medimg.training.v1 import training_service_pb2 as pb
 from medimg.training.v1 import training_service_pb2_grpc as pb_grpc
 from medimg_core.server import Server
-from medimg_training import jobs
+from medimg_training import jobs, progress
 from medimg_training.app import build
 from medimg_training.datasets import Dataset
 from medimg_training.jobs import State
@@ -105,7 +107,11 @@ def group_exists(group: int) -> bool:
 
 
 async def test_one_replica_launches_and_a_job_created_at_the_other_starts_at_once(
-    pool: asyncpg.Pool, dataset: Dataset, settings: TrainingSettings, start_replica: StartReplica
+    pool: asyncpg.Pool,
+    dataset: Dataset,
+    settings: TrainingSettings,
+    start_replica: StartReplica,
+    events: aioredis.Redis,
 ) -> None:
     first = await start_replica()
     leader_pid = await holder(pool)
@@ -143,6 +149,11 @@ async def test_one_replica_launches_and_a_job_created_at_the_other_starts_at_onc
         assert asyncio.get_running_loop().time() - started < 10, "the workers still run"
         await asyncio.sleep(0.1)
     assert (await jobs.get(pool, job_id)).state is State.CANCELLED
+    # Both replicas saw the job end (the one that took the cancel, the leader whose workers
+    # then stopped); its stream has one "cancelled" entry all the same.
+    await asyncio.sleep(4 * settings.poll_seconds)
+    entries: Any = await events.xrange(progress.stream(job_id))
+    assert sum(fields.get("state") == "cancelled" for _, fields in entries) == 1, entries
     del first
 
 

@@ -256,3 +256,25 @@ async def test_a_new_leader_stops_the_workers_of_a_job_cancelled_while_none_led(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(left.pid, signal.SIGKILL)
+
+
+async def test_the_end_of_a_job_is_announced_once(events: aioredis.Redis) -> None:
+    """Two replicas may both see a job end (the one that took a cancel, and the leader whose
+    workers stopped, which may report in between): the stream gets one end entry; a resumed
+    job's next end, another."""
+    job_id = "announced-once"
+    cancelled = {"step": 3, "state": "cancelled"}
+    assert await progress.announce_end(events, job_id, "t1", cancelled)
+    await events.xadd(progress.stream(job_id), {"step": "4"})  # a worker not stopped yet
+    assert not await progress.announce_end(events, job_id, "t1", cancelled)
+    await events.xadd(progress.stream(job_id), {"step": "5"})  # resumed
+    assert await progress.announce_end(events, job_id, "t2", {"step": 6, "state": "succeeded"})
+
+    entries: Any = await events.xrange(progress.stream(job_id))
+    assert [fields.get("state") for _, fields in entries] == [
+        "cancelled",
+        None,
+        None,
+        "succeeded",
+    ]
+    assert progress.decode(entries[-1][1]) == {"step": 6, "state": "succeeded"}

@@ -160,6 +160,7 @@ def redis_url(medimg_state: Path, port_offset: int) -> Iterator[str]:
     port = REDIS_PORT + port_offset
     server = redis_server(medimg_state / "redis", port)
     server.start()
+    wait_until(lambda: not port_is_free(port), 10, lambda: f"Redis is not listening on {port}")
     yield f"redis://127.0.0.1:{port}/0"
     server.stop(grace=5)
 

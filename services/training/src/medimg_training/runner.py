@@ -391,14 +391,13 @@ class Runner:
             await self._announce(job)
 
     async def _announce(self, job: Job) -> None:
-        """The last entry of the job's progress stream: its final state."""
-        await self._events.xadd(
-            progress.stream(job.job_id),
-            progress.encode({**job.progress, "state": str(job.state)}),  # type: ignore[arg-type]
-            maxlen=progress.MAX_ENTRIES,
-            approximate=True,
-        )
-        if self._on_end is not None:
+        """The end entry of the job's progress stream: its final state, once per ending."""
+        if job.state not in jobs.TERMINAL:  # resumed meanwhile: this end is not the last
+            return
+        entry = {**job.progress, "state": str(job.state)}
+        ending = job.end_time.isoformat() if job.end_time else ""
+        appended = await progress.announce_end(self._events, job.job_id, ending, entry)
+        if appended and self._on_end is not None:
             await self._on_end(job)
 
     # Stopping -----------------------------------------------------------------------
