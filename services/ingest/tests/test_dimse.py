@@ -4,6 +4,7 @@ refusals with their status and reason; on the real pipeline, PostgreSQL and Redi
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -209,7 +210,12 @@ async def test_associations_past_the_limit_are_rejected_as_transient(
         answer = answers[-1]
         assert (answer.result, answer.result_source, answer.diagnostic) == (2, 3, 2)
         held.pop().release()
-        again = associate()
+        # The released association's threads end a few milliseconds after the sender has
+        # the release: until then a new one is rejected as transient, and retried as such.
+        again, deadline = associate(), time.monotonic() + 5
+        while again.is_rejected and time.monotonic() < deadline:
+            time.sleep(0.02)
+            again = associate()
         assert again.is_established
         assert again.send_c_echo().Status == 0x0000
         again.release()
@@ -231,23 +237,55 @@ def _sleeps(thread: threading.Thread) -> int:
 async def test_an_idle_association_does_not_poll_every_millisecond(
     door: tuple[DimseServer, Pipeline, Recorded],
 ) -> None:
-    """pynetdicom's association reactor sleeps a millisecond between looks at its message
-    queue: a thousand wakeups a second per idle association, each taking the GIL from the
-    pipeline. The door's waits on the queue instead (dimse.REACTOR_WAIT_SECONDS)."""
+    """pynetdicom's two threads per association, its reactor and its DUL, each sleep a
+    millisecond between looks at their queues and socket: two thousand wakeups a second per
+    idle association, each taking the GIL from the pipeline. The door's wait for work
+    instead (dimse.REACTOR_WAIT_SECONDS and DUL_WAIT_SECONDS), and still answer at once."""
     server, _, _ = door
 
-    def idle(association: Any) -> float:
+    def idle(association: Any) -> tuple[float, float, float]:
         [reactor] = [
             thread
             for thread in threading.enumerate()
             if isinstance(thread, Association) and thread.is_acceptor
         ]
-        before, start = _sleeps(reactor), time.monotonic()
+        threads = (reactor, reactor.dul)
+        before, start = [_sleeps(t) for t in threads], time.monotonic()
         time.sleep(1.0)
-        wakeups = (_sleeps(reactor) - before) / (time.monotonic() - start)
-        assert association.send_c_echo().Status == SUCCESS  # still answers at once
-        return wakeups
+        elapsed = time.monotonic() - start
+        reactor_wakeups, dul_wakeups = (
+            (_sleeps(t) - b) / elapsed for t, b in zip(threads, before, strict=True)
+        )
+        echoes, start = 20, time.monotonic()
+        for _ in range(echoes):
+            assert association.send_c_echo().Status == SUCCESS
+        return reactor_wakeups, dul_wakeups, (time.monotonic() - start) / echoes
 
-    wakeups_per_second = await as_pacs(server, idle, (Verification,))
+    reactor_wakeups, dul_wakeups, echo_seconds = await as_pacs(server, idle, (Verification,))
 
-    assert wakeups_per_second < 100, wakeups_per_second
+    assert reactor_wakeups < 100, reactor_wakeups
+    assert dul_wakeups < 100, dul_wakeups
+    # Each PDU is taken the moment it comes (not at the end of a wait of 50 ms).
+    assert echo_seconds < 0.03, echo_seconds
+
+
+async def test_ended_associations_leave_no_file_descriptors_open(
+    door: tuple[DimseServer, Pipeline, Recorded],
+) -> None:
+    """Each association's DUL waits on a pipe of its own besides the socket: closed when
+    the association is gone."""
+    server, _, _ = door
+
+    def open_fds_once_ended() -> int:
+        for thread in threading.enumerate():
+            if isinstance(thread, Association) and thread.is_acceptor:
+                thread.join(5)
+        gc.collect()
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    await as_pacs(server, lambda association: association.send_c_echo(), (Verification,))
+    before = await asyncio.to_thread(open_fds_once_ended)
+    for _ in range(10):
+        await as_pacs(server, lambda association: association.send_c_echo(), (Verification,))
+
+    assert await asyncio.to_thread(open_fds_once_ended) <= before

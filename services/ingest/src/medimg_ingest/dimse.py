@@ -19,9 +19,14 @@ to the PACS and modalities by network policy, as hospitals do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
+import os
 import queue
+import select
+import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -61,11 +66,11 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 #: Seconds a handler waits for the pipeline before telling the sender to retry.
 WAIT_SECONDS = 120
-#: Seconds an association's DUL reactor sleeps when it found nothing to do. pynetdicom polls
-#: every millisecond: a thread per association waking a thousand times a second, each time
-#: taking the GIL from the pipeline. Longer adds at most this much before a PDU is read or
-#: sent, against tens of milliseconds an instance takes.
-POLL_SECONDS = 0.005
+#: Seconds an association's DUL thread waits for the peer's next PDU or a primitive to send
+#: before it looks at its timers and whether it is being stopped. pynetdicom's polls every
+#: millisecond instead: a thread per association waking a thousand times a second, each time
+#: taking the GIL from the pipeline.
+DUL_WAIT_SECONDS = 0.05
 #: Seconds an association's reactor waits for the next DIMSE message before it looks for a
 #: release, an abort or a dead DUL. pynetdicom's sleeps a millisecond and then looks without
 #: waiting, a thousand wakeups a second per association, each taking the GIL from the
@@ -119,7 +124,7 @@ class DimseServer:
             block=False,
             contexts=[_Supported.of(context) for context in self._ae.supported_contexts],
             evt_handlers=[
-                (evt.EVT_CONN_OPEN, _poll_less),
+                (evt.EVT_CONN_OPEN, _wait_instead_of_polling),
                 (evt.EVT_C_ECHO, lambda event: SUCCESS),
                 (evt.EVT_C_STORE, self._store),
                 (evt.EVT_C_FIND, self._find),
@@ -230,11 +235,10 @@ class DimseServer:
         ]
 
 
-def _poll_less(event: Any) -> None:
-    """Makes a new association's two threads wake less (see POLL_SECONDS and
-    REACTOR_WAIT_SECONDS)."""
-    # `_run_loop_delay` is the DUL's own knob for this trade (see pynetdicom's dul.py).
-    event.assoc.dul._run_loop_delay = POLL_SECONDS
+def _wait_instead_of_polling(event: Any) -> None:
+    """Makes a new association's two threads wait for work instead of polling (see
+    DUL_WAIT_SECONDS and REACTOR_WAIT_SECONDS)."""
+    _dul_waits_for_work(event.assoc.dul)
     # The reactor (Association._run_reactor) is the only caller of get_msg(block=False).
     dimse = event.assoc.dimse
     blocking = dimse.get_msg
@@ -248,6 +252,55 @@ def _poll_less(event: Any) -> None:
             return None, None
 
     dimse.get_msg = get_msg
+
+
+def _dul_waits_for_work(dul: Any) -> None:
+    """Has the DUL thread (pynetdicom's DULServiceProvider.run_reactor) wait, when it has
+    nothing to do, until the peer's socket is readable or a primitive is queued to send (a
+    pipe written after each), up to DUL_WAIT_SECONDS. The wait goes in front of
+    `_process_recv_primitive`, which the loop calls first on every turn."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    # Closed once nothing can write to the pipe or wait on it: the thread's loop holds `dul`.
+    weakref.finalize(dul, _close_all, wake_read, wake_write).atexit = False
+    outgoing: queue.Queue[Any] = dul.to_provider_queue
+    put, process = outgoing.put, dul._process_recv_primitive
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes it already
+            os.write(wake_write, b"\0")
+
+    def wait_then_process() -> bool:
+        connection = getattr(dul.socket, "socket", None)
+        # Sta1: the connection is gone, and the association stops the loop next (stop_dul
+        # sets a flag and waits for the thread): no waiting then.
+        idle = (
+            outgoing.empty()
+            and dul.event_queue.empty()
+            and dul.state_machine.current_state != "Sta1"
+        )
+        # TLS may hold decrypted bytes that select() cannot see.
+        buffered = isinstance(connection, ssl.SSLSocket) and connection.pending()
+        if idle and connection is not None and not buffered:
+            with contextlib.suppress(OSError, ValueError):  # closed: the loop sees it next
+                select.select([connection, wake_read], [], [], DUL_WAIT_SECONDS)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_read, 4096):
+                    pass
+        return bool(process())
+
+    outgoing.put = put_and_wake  # type: ignore[method-assign]
+    dul._process_recv_primitive = wait_then_process
+    # What the loop still sleeps after a turn with nothing done (and stop_dul between looks
+    # at the thread): pynetdicom's own 1 ms, now after each wait rather than instead of it.
+    dul._run_loop_delay = 0.001
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 async def _awaited(work: Awaitable[T]) -> T:
