@@ -71,11 +71,13 @@ WAIT_SECONDS = 120
 #: millisecond instead: a thread per association waking a thousand times a second, each time
 #: taking the GIL from the pipeline.
 DUL_WAIT_SECONDS = 0.05
-#: Seconds an association's reactor waits for the next DIMSE message before it looks for a
-#: release, an abort or a dead DUL. pynetdicom's sleeps a millisecond and then looks without
-#: waiting, a thousand wakeups a second per association, each taking the GIL from the
-#: pipeline; waiting on the queue takes each message the moment it is decoded.
+#: Seconds an association's reactor waits for the next DIMSE message, or a release or an
+#: abort, before it looks at its DUL and idle timer. pynetdicom's sleeps a millisecond and
+#: then looks without waiting, a thousand wakeups a second per association, each taking the
+#: GIL from the pipeline; waiting on the queue takes each message the moment it is decoded.
 REACTOR_WAIT_SECONDS = 0.05
+#: Put on an association's DIMSE message queue to end its reactor's wait (not a message).
+_WAKE: Any = object()
 
 
 class DimseServer:
@@ -239,18 +241,30 @@ def _wait_instead_of_polling(event: Any) -> None:
     """Makes a new association's two threads wait for work instead of polling (see
     DUL_WAIT_SECONDS and REACTOR_WAIT_SECONDS)."""
     _dul_waits_for_work(event.assoc.dul)
-    # The reactor (Association._run_reactor) is the only caller of get_msg(block=False).
+    # The reactor (Association._run_reactor) is the only caller of get_msg(block=False). It
+    # looks for a release or an abort after each wait: the DUL's other indications (A-RELEASE,
+    # A-ABORT, A-P-ABORT) end its wait too, so that a release is answered at once.
     dimse = event.assoc.dimse
     blocking = dimse.get_msg
+    indications: queue.Queue[Any] = event.assoc.dul.to_user_queue
+    indicate = indications.put
+
+    def indicate_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        indicate(item, block, timeout)
+        dimse.msg_queue.put(_WAKE)
 
     def get_msg(block: bool = False) -> tuple[Any, Any]:
         if block:
-            return blocking(block=True)  # type: ignore[no-any-return]
+            while (item := blocking(block=True)) is _WAKE:
+                pass
+            return item  # type: ignore[no-any-return]
         try:
-            return dimse.msg_queue.get(timeout=REACTOR_WAIT_SECONDS)  # type: ignore[no-any-return]
+            item = dimse.msg_queue.get(timeout=REACTOR_WAIT_SECONDS)
         except queue.Empty:
             return None, None
+        return (None, None) if item is _WAKE else item
 
+    indications.put = indicate_and_wake  # type: ignore[method-assign]
     dimse.get_msg = get_msg
 
 
