@@ -36,17 +36,19 @@ if [ ! -x .venv/checkov/bin/checkov ]; then
   quiet .venv/checkov/bin/python -m pip --disable-pip-version-check install --quiet \
     "checkov==$(sed -n 's/^# checkov==//p' constraints.txt)"
 fi
-# kubectl (kustomize) and Prometheus with promtool are Debian packages: installed when
-# missing and run as root (CI is); elsewhere the tests that need them say what to install.
+# kubectl (kustomize), Prometheus with promtool, and DCMTK (stock DIMSE clients for the
+# DIMSE door's tests) are Debian packages: installed when missing and run as root (CI is);
+# elsewhere the tests that need them say what to install.
 missing=()
 command -v kubectl >/dev/null || missing+=(kubectl)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v storescu >/dev/null || missing+=(dcmtk)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
       apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "not root: install ${missing[*]} (apt-get) for the deploy and monitoring tests" >&2
+    echo "not root: install ${missing[*]} (apt-get) for the deploy, monitoring and DIMSE tests" >&2
   fi
 fi
 

@@ -1,5 +1,6 @@
 """Fixtures of the ingest tests: the index on the test PostgreSQL, a Redis database of their
-own, an object store, and the pipeline assembled from them with a recording audit hook."""
+own, an object store, the pipeline assembled from them with a recording audit hook, and the
+DIMSE door in front of it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from medimg_core import db
 from medimg_core import redis as medimg_redis
 from medimg_ingest import deid
+from medimg_ingest.dimse import DimseServer
 from medimg_ingest.objects import LocalObjectStore, ObjectStore
 from medimg_ingest.pipeline import Pipeline
 from medimg_ingest.workers import Workers
@@ -74,3 +76,17 @@ def make_pipeline(
 @pytest.fixture
 def pipeline(make_pipeline: MakePipeline) -> tuple[Pipeline, Recorded]:
     return make_pipeline()
+
+
+@pytest.fixture
+async def door(
+    make_pipeline: MakePipeline, pool: asyncpg.Pool
+) -> AsyncIterator[tuple[DimseServer, Pipeline, Recorded]]:
+    pipeline, recorded = make_pipeline()
+    server = DimseServer(
+        ingest=pipeline.ingest, pool=pool, report=recorded, ae_title="MEDIMG",
+        host="127.0.0.1", port=0,
+    )  # fmt: skip
+    server.start()
+    yield server, pipeline, recorded
+    server.stop()

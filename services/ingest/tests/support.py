@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from io import BytesIO
 from pathlib import Path
 
 import asyncpg
+import pydicom
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from medimg_core.audit import Access
 from medimg_ingest import deid
@@ -50,3 +54,19 @@ class Recorded:
 
 
 MakePipeline = Callable[..., tuple[Pipeline, "Recorded"]]
+
+
+def series(count: int, syntax: UID = ExplicitVRLittleEndian) -> list[Dataset]:
+    """`count` instances of one new CT series, from pydicom's CT_small."""
+    study, series_uid = generate_uid(), generate_uid()
+    instances: list[Dataset] = []
+    for n in range(count):
+        dataset = pydicom.dcmread(BytesIO(dicom_file("CT_small.dcm")))
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series_uid
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.InstanceNumber = n + 1
+        dataset.file_meta.TransferSyntaxUID = syntax
+        out = BytesIO()
+        dataset.save_as(out, enforce_file_format=True)  # encoded as `syntax` says
+        instances.append(pydicom.dcmread(BytesIO(out.getvalue())))
+    return instances

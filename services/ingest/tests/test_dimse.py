@@ -8,16 +8,15 @@ import gc
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -30,23 +29,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from medimg_ingest.dimse import SUCCESS, DimseServer
 from medimg_ingest.objects import LocalObjectStore
 from medimg_ingest.pipeline import Outcome, Pipeline
-from services.ingest.tests.support import MakePipeline, Recorded, dicom_file
+from services.ingest.tests.support import MakePipeline, Recorded, series
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-async def door(
-    make_pipeline: MakePipeline, pool: asyncpg.Pool
-) -> AsyncIterator[tuple[DimseServer, Pipeline, Recorded]]:
-    pipeline, recorded = make_pipeline()
-    server = DimseServer(
-        ingest=pipeline.ingest, pool=pool, report=recorded, ae_title="MEDIMG",
-        host="127.0.0.1", port=0,
-    )  # fmt: skip
-    server.start()
-    yield server, pipeline, recorded
-    server.stop()
 
 
 async def as_pacs(server: DimseServer, work: Callable[[Any], T], *contexts: Any) -> T:
@@ -64,22 +49,6 @@ async def as_pacs(server: DimseServer, work: Callable[[Any], T], *contexts: Any)
             association.release()
 
     return await asyncio.to_thread(run)
-
-
-def series(count: int, syntax: UID = ExplicitVRLittleEndian) -> list[Dataset]:
-    """`count` instances of one new CT series, from pydicom's CT_small."""
-    study, series_uid = generate_uid(), generate_uid()
-    instances: list[Dataset] = []
-    for n in range(count):
-        dataset = pydicom.dcmread(BytesIO(dicom_file("CT_small.dcm")))
-        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series_uid
-        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        dataset.InstanceNumber = n + 1
-        dataset.file_meta.TransferSyntaxUID = syntax
-        out = BytesIO()
-        dataset.save_as(out, enforce_file_format=True)  # encoded as `syntax` says
-        instances.append(pydicom.dcmread(BytesIO(out.getvalue())))
-    return instances
 
 
 async def test_c_echo(door: tuple[DimseServer, Pipeline, Recorded]) -> None:
