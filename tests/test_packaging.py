@@ -98,8 +98,6 @@ def test_a_shipped_package_declares_what_it_imports(package: str) -> None:
     undeclared = {}
     for module in imported(SHIPPED[package]) - set(sys.stdlib_module_names) - OPTIONAL:
         distributions = {_name(d) for d in providers.get(module, [])}
-        if module == "__future__" or any(d.startswith("medimg-") for d in distributions):
-            continue
         if not distributions & ours:
             undeclared[module] = sorted(distributions) or "no installed distribution"
     assert not undeclared, f"{package} imports, undeclared: {undeclared}"
