@@ -1,7 +1,7 @@
 """The DIMSE door with DCMTK's stock tools, as a PACS engineer tries a new node: echoscu,
-storescu of a series (a folder, as sent from a workstation) and findscu at study and series
-level; a file the door refuses reaches no index row. On the real pipeline, PostgreSQL and
-Redis."""
+storescu of a series (a folder, as sent from a workstation) and of compressed files sent as
+they are, findscu at study and series level; a file the door refuses is reported with its
+reason and reaches no index row. On the real pipeline, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
