@@ -40,6 +40,10 @@ class S3Location:
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
 
+    def child(self, *names: str) -> S3Location:
+        """The "directory" `names` under this one (a model's `<model>/<version>/`, say)."""
+        return S3Location(self.bucket, self.prefix + "".join(f"{name}/" for name in names))
+
     @classmethod
     def parse(cls, url: str) -> S3Location:
         """`s3://bucket` or `s3://bucket/some/prefix`; `ValueError` saying what is wrong."""

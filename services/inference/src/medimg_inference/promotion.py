@@ -218,11 +218,7 @@ def _fetch_from_s3(promotion: Promotion, bundle: S3Location, repository: ModelRe
     remote = repository.remote
     if not (
         isinstance(remote, S3Models)
-        and bundle
-        == S3Location(
-            remote.location.bucket,
-            f"{remote.location.prefix}{promotion.model}/{promotion.version}/",
-        )
+        and bundle == remote.location.child(promotion.model, str(promotion.version))
     ):
         raise FailedPrecondition(
             "BUNDLE_OUTSIDE_REPOSITORY",

@@ -96,7 +96,7 @@ class S3Models:
 
     def version_dirs(self, model: ModelName) -> list[str]:
         """The names of the "directories" under model `model`, unchecked."""
-        return self._subdirectories(f"{self.location.prefix}{model}/")
+        return self._subdirectories(self.location.child(model).prefix)
 
     def fetch(self, model: ModelName, version: ModelVersion) -> Path:
         """The local copy of the version's bundle, fetched if it is not there or no longer
@@ -142,7 +142,7 @@ class S3Models:
         return names
 
     def _list_version(self, model: ModelName, version: ModelVersion) -> list[_Object]:
-        prefix = f"{self.location.prefix}{model}/{version}/"
+        prefix = self.location.child(model, str(version)).prefix
         objects = []
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(

@@ -64,14 +64,14 @@ class S3Bundles(BundleStore):
         self._client = client
 
     def place(self, bundle: Path, model: str, version: int) -> str:
-        prefix = f"{self.location.prefix}{model}/{version}/"
+        where = self.location.child(model, str(version))
         try:
             # Files left by a registration that did not commit must not mix with these.
-            s3.delete_prefix(self._client, self.location.bucket, prefix)
-            s3.upload_tree(self._client, self.location.bucket, prefix, bundle)
+            s3.delete_prefix(self._client, where.bucket, where.prefix)
+            s3.upload_tree(self._client, where.bucket, where.prefix, bundle)
         except (ClientError, BotoCoreError) as error:
             raise self._unavailable("store", error) from error
-        return f"s3://{self.location.bucket}/{prefix}"
+        return where.url
 
     def remove(self, location: str, bundle: Path) -> None:
         prefix = S3Location.parse(location).prefix
